@@ -1,0 +1,77 @@
+# clickscale: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LUIGI := $(VENV)/bin/luigi --module tasks --local-scheduler
+STAMP := $(VENV)/.installed
+# The machine's pip may be pointed (PIP_FIND_LINKS) at a CPU-only torch wheel that cannot load torchvision's
+# operators: install with it unset so torch and torchvision come from the registry as a matching pair.
+PIP := env -u PIP_FIND_LINKS $(VENV)/bin/pip
+
+# real data (optional): make pseudo-labels VOC_ROOT=/path/VOCdevkit/VOC2007 CLICKS=/path/clicks.csv
+VOC_ROOT ?=
+CLICKS ?=
+ARGS ?=
+DATA_ARGS := $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CLICKS),--clicks $(CLICKS))
+TARGET ?= PseudoLabels
+STAGE ?=
+
+.PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
+        bench-selection bench-cam bench-quality clean clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+	@echo
+	@echo "  Real data: make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
+
+install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[dev]'
+	$(PY) -c "import torch, torchvision, cv2; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); cv2.ximgproc"
+	touch $(STAMP)
+
+test: install ## run the test suite (the README's test command; CI runs it)
+	$(PY) -m pytest -q -ra
+
+test-fast: install ## the test suite without tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+pseudo-labels: install ## main job: stages 1-5 -> pseudo labels, metrics, HTML report (default: synthetic data)
+	$(LUIGI) PseudoLabels $(DATA_ARGS) $(ARGS)
+	$(PY) -m tasks.cli show PseudoLabels $(DATA_ARGS) $(ARGS)
+
+evaluate: install ## whole chain to EvaluateVOC07 (Fast R-CNN on pseudo labels, VOC07 mAP, CorLoc)
+	$(LUIGI) EvaluateVOC07 $(DATA_ARGS) $(ARGS)
+	$(PY) -m tasks.cli show EvaluateVOC07 $(DATA_ARGS) $(ARGS)
+
+compare: install ## detectors on SA-CAM / Grad-CAM / image-label pseudo labels and on GT: one summary table
+	$(LUIGI) CompareDetectors $(DATA_ARGS) $(ARGS)
+	$(PY) -m tasks.cli show CompareDetectors $(DATA_ARGS) $(ARGS)
+
+rerun: install ## rerun one stage and what depends on it: make rerun STAGE=SelectProposals [TARGET=PseudoLabels]
+	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
+	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
+
+bench: bench-proposals bench-selection bench-cam bench-quality ## all benchmarks (each fails when its target is missed)
+
+bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
+	$(PY) bench/proposals.py
+
+bench-selection: install ## click-only floors (median-size box, rank-1 proposal) on voc07-sample
+	$(PY) bench/selection_floor.py
+
+bench-cam: install ## CAM throughput: inference vs SA-CAM stage vs per-crop library-style loop
+	$(PY) bench/cam_throughput.py
+
+bench-quality: install ## pseudo-box quality table on voc07-sample (long: up to ~60 min on 2 cores)
+	$(PY) bench/quality.py
+
+clean-outputs: ## delete all stage outputs (outputs/*)
+	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+clean: clean-outputs ## delete outputs and the virtual environment
+	rm -rf $(VENV) *.egg-info

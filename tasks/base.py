@@ -1,0 +1,155 @@
+"""The stage framework: parameter-hashed, atomically published output directories (gokart style).
+
+A stage's output is the directory ``<outputs_root>/<Stage>/<hash>/`` where ``hash`` covers the task's significant
+parameters and the hashes of the stages it requires, so any upstream change gives a new directory and the same
+parameters reuse the old one. ``run()`` works in ``<hash>.partial/`` (kept across kills, so a stage can resume from
+checkpoints or finished parts it wrote there), writes ``params.json``, calls :meth:`StageTask.run_stage`, and renames
+the work directory to ``<hash>/`` only when the stage finished: a directory named by a bare hash is always complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import luigi
+from luigi.task import flatten
+
+from pipeline.io import read_json, write_json
+
+log = logging.getLogger("clickscale")
+
+
+class clickscale(luigi.Config):  # noqa: N801 (luigi config sections are named by class)
+    """``[clickscale]`` section of luigi.cfg."""
+
+    outputs_root = luigi.Parameter(default="outputs", description="root of all stage output directories")
+
+
+def outputs_root() -> Path:
+    return Path(os.environ.get("CLICKSCALE_OUTPUTS") or clickscale().outputs_root)
+
+
+class StageTask(luigi.Task):
+    """Base class of every clickscale stage. Subclasses implement :meth:`run_stage`."""
+
+    #: bump to invalidate every output of a stage after a change of its on-disk format
+    stage_version = 1
+
+    # -- identity -----------------------------------------------------------------------------------------
+    def significant_params(self) -> dict:
+        return {name: p.serialize(getattr(self, name))
+                for name, p in self.get_params() if p.significant}
+
+    def upstream(self) -> list[luigi.Task]:
+        return flatten(self.requires())
+
+    @property
+    def stage_hash(self) -> str:
+        cached = self.__dict__.get("_stage_hash")
+        if cached is None:
+            ups = sorted(t.stage_ref if isinstance(t, StageTask) else t.task_id for t in self.upstream())
+            blob = json.dumps({"stage": self.task_family, "version": self.stage_version,
+                               "params": self.significant_params(), "upstream": ups}, sort_keys=True)
+            cached = hashlib.md5(blob.encode()).hexdigest()[:12]
+            self.__dict__["_stage_hash"] = cached
+        return cached
+
+    @property
+    def stage_ref(self) -> str:
+        """``<Stage>/<hash>``: how downstream stages and params.json refer to this output."""
+        return f"{self.task_family}/{self.stage_hash}"
+
+    @property
+    def stage_dir(self) -> Path:
+        return outputs_root() / self.task_family / self.stage_hash
+
+    @property
+    def work_dir(self) -> Path:
+        return self.stage_dir.with_name(self.stage_hash + ".partial")
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir))
+
+    # -- upstream access ----------------------------------------------------------------------------------
+    def input_dir(self, key=None) -> Path:
+        """Final directory of the required stage (``key`` for dict/list ``requires()``)."""
+        req = self.requires()
+        task = req[key] if key is not None else req
+        if isinstance(task, (list, tuple, dict)):
+            raise ValueError(f"{self.task_family}.requires() holds several tasks: pass a key to input_dir()")
+        return Path(task.output().path)
+
+    def find_upstream(self, family: str) -> "StageTask":
+        """The nearest upstream task of a family (breadth first through requires())."""
+        queue = list(self.upstream())
+        while queue:
+            t = queue.pop(0)
+            if t.task_family == family:
+                return t
+            queue.extend(flatten(t.requires()))
+        raise LookupError(f"{self.task_family} does not depend on a {family} stage")
+
+    def manifest(self):
+        from pipeline.dataset import Manifest
+
+        if self.task_family == "PrepareDataset":
+            return Manifest.load(self.stage_dir)
+        return Manifest.load(self.find_upstream("PrepareDataset").output().path)
+
+    # -- running ------------------------------------------------------------------------------------------
+    def run_stage(self, work: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self) -> None:
+        work = self.work_dir
+        work.mkdir(parents=True, exist_ok=True)
+        resumed = any(p.name != "params.json" for p in work.iterdir())
+        params = {"stage": self.task_family, "hash": self.stage_hash, "task_id": self.task_id,
+                  "params": self.significant_params(),
+                  "upstream": sorted(t.stage_ref for t in self.upstream() if isinstance(t, StageTask))}
+        write_json(work / "params.json", params)
+        log.info("%s: %s %s", self.stage_ref, "resuming in" if resumed else "running in", work)
+        t0 = time.time()
+        self.run_stage(work)
+        write_json(work / "params.json", {**params, "seconds": round(time.time() - t0, 3),
+                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if self.stage_dir.exists():  # another worker published it meanwhile: keep the first
+            log.warning("%s already exists; discarding this run's copy", self.stage_dir)
+            shutil.rmtree(work)
+            return
+        os.replace(work, self.stage_dir)
+        log.info("%s: done in %.1fs -> %s", self.stage_ref, time.time() - t0, self.stage_dir)
+
+
+# -- invalidation (make rerun) -----------------------------------------------------------------------------
+def invalidate(stage_refs: list[str], root: Path | None = None, dry_run: bool = False) -> list[str]:
+    """Remove the given stage outputs (``<Stage>/<hash>``) and, recursively, every output computed from them
+    (found through the ``upstream`` lists of params.json files). Returns what was removed."""
+    root = root or outputs_root()
+    dependents: dict[str, list[str]] = {}
+    for pj in root.glob("*/*/params.json"):
+        if pj.parent.name.endswith(".partial"):
+            continue
+        try:
+            meta = read_json(pj)
+        except (OSError, ValueError):
+            continue
+        ref = f"{pj.parent.parent.name}/{pj.parent.name}"
+        for up in meta.get("upstream", []):
+            dependents.setdefault(up, []).append(ref)
+    removed, todo = [], list(stage_refs)
+    while todo:
+        ref = todo.pop()
+        if ref in removed:
+            continue
+        removed.append(ref)
+        todo.extend(dependents.get(ref, []))
+        for d in (root / ref, root / (ref + ".partial")):
+            if d.exists() and not dry_run:
+                shutil.rmtree(d)
+    return removed

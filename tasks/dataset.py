@@ -1,0 +1,81 @@
+"""PrepareDataset: the first stage. Generates the embedded synthetic dataset (default) or validates a real
+VOC<year> root and its click file, and writes the manifest tables every later stage reads."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import luigi
+
+from pipeline.dataset import build_manifest
+from pipeline.io import write_csv
+
+from .base import StageTask
+
+log = logging.getLogger("clickscale")
+
+
+class PrepareDataset(StageTask):
+    """Dataset manifest: ``images.csv``, ``objects.csv``, ``clicks.csv``, ``manifest.json``, ``summary.csv``.
+
+    With no ``--voc-root`` the embedded synthetic dataset is generated under ``data/`` (once) and used.
+    """
+
+    voc_root = luigi.Parameter(default="", description="VOC<year> root; empty: the embedded synthetic dataset")
+    clicks = luigi.Parameter(default="", description="click CSV; empty: the dataset's clicks_trainval.csv "
+                                                     "beside the VOC root if present, else simulated from GT")
+    annotator = luigi.IntParameter(default=1, description="which annotator's clicks to use")
+    on_bad_click = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
+    on_bad_image = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
+    click_sigma = luigi.FloatParameter(default=0.08, description="error of simulated clicks, x box side")
+    seed = luigi.IntParameter(default=0)
+    synth_trainval = luigi.IntParameter(default=300)
+    synth_test = luigi.IntParameter(default=200)
+    synth_size = luigi.IntParameter(default=320)
+    data_root = luigi.Parameter(default="data", significant=False)
+
+    def requires(self):
+        return []
+
+    def resolve_dataset(self) -> tuple[Path, Path | None]:
+        """(voc_root, clicks file or None), generating the synthetic dataset when no root is given."""
+        if self.voc_root:
+            root = Path(self.voc_root)
+            if not (root / "Annotations").is_dir():
+                raise FileNotFoundError(f"{root}: not a VOC<year> root (no Annotations/ folder)")
+            clicks = Path(self.clicks) if self.clicks else None
+            if clicks is None and (root.parent / "clicks_trainval.csv").is_file():
+                clicks = root.parent / "clicks_trainval.csv"
+            return root, clicks
+        from pipeline.synthetic import generate_dataset
+
+        out = Path(self.data_root) / (f"synthetic-s{self.seed}-{self.synth_trainval}-{self.synth_test}"
+                                      f"-{self.synth_size}-c{self.click_sigma:g}")
+        root = out / "VOC2007"
+        if not (root / "ImageSets" / "Main" / "test.txt").is_file():
+            log.info("generating the synthetic dataset in %s", out)
+            root = generate_dataset(out, n_trainval=self.synth_trainval, n_test=self.synth_test,
+                                    image_size=self.synth_size, seed=self.seed, click_sigma=self.click_sigma)
+        return root, Path(self.clicks) if self.clicks else out / "clicks_trainval.csv"
+
+    def run_stage(self, work: Path) -> None:
+        root, clicks = self.resolve_dataset()
+        manifest = build_manifest(root, clicks, annotator=self.annotator, on_bad_click=self.on_bad_click,
+                                  on_bad_image=self.on_bad_image, click_sigma=self.click_sigma, seed=self.seed)
+        manifest.save(work)
+        write_csv(summary_table(manifest), work / "summary.csv")
+
+
+def summary_table(manifest):
+    """Per split and class: images, objects, difficult objects, clicks."""
+    import pandas as pd
+
+    objs = manifest.objects.merge(manifest.images[["image_id", "split"]], on="image_id")
+    rows = []
+    for split, sub in objs.groupby("split"):
+        for cls in manifest.classes:
+            o = sub[sub["class"] == cls]
+            c = manifest.clicks[(manifest.clicks["class"] == cls)] if split == "trainval" else []
+            rows.append({"split": split, "class": cls, "images": o.image_id.nunique(), "objects": len(o),
+                         "difficult": int(o.difficult.astype(bool).sum()), "clicks": len(c)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    """../shared/data/voc07-sample (real VOC2007 images); tests that need it skip when it is absent."""
+    if not (SAMPLE / "VOC2007" / "Annotations").is_dir():
+        pytest.skip(f"real-data sample not found at {SAMPLE}")
+    return SAMPLE
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch) -> Path:
+    """A private outputs root for luigi stage tests (CLICKSCALE_OUTPUTS)."""
+    root = tmp_path / "outputs"
+    monkeypatch.setenv("CLICKSCALE_OUTPUTS", str(root))
+    return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield

@@ -1,0 +1,106 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import luigi
+import pytest
+
+from pipeline.io import atomic_path, read_json, write_json
+from tasks.base import invalidate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_tasks import ToyA, ToyB  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(*tasks):
+    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True, log_level="WARNING")
+
+
+def test_hash_follows_significant_params_and_upstream(outputs):
+    assert ToyA(value=1).stage_dir == ToyA(value=1, note="x").stage_dir  # insignificant param
+    assert ToyA(value=1).stage_dir != ToyA(value=2).stage_dir
+    assert ToyB(value=1).stage_dir != ToyB(value=2).stage_dir  # upstream change -> new downstream dir
+    assert ToyB(value=1).stage_dir != ToyB(value=1, scale=3).stage_dir
+    assert ToyA(value=1).stage_dir.parent == outputs / "ToyA"
+
+
+def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
+    counter = tmp_path / "count.txt"
+    monkeypatch.setenv("TOY_COUNTER", str(counter))
+    res = build(ToyB(value=3))
+    assert res.status.name == "SUCCESS"
+    b = ToyB(value=3)
+    assert (b.stage_dir / "b.txt").read_text() == "60\n"
+    params = read_json(b.stage_dir / "params.json")
+    assert params["params"]["scale"] == "10" and params["upstream"] == [ToyA(value=3).stage_ref]
+    assert not b.work_dir.exists()
+    build(ToyB(value=3))  # same parameters: reuses, runs nothing
+    assert counter.read_text() == "A3\n"
+    build(ToyB(value=4))  # changed parameter: new directories
+    assert counter.read_text() == "A3\nA4\n"
+    assert len(list((outputs / "ToyB").iterdir())) == 2
+
+
+def test_failure_exit_code_and_nothing_published(outputs):
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    p = subprocess.run([sys.executable, "-m", "luigi", "--module", "toy_tasks", "ToyB", "--fail",
+                        "--local-scheduler"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 30, p.stderr[-2000:]  # luigi.cfg [retcode] task_failed
+    assert "ToyB asked to fail" in p.stderr
+    assert ToyA().stage_dir.is_dir()            # upstream result kept
+    assert not ToyB(fail=True).stage_dir.exists()
+
+
+def test_killed_run_leaves_no_complete_output_and_reruns(outputs, tmp_path):
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "TOY_READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-m", "luigi", "--module", "toy_tasks", "ToyA", "--value", "7",
+                             "--sleep", "30", "--local-scheduler"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not ready.exists():
+        assert time.time() - t0 < 60 and proc.poll() is None, "toy task did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    a = ToyA(value=7)
+    assert not a.stage_dir.exists()                    # nothing looks complete
+    assert (a.work_dir / "part1.txt").is_file() and not (a.work_dir / "part2.txt").exists()
+    assert not a.complete()
+    assert build(ToyA(value=7)).status.name == "SUCCESS"  # a rerun finishes it
+    assert (a.stage_dir / "part2.txt").read_text() == "14\n" and not a.work_dir.exists()
+
+
+def test_invalidate_removes_downstream(outputs):
+    build(ToyB(value=5), ToyA(value=6))
+    removed = invalidate([ToyA(value=5).stage_ref])
+    assert set(removed) == {ToyA(value=5).stage_ref, ToyB(value=5).stage_ref}
+    assert not ToyB(value=5).stage_dir.exists() and ToyA(value=6).stage_dir.exists()
+
+
+def test_rerun_cli_recomputes_stage_and_dependents(outputs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "TOY_COUNTER": str(tmp_path / "c")}
+    code = "import sys, toy_tasks; from tasks.cli import main; sys.exit(main(sys.argv[1:]))"
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", code, "rerun", "ToyA", "ToyB", "--value", "2"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "c").read_text() == "A2\nA2\n"
+    assert (ToyB(value=2).stage_dir / "b.txt").read_text() == "40\n"
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
