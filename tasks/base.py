@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -30,6 +31,12 @@ class clickscale(luigi.Config):  # noqa: N801 (luigi config sections are named b
     outputs_root = luigi.Parameter(default="outputs", description="root of all stage output directories")
 
 
+def gpu_resource() -> str:
+    """Name of this machine's GPU resource for luigi's scheduler."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    return f"gpu_{host}"
+
+
 def outputs_root() -> Path:
     return Path(os.environ.get("CLICKSCALE_OUTPUTS") or clickscale().outputs_root)
 
@@ -39,6 +46,14 @@ class StageTask(luigi.Task):
 
     #: bump to invalidate every output of a stage after a change of its on-disk format
     stage_version = 1
+    #: stages that run on a GPU when one is present declare it: luigi then never runs two of them at once on one
+    #: machine (resource ``gpu_<host>``; luigi counts an unconfigured resource as 1 unit, so one GPU stage per
+    #: machine by default; give a machine with several GPUs ``gpu_<host> = N`` in luigid's [resources])
+    uses_gpu = False
+
+    @property
+    def resources(self) -> dict:
+        return {gpu_resource(): 1} if self.uses_gpu else {}
 
     # -- identity -----------------------------------------------------------------------------------------
     def significant_params(self) -> dict:
