@@ -47,20 +47,22 @@ class PrepareDataset(StageTask):
             if clicks is None and (root.parent / "clicks_trainval.csv").is_file():
                 clicks = root.parent / "clicks_trainval.csv"
             return root, clicks
-        from pipeline.synthetic import generate_dataset
+        from pipeline.synthetic import ensure_dataset
 
         out = Path(self.data_root) / (f"synthetic-s{self.seed}-{self.synth_trainval}-{self.synth_test}"
                                       f"-{self.synth_size}-c{self.click_sigma:g}")
-        root = out / "VOC2007"
-        if not (root / "ImageSets" / "Main" / "test.txt").is_file():
-            log.info("generating the synthetic dataset in %s", out)
-            root = generate_dataset(out, n_trainval=self.synth_trainval, n_test=self.synth_test,
-                                    image_size=self.synth_size, seed=self.seed, click_sigma=self.click_sigma)
+        root = ensure_dataset(out, n_trainval=self.synth_trainval, n_test=self.synth_test,
+                              image_size=self.synth_size, seed=self.seed, click_sigma=self.click_sigma)
         return root, Path(self.clicks) if self.clicks else out / "clicks_trainval.csv"
 
     def run_stage(self, work: Path) -> None:
         root, clicks = self.resolve_dataset()
-        manifest = build_manifest(root, clicks, annotator=self.annotator, on_bad_click=self.on_bad_click,
+        classes = None
+        if not self.voc_root:
+            from pipeline.synthetic import SYNTH_CLASSES
+
+            classes = SYNTH_CLASSES
+        manifest = build_manifest(root, clicks, classes=classes, annotator=self.annotator, on_bad_click=self.on_bad_click,
                                   on_bad_image=self.on_bad_image, click_sigma=self.click_sigma, seed=self.seed)
         manifest.save(work)
         write_csv(summary_table(manifest), work / "summary.csv")
