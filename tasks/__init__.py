@@ -7,3 +7,4 @@
 """
 from .base import StageTask, invalidate  # noqa: F401
 from .dataset import PrepareDataset  # noqa: F401
+from .proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals  # noqa: F401
