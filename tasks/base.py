@@ -123,6 +123,11 @@ class StageTask(luigi.Task):
     def run(self) -> None:
         work = self.work_dir
         work.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(work.rglob(".*.tmp*"), reverse=True):  # pipeline.io.atomic_path temporaries of a
+            if stale.is_dir():                                       # killed run: never part of the product
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         resumed = any(p.name != "params.json" for p in work.iterdir())
         params = {"stage": self.task_family, "hash": self.stage_hash, "task_id": self.task_id,
                   "params": self.significant_params(),

@@ -4,7 +4,7 @@
 
 ``SelectiveSearchShard`` computes one contiguous slice of a split's images (never one task per image), so many
 luigi workers, on one machine or several, can run shards at once; each shard can also use several processes
-(``--workers``, not part of the output hash). A killed shard reruns alone (resuming from its checkpoint chunks);
+(``--ss-workers``, not part of the output hash). A killed shard reruns alone (resuming from its checkpoint chunks);
 finished shards are kept. ``SelectiveSearch`` merges the shards into ``proposals_<split>.h5``, or imports
 precomputed proposals (``--source mat|npz|h5 --proposals-path ...``) into the same layout.
 """
@@ -37,8 +37,8 @@ class _SelectiveSearchParams:
     min_size = luigi.FloatParameter(default=20.0, description="drop boxes with a side shorter than this (px)")
     max_boxes = luigi.OptionalIntParameter(default=None,
                                            description="keep at most this many boxes per image (seeded subset)")
-    workers = luigi.IntParameter(default=1, significant=False,
-                                 description="processes per shard (results do not depend on it)")
+    ss_workers = luigi.IntParameter(default=1, significant=False,
+                                    description="processes per shard (results do not depend on it)")
 
     def ss_params(self) -> SelectiveSearchParams:
         return SelectiveSearchParams(self.mode, self.max_side, self.min_size, self.max_boxes, self.seed)
@@ -69,7 +69,7 @@ class SelectiveSearchShard(_SelectiveSearchParams, StageTask):
         images = self.shard_images()
         t0 = time.time()
         run_proposal_shard(list(images.image_id), list(images.path), work / "proposals.h5", self.ss_params(),
-                           workers=self.workers, checkpoint_dir=work / "chunks", chunk_size=self.chunk_size,
+                           workers=self.ss_workers, checkpoint_dir=work / "chunks", chunk_size=self.chunk_size,
                            attrs={"split": self.split, "shard": self.shard, "n_shards": self.n_shards})
         (work / "chunks").rmdir()
         store = ProposalStore(work / "proposals.h5")

@@ -303,7 +303,7 @@ def test_stages_sharded_equals_unsharded_import_and_selection(outputs, tmp_path)
 
     common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=2, synth_size=96,
                   max_side=64, min_size=4, splits=["trainval", "test"])
-    one, three = SelectiveSearch(n_shards=1, **common), SelectiveSearch(n_shards=3, workers=2, **common)
+    one, three = SelectiveSearch(n_shards=1, **common), SelectiveSearch(n_shards=3, ss_workers=2, **common)
     assert one.stage_dir != three.stage_dir
     res = _build(one, three)
     assert res.status.name == "SUCCESS", res.summary_text
