@@ -1,0 +1,724 @@
+"""Stage 3: the crop classifier (and the paper's image-label-only baseline).
+
+The classifier is fine-tuned on the proposals kept for each click (``selected.parquet`` of the SelectProposals stage),
+each crop labelled with its click's class (``num_classes`` = the dataset's classes). The image-label-only variant
+(paper, Table IV) trains the same network on whole images with multi-label targets (``BCEWithLogitsLoss``).
+
+Pieces:
+
+- :func:`crop_bounds` / :func:`crop_and_resize`: the one crop geometry (also for the CAM stage, which must paste maps
+  back onto exactly the pixels a crop was cut from).
+- :class:`CropDataset`: ``(image, box, target)`` rows -> ``(normalised CxSxS float tensor, target)``; training-time
+  augmentation (:class:`Augment`: horizontal flip, colour jitter, box jitter) drawn from ``(seed, epoch, index)`` so
+  results do not depend on worker count, resuming or order; decoded images cached per worker (LRU, byte budget).
+  Built by :func:`selection_dataset` (crops) or :func:`image_label_dataset` (whole images).
+- :class:`EpochSampler`: seeded per-epoch shuffle, optionally *windowed* (the crops of a window of images are
+  shuffled together) so that an image's several crops are cut while it is still in the worker's cache.
+- :func:`train_classifier`: the training loop (SGD/AdamW, head learning rate x ``head_lr_mult``, warmup + cosine per
+  iteration, AMP on CUDA, DataLoader workers, tqdm). Checkpoint dict ``{model, optimizer, lr_scheduler, scaler,
+  epoch, args, log}`` (torchvision references style) written atomically after every epoch; ``resume`` continues
+  from it and ends with the same weights as an uninterrupted run (bit-identical on CPU). A NaN/inf loss raises
+  :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
+- :func:`save_classifier` / :func:`load_classifier`: ``model.pt`` = backbone name, classes, input size and the state
+  dict (plain tensors and JSON-like metadata; loadable with ``weights_only=True`` and without the training code).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .device import resolve_device
+from .imageio import read_image
+from .io import atomic_path, write_csv
+
+log = logging.getLogger(__name__)
+
+SELECTION_COLUMNS = ("click_id", "image_id", "class", "x1", "y1", "x2", "y2")
+IMAGE_COLUMNS = ("image_id", "width", "height", "path")
+MODEL_FORMAT = "clickscale-classifier"
+MODEL_FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.csv"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crop geometry
+# ---------------------------------------------------------------------------------------------------------------
+def crop_bounds(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer pixel bounds ``(ix1, iy1, ix2, iy2)`` (exclusive end) of a continuous box, clipped to the image.
+
+    Pixel ``i`` covers ``[i, i + 1)``; the crop holds every pixel the box overlaps, at least one pixel.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {tuple(box)} is not finite")
+    ix1 = min(max(int(math.floor(x1)), 0), width - 1)
+    iy1 = min(max(int(math.floor(y1)), 0), height - 1)
+    ix2 = max(min(int(math.ceil(x2)), width), ix1 + 1)
+    iy2 = max(min(int(math.ceil(y2)), height), iy1 + 1)
+    return ix1, iy1, ix2, iy2
+
+
+def crop_and_resize(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
+    """The pixels of ``box`` (see :func:`crop_bounds`) resized to ``size x size`` (area interpolation when
+    shrinking, bilinear when enlarging). ``image`` is ``HxWx3`` uint8; returns ``size x size x 3`` uint8."""
+    h, w = image.shape[:2]
+    ix1, iy1, ix2, iy2 = crop_bounds(box, w, h)
+    crop = image[iy1:iy2, ix1:ix2]
+    shrink = crop.shape[0] >= size and crop.shape[1] >= size
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation. ``box_jitter``: each box side moves by up to that fraction of the box's width
+    (x sides) or height (y sides); colour factors are drawn uniformly in ``[1 - a, 1 + a]``."""
+
+    hflip: float = 0.5
+    box_jitter: float = 0.1
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+def jitter_box(box: Sequence[float], amount: float, width: int, height: int,
+               rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Move each side of ``box`` by ``U(-amount, amount)`` times the box side, clipped to the image; the box is
+    kept when the jittered one would be smaller than one pixel."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if amount <= 0:
+        return x1, y1, x2, y2
+    bw, bh = x2 - x1, y2 - y1
+    d = rng.uniform(-amount, amount, size=4)
+    nx1 = min(max(x1 + d[0] * bw, 0.0), width)
+    ny1 = min(max(y1 + d[1] * bh, 0.0), height)
+    nx2 = min(max(x2 + d[2] * bw, 0.0), width)
+    ny2 = min(max(y2 + d[3] * bh, 0.0), height)
+    if nx2 - nx1 < 1.0 or ny2 - ny1 < 1.0:
+        return x1, y1, x2, y2
+    return nx1, ny1, nx2, ny2
+
+
+def _colour_jitter(img: torch.Tensor, aug: Augment, rng: np.random.Generator) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    # one draw per factor whether used or not, so the stream is fixed
+    b, c, s = rng.uniform(-1.0, 1.0, size=3)
+    if aug.brightness > 0:
+        img = TF.adjust_brightness(img, 1.0 + b * aug.brightness)
+    if aug.contrast > 0:
+        img = TF.adjust_contrast(img, 1.0 + c * aug.contrast)
+    if aug.saturation > 0:
+        img = TF.adjust_saturation(img, 1.0 + s * aug.saturation)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------------------------------
+class _ImageCache:
+    """LRU cache of decoded images with a byte budget (one per process: DataLoader workers get their own copy)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: str, path: str) -> np.ndarray:
+        img = self.items.get(key)
+        if img is not None:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return img
+        self.misses += 1
+        img = read_image(path)
+        if img.nbytes <= self.max_bytes:
+            self.items[key] = img
+            self.bytes += img.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= old.nbytes
+        return img
+
+
+class CropDataset(Dataset):
+    """Crops of images as normalised network inputs.
+
+    Row ``i`` is (``image_ids[i]``, ``boxes[i]`` in 0-based continuous pixel coordinates, ``targets[i]``);
+    ``targets`` is ``(N,)`` int class indices or ``(N, C)`` float multi-hot rows (multi-label). ``dataset[i]`` or
+    ``dataset[(i, epoch)]`` returns ``(float32 tensor 3 x input_size x input_size, target)``, normalised as
+    ``(rgb / 255 - mean) / std``. With ``augment`` the crop is augmented from the random stream
+    ``(seed, epoch, i)``; without it the crop is deterministic.
+    """
+
+    def __init__(self, image_ids: Sequence[str], boxes: np.ndarray, targets: np.ndarray,
+                 image_paths: Mapping[str, str], *, input_size: int, mean: Sequence[float], std: Sequence[float],
+                 augment: Augment | None = None, seed: int = 0, classes: Sequence[str] = (),
+                 cache_mb: float = 256.0):
+        self.image_ids = [str(i) for i in image_ids]
+        self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self.targets = np.asarray(targets)
+        n = len(self.image_ids)
+        if len(self.boxes) != n or len(self.targets) != n:
+            raise ValueError(f"CropDataset: {n} image ids, {len(self.boxes)} boxes, {len(self.targets)} targets")
+        self.multilabel = self.targets.ndim == 2
+        self.targets = self.targets.astype(np.float32 if self.multilabel else np.int64)
+        missing = sorted(set(self.image_ids) - set(image_paths))
+        if missing:
+            raise KeyError(f"CropDataset: no image path for {len(missing)} image ids, e.g. {missing[:5]}")
+        self.image_paths = {i: str(image_paths[i]) for i in set(self.image_ids)}
+        bad = ~((self.boxes[:, 2] > self.boxes[:, 0]) & (self.boxes[:, 3] > self.boxes[:, 1]))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"CropDataset: {int(bad.sum())} degenerate boxes, e.g. row {i} of image "
+                             f"{self.image_ids[i]}: {self.boxes[i].tolist()}")
+        self.input_size = int(input_size)
+        self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+        self.augment = augment
+        self.seed = int(seed)
+        self.classes = tuple(classes)
+        self.cache = _ImageCache(int(cache_mb * 2**20))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes:
+            return len(self.classes)
+        return int(self.targets.shape[1]) if self.multilabel else int(self.targets.max()) + 1
+
+    def image(self, image_id: str) -> np.ndarray:
+        return self.cache.get(image_id, self.image_paths[image_id])
+
+    def crop(self, index: int, epoch: int = 0) -> np.ndarray:
+        """The (augmented) ``S x S x 3`` uint8 crop of row ``index`` for ``epoch``, before colour jitter."""
+        return self._crop(index, epoch)[0]
+
+    def _crop(self, index: int, epoch: int):
+        img = self.image(self.image_ids[index])
+        box = self.boxes[index]
+        rng = None
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+            h, w = img.shape[:2]
+            box = jitter_box(box, self.augment.box_jitter, w, h, rng)
+            flip = rng.random() < self.augment.hflip
+        crop = crop_and_resize(img, box, self.input_size)
+        if rng is not None and flip:
+            crop = crop[:, ::-1]
+        return np.ascontiguousarray(crop), rng
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"CropDataset index {index} out of range 0..{len(self) - 1}")
+        crop, rng = self._crop(index, epoch)
+        x = torch.from_numpy(crop).permute(2, 0, 1)  # uint8 3xSxS
+        if rng is not None:
+            x = _colour_jitter(x, self.augment, rng)
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        target = torch.from_numpy(self.targets[index]) if self.multilabel else int(self.targets[index])
+        return x, target
+
+
+def _image_table(images: pd.DataFrame, source: str = "images table") -> pd.DataFrame:
+    missing = [c for c in IMAGE_COLUMNS if c not in images.columns]
+    if missing:
+        raise ValueError(f"{source}: missing columns {missing} (need {list(IMAGE_COLUMNS)})")
+    t = images.drop_duplicates("image_id").copy()
+    t["image_id"] = t["image_id"].astype(str)
+    return t.set_index("image_id")
+
+
+def subsample_per_class(labels: Sequence, max_per_class: int | None = None, fraction: float | None = None,
+                        seed: int = 0) -> np.ndarray:
+    """Sorted row indices keeping, per label, a seeded random ``fraction`` of its rows (at least one) and at most
+    ``max_per_class``; all rows when both are None/0."""
+    labels = np.asarray(labels)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if max_per_class is not None and max_per_class < 0:
+        raise ValueError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
+    rng = np.random.default_rng([int(seed), 7])
+    keep = []
+    for lab in sorted(set(labels.tolist())):
+        rows = np.flatnonzero(labels == lab)
+        n = len(rows)
+        if fraction:
+            n = max(1, int(round(fraction * n)))
+        if max_per_class:
+            n = min(n, max_per_class)
+        keep.append(rows if n == len(rows) else rng.choice(rows, size=n, replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def selection_crops(selected: pd.DataFrame, classes: Sequence[str], *, max_crops_per_class: int | None = None,
+                    fraction: float | None = None, seed: int = 0, source: str = "selection table") -> pd.DataFrame:
+    """The training crops: rows of the selection table with a ``target`` class index column, optionally
+    subsampled per class (seeded; see :func:`subsample_per_class`). Raises naming ``source`` on missing columns,
+    unknown classes or degenerate boxes."""
+    missing = [c for c in SELECTION_COLUMNS if c not in selected.columns]
+    if missing:
+        raise ValueError(f"{source}: missing columns {missing} (need {list(SELECTION_COLUMNS)})")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(selected["class"]) - set(index))
+    if unknown:
+        raise ValueError(f"{source}: classes {unknown} are not among the dataset's classes {tuple(classes)}")
+    boxes = selected[["x1", "y1", "x2", "y2"]].to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(boxes).all(1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    if bad.any():
+        r = selected.iloc[int(np.flatnonzero(bad)[0])]
+        raise ValueError(f"{source}: {int(bad.sum())} rows with a degenerate or non-finite box, e.g. click "
+                         f"{r.click_id} of image {r.image_id}: {boxes[np.flatnonzero(bad)[0]].tolist()}")
+    out = selected.reset_index(drop=True).copy()
+    out["image_id"] = out["image_id"].astype(str)
+    out["target"] = out["class"].map(index).astype(np.int64)
+    if max_crops_per_class or fraction:
+        out = out.iloc[subsample_per_class(out["target"].to_numpy(), max_crops_per_class, fraction, seed)]
+        out = out.reset_index(drop=True)
+    return out
+
+
+def selection_dataset(selected: pd.DataFrame, images: pd.DataFrame, classes: Sequence[str], *, input_size: int,
+                      mean: Sequence[float], std: Sequence[float], augment: Augment | None = Augment(),
+                      seed: int = 0, max_crops_per_class: int | None = None, fraction: float | None = None,
+                      cache_mb: float = 256.0, source: str = "selection table") -> CropDataset:
+    """:class:`CropDataset` of the selected proposals, each labelled with its click's class."""
+    crops = selection_crops(selected, classes, max_crops_per_class=max_crops_per_class, fraction=fraction,
+                            seed=seed, source=source)
+    table = _image_table(images)
+    unknown = sorted(set(crops.image_id) - set(table.index))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} images are not in the manifest's images table, "
+                         f"e.g. {unknown[:5]}")
+    return CropDataset(crops.image_id.tolist(), crops[["x1", "y1", "x2", "y2"]].to_numpy(),
+                       crops["target"].to_numpy(), table["path"].to_dict(), input_size=input_size, mean=mean,
+                       std=std, augment=augment, seed=seed, classes=classes, cache_mb=cache_mb)
+
+
+def image_label_targets(image_ids: Sequence[str], labels: pd.DataFrame, classes: Sequence[str],
+                        source: str = "labels table") -> np.ndarray:
+    """``(N, C)`` float32 multi-hot image-level targets: ``[i, c] = 1`` when ``labels`` (columns ``image_id``,
+    ``class``; e.g. the clicks table) has a row for image ``image_ids[i]`` and class ``classes[c]``."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels["class"]) - set(index))
+    if unknown:
+        raise ValueError(f"{source}: classes {unknown} are not among the dataset's classes {tuple(classes)}")
+    row = {str(i): k for k, i in enumerate(image_ids)}
+    y = np.zeros((len(image_ids), len(classes)), dtype=np.float32)
+    for image_id, cls in labels[["image_id", "class"]].itertuples(index=False):
+        k = row.get(str(image_id))
+        if k is not None:
+            y[k, index[cls]] = 1.0
+    return y
+
+
+def image_label_dataset(images: pd.DataFrame, labels: pd.DataFrame, classes: Sequence[str], *, input_size: int,
+                        mean: Sequence[float], std: Sequence[float], augment: Augment | None = Augment(),
+                        seed: int = 0, fraction: float | None = None, cache_mb: float = 256.0) -> CropDataset:
+    """Whole images (squashed to ``input_size``) with multi-hot targets of their labelled classes, for the
+    image-label-only baseline. Images without any label are left out. ``fraction`` subsamples images (seeded)."""
+    table = _image_table(images)
+    ids = [i for i in table.index if i in set(labels["image_id"].astype(str))]
+    if not ids:
+        raise ValueError("image_label_dataset: no image has a label")
+    if fraction:
+        ids = [ids[k] for k in subsample_per_class(np.zeros(len(ids)), None, fraction, seed)]
+    t = table.loc[ids]
+    boxes = np.stack([np.zeros(len(t)), np.zeros(len(t)), t["width"].to_numpy(float), t["height"].to_numpy(float)], 1)
+    return CropDataset(ids, boxes, image_label_targets(ids, labels, classes), t["path"].to_dict(),
+                       input_size=input_size, mean=mean, std=std, augment=augment, seed=seed, classes=classes,
+                       cache_mb=cache_mb)
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch shuffle yielding ``(index, epoch)`` keys for :class:`CropDataset`.
+
+    ``window`` > 0: images are shuffled, cut into windows of ``window`` images, and the rows of each window are
+    shuffled together, so the several crops of an image are cut close in time (decoded image stays in the
+    worker's cache); 0: a plain permutation of all rows. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, groups: Sequence[str], seed: int = 0, window: int = 0, shuffle: bool = True):
+        self.groups = list(groups)
+        self.seed = int(seed)
+        self.window = int(window)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.groups)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, int(epoch), 1])
+        if self.window <= 0:
+            return rng.permutation(n)
+        codes, uniques = pd.factorize(pd.Series(self.groups))
+        rows_of = [[] for _ in range(len(uniques))]
+        for i, c in enumerate(codes):
+            rows_of[c].append(i)
+        perm = rng.permutation(len(uniques))
+        out = []
+        for start in range(0, len(perm), self.window):
+            rows = np.concatenate([rows_of[g] for g in perm[start:start + self.window]])
+            out.append(rows[rng.permutation(len(rows))])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in self.order(epoch)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_classifier` (stored as ``args`` in checkpoints)."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.003                # backbone learning rate; the new head gets lr * head_lr_mult
+    head_lr_mult: float = 10.0
+    optimizer: str = "sgd"           # "sgd" (momentum, nesterov) | "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05    # linear warmup over this fraction of all iterations, then cosine to 0
+    label_smoothing: float = 0.0     # single-label mode only
+    freeze_bn_stats: bool = True     # BatchNorm layers use (and keep) their pretrained running statistics
+    multilabel: bool = False         # BCEWithLogits on multi-hot targets (image-label-only baseline)
+    seed: int = 0
+    shuffle_window: int = 64         # images per shuffle window (EpochSampler); 0 = full shuffle
+    device: str = "auto"
+    amp: bool = True                 # float16 autocast + GradScaler, CUDA only
+    workers: int = -1                # DataLoader workers; -1 = auto
+    #: fields that do not change the result and may differ when resuming
+    RUNTIME_FIELDS = ("workers", "device")
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def result_args(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+def auto_workers(device: torch.device) -> int:
+    n = os.cpu_count() or 1
+    return min(8, n) if device.type == "cuda" else min(2, n // 4)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch), 3]).generate_state(1)[0])
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    if hasattr(model, "head_parameters") and hasattr(model, "backbone_parameters"):
+        head = [p for p in model.head_parameters() if p.requires_grad]
+        body = [p for p in model.backbone_parameters() if p.requires_grad]
+    else:
+        head, body = [], [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": body, "lr": cfg.lr, "name": "backbone"},
+              {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(iteration: int, total: int, warmup_fraction: float) -> float:
+    """Linear warmup from ~0 over ``warmup_fraction * total`` iterations, then cosine decay to 0 at ``total``."""
+    warmup = int(round(warmup_fraction * total))
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    t = (iteration - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _loss_fn(cfg: TrainConfig) -> nn.Module:
+    if cfg.multilabel:
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def _hits(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Correct predictions in a batch: top-1 class equals the label, or (multi-label) is one of the labels."""
+    top = logits.argmax(1)
+    if multilabel:
+        return target.gather(1, top[:, None]).squeeze(1).gt(0.5).sum()
+    return top.eq(target).sum()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to start over") \
+            from None
+    for key in ("model", "optimizer", "lr_scheduler", "epoch", "args"):
+        if key not in ckpt:
+            raise RuntimeError(f"{path}: not a training checkpoint (no {key!r}); delete it to start over")
+    want, have = cfg.result_args(), {k: v for k, v in ckpt["args"].items() if k not in TrainConfig.RUNTIME_FIELDS}
+    diff = {k: (have.get(k), want.get(k)) for k in set(want) | set(have) if have.get(k) != want.get(k)}
+    if diff:
+        raise RuntimeError(f"{path}: checkpoint was written with other training arguments "
+                           f"{ {k: f'{a} (checkpoint) != {b}' for k, (a, b) in sorted(diff.items())} }; "
+                           "delete it or train in another directory")
+    return ckpt
+
+
+# No cv2.setNumThreads() in DataLoader workers: in a forked child of a process that already used OpenCV's thread
+# pool it deadlocks (seen here with opencv 5.0). torch sets its own threads to 1 in workers.
+def _loader(dataset: Dataset, sampler: Sampler, cfg: TrainConfig, device: torch.device, drop_last: bool,
+            workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
+                     config: TrainConfig | None = None, *, resume: bool = True, progress: bool = True,
+                     on_epoch_end: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
+    """Fine-tune ``model`` on ``dataset`` in place; returns the training log (one row per epoch).
+
+    Writes ``out_dir/checkpoint.pt`` (``{model, optimizer, lr_scheduler, scaler, epoch, args, log}``, epoch
+    0-based as in torchvision's references) and ``out_dir/train_log.csv`` (``epoch, loss, accuracy, lr, head_lr,
+    crops, seconds, crops_per_s``; loss and accuracy are means over the epoch's training batches, accuracy is
+    top-1, or for multi-label "top-1 class is one of the labels"; lr and head_lr at the epoch's start)
+    atomically after every epoch. With ``resume``
+    an existing checkpoint (same training arguments, else an error) is continued; the final weights equal an
+    uninterrupted run's (exactly on CPU). Randomness comes only from ``config.seed``: the sampler and the
+    augmentation draw from ``(seed, epoch, index)``, dropout from a generator re-seeded at every epoch.
+    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. A NaN/inf loss raises
+    :class:`NonFiniteLossError`; the checkpoint on disk is then the last good epoch's. The model is left in eval
+    mode.
+    """
+    cfg = config or TrainConfig()
+    if cfg.multilabel != dataset.multilabel:
+        raise ValueError(f"config.multilabel={cfg.multilabel} but the dataset's targets are "
+                         f"{'multi-hot' if dataset.multilabel else 'class indices'}")
+    if len(dataset) == 0:
+        raise ValueError("train_classifier: the training set is empty")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
+    device = resolve_device(cfg.device)
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    drop_last = len(dataset) > cfg.batch_size
+    iters_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
+    total_iters = iters_per_epoch * cfg.epochs
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_fraction))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = _loss_fn(cfg).to(device)
+
+    start_epoch, rows = 0, []
+    last_good = 0  # epochs (1-based count) in the checkpoint on disk
+    if resume and ckpt_path.is_file():
+        ckpt = _load_checkpoint(ckpt_path, cfg)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if use_amp and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        rows = list(ckpt.get("log", []))
+        last_good = start_epoch
+        log.info("resuming from %s after epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
+    elif not resume and ckpt_path.exists():
+        ckpt_path.unlink()
+
+    workers = cfg.workers if cfg.workers >= 0 else auto_workers(device)
+    sampler = EpochSampler(dataset.image_ids, seed=cfg.seed, window=cfg.shuffle_window)
+    loader = _loader(dataset, sampler, cfg, device, drop_last, workers) if start_epoch < cfg.epochs else None
+    log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d, %s, %d workers, amp=%s)",
+             getattr(model, "name", type(model).__name__), len(dataset),
+             "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size, device,
+             workers, use_amp)
+    # dropout etc. draw from the global generator, re-seeded per epoch inside a fork (caller's state untouched)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            if cfg.freeze_bn_stats:
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            sampler.set_epoch(epoch)
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout etc.: same stream whether resumed or not
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            hits = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # at epoch start
+            bar = tqdm(loader, total=iters_per_epoch, desc=f"train {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not progress, leave=False)
+            for it, (x, y) in enumerate(bar):
+                x = x.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                loss = criterion(logits.float(), y)
+                if not torch.isfinite(loss):
+                    kept = (f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept" if last_good
+                            else f"no checkpoint was written yet in {out_dir}")
+                    raise NonFiniteLossError(
+                        f"training stopped: loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}/"
+                        f"{iters_per_epoch} (lr {optimizer.param_groups[0]['lr']:.3g}); {kept}. Lower the learning "
+                        f"rate or check the training data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                n = x.shape[0]
+                seen += n
+                loss_sum += loss.detach().double() * n
+                hits += _hits(logits.detach(), y, cfg.multilabel)
+                if progress and (it % 10 == 0 or it + 1 == iters_per_epoch):
+                    bar.set_postfix(loss=f"{loss.item():.3f}", crops_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1), "accuracy": int(hits) / max(seen, 1),
+                   "lr": lrs.get("backbone", float("nan")), "head_lr": lrs.get("head", float("nan")), "crops": seen,
+                   "seconds": round(seconds, 3), "crops_per_s": round(seen / max(seconds, 1e-9), 2)}
+            rows.append(row)
+            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                         "epoch": epoch, "args": asdict(cfg), "log": rows})
+            last_good = epoch + 1
+            write_csv(pd.DataFrame(rows), log_path)
+            log.info("epoch %d/%d: loss %.4f accuracy %.3f lr %.3g %.1f crops/s", epoch + 1, cfg.epochs, row["loss"],
+                     row["accuracy"], row["lr"], row["crops_per_s"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+    if not log_path.is_file():
+        write_csv(pd.DataFrame(rows), log_path)
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataset: CropDataset, *, batch_size: int = 64, device: str = "auto",
+                        workers: int = 0) -> dict:
+    """Mean loss and top-1 accuracy (multi-label: top-1 class among the labels) of ``model`` in eval mode on
+    ``dataset`` (use a dataset without augmentation)."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    criterion = nn.BCEWithLogitsLoss(reduction="sum") if dataset.multilabel else nn.CrossEntropyLoss(reduction="sum")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loss, hits, n = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
+        logits = model(x).float()
+        per = criterion(logits, y).item()
+        loss += per / (y.shape[1] if dataset.multilabel else 1)
+        hits += int(_hits(logits, y, dataset.multilabel))
+        n += x.shape[0]
+    return {"loss": loss / max(n, 1), "accuracy": hits / max(n, 1), "n": n}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trained model file
+# ---------------------------------------------------------------------------------------------------------------
+def _jsonable(obj) -> object:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def save_classifier(path: str | os.PathLike, model: nn.Module, classes: Sequence[str], meta: dict | None = None) -> Path:
+    """Write ``model.pt``: ``{format, version, backbone, classes, input_size, mean, std, state_dict, meta}``
+    (tensors on the CPU, ``meta`` made JSON-like), atomically."""
+    classes = [str(c) for c in classes]
+    n_out = getattr(model, "num_classes", None)
+    if n_out is not None and n_out != len(classes):
+        raise ValueError(f"save_classifier: the model has {n_out} outputs but {len(classes)} classes were given")
+    payload = {
+        "format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "backbone": model.name, "classes": classes,
+        "input_size": int(model.input_size), "mean": list(model.mean), "std": list(model.std),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": _jsonable(meta or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "auto"):
+    """The classifier saved by :func:`save_classifier`, in eval mode on ``device``, with ``.classes`` (tuple)
+    and ``.meta`` (dict) attributes and ``input_size`` as trained."""
+    from .backbones import build_backbone
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: classifier file not found (written by the TrainClassifier stage)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable classifier file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a clickscale classifier file (no format={MODEL_FORMAT!r})")
+    if payload.get("version") != MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path}: classifier file version {payload.get('version')} is not supported "
+                         f"(this code reads version {MODEL_FORMAT_VERSION})")
+    classes = tuple(payload["classes"])
+    model = build_backbone(payload["backbone"], len(classes), weights="random")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit backbone {payload['backbone']} "
+                         f"with {len(classes)} classes: {e}") from None
+    model.input_size = int(payload["input_size"])
+    model.classes = classes
+    model.meta = dict(payload.get("meta", {}))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval()

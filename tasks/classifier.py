@@ -1,0 +1,123 @@
+"""Stage 3: fine-tune the classifier on the selected proposals (or, for the paper's Table IV baseline, on whole
+images with image-level labels).
+
+    SelectProposals -> TrainClassifier          (classifier_mode=crops, the default)
+    PrepareDataset  -> TrainClassifier          (classifier_mode=image_labels)
+
+The classifier's parameters carry a ``classifier_`` prefix: luigi's ``@inherits``/``clone`` hand every parameter
+down the chain by name, and the upstream proposal tasks already have ``mode`` and ``ss_workers`` (later stages such
+as the detector will have ``epochs``, ``lr``, ``backbone`` of their own). ``seed`` is the pipeline's shared seed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import luigi
+import pandas as pd
+from luigi.util import inherits
+
+from pipeline.backbones import BACKBONES, build_backbone
+from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, image_label_dataset, save_classifier,
+                                 selection_dataset, train_classifier)
+from pipeline.device import resolve_device
+from pipeline.io import write_json
+
+from .base import StageTask
+from .dataset import PrepareDataset
+from .proposals import SelectProposals
+
+log = logging.getLogger("clickscale")
+
+MODES = ("crops", "image_labels")
+
+
+@inherits(SelectProposals)
+class TrainClassifier(StageTask):
+    """Fine-tuned classifier: ``model.pt`` (:func:`pipeline.classifier.load_classifier`), ``train_log.csv`` (per
+    epoch: loss, accuracy, lr, seconds, crops/s) and ``report.json``.
+
+    ``crops``: every selected proposal of every click, labelled with the click's class. ``image_labels``: whole
+    trainval images, multi-hot targets of the classes of their annotated objects (BCE loss). Training keeps
+    ``checkpoint.pt`` in the stage's work directory after every epoch, so a killed run resumes where it stopped.
+    """
+
+    uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
+
+    classifier_mode = luigi.ChoiceParameter(choices=list(MODES), default="crops",
+                                            description="crops: selected proposals labelled with their click's "
+                                                        "class; image_labels: whole images, multi-label")
+    classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default="efficientnet_lite0")
+    classifier_weights = luigi.Parameter(default="imagenet",
+                                         description="imagenet, a path to a state dict, or random (tests only)")
+    classifier_epochs = luigi.IntParameter(default=5)
+    classifier_batch_size = luigi.IntParameter(default=32)
+    classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default="sgd")
+    classifier_lr = luigi.FloatParameter(default=TrainConfig.lr,
+                                         description="backbone learning rate; the new head gets 10x")
+    classifier_freeze_bn = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                               description="keep the pretrained BatchNorm statistics while "
+                                                           "fine-tuning (efficientnet_lite0; VGG16 has none)")
+    classifier_input_size = luigi.IntParameter(default=224, description="crops are resized to this square (px)")
+    classifier_max_crops_per_class = luigi.IntParameter(default=0, description="seeded subsample of the "
+                                                                              "training crops per class; 0 = all")
+    device = luigi.Parameter(default="auto", significant=False, description="auto, cpu or cuda")
+    classifier_workers = luigi.IntParameter(default=-1, significant=False,
+                                            description="DataLoader workers; -1 = auto")
+
+    def requires(self):
+        if self.classifier_mode == "image_labels":
+            return self.clone(PrepareDataset)
+        return self.clone(SelectProposals)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.classifier_epochs, batch_size=self.classifier_batch_size,
+                           lr=self.classifier_lr, optimizer=self.classifier_optimizer,
+                           freeze_bn_stats=self.classifier_freeze_bn,
+                           multilabel=self.classifier_mode == "image_labels", seed=self.seed, device=self.device,
+                           workers=self.classifier_workers)
+
+    def run_stage(self, work: Path) -> None:
+        manifest = self.manifest()
+        classes = manifest.classes
+        model = build_backbone(self.classifier_backbone, len(classes), self.classifier_weights, seed=self.seed)
+        model.input_size = self.classifier_input_size
+        trainval = manifest.split("trainval")
+        common = dict(input_size=self.classifier_input_size, mean=model.mean, std=model.std, seed=self.seed)
+        if self.classifier_mode == "image_labels":
+            labels = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+            dataset = image_label_dataset(trainval, labels, classes, **common)
+            source = {"labels": "objects of the trainval images (all, difficult included)"}
+        else:
+            path = self.input_dir() / "selected.parquet"
+            selected = pd.read_parquet(path)
+            dataset = selection_dataset(selected, trainval, classes, source=str(path),
+                                        max_crops_per_class=self.classifier_max_crops_per_class or None, **common)
+            source = {"selected": str(path), "selected_crops": len(selected),
+                      "fallback_crops": int(selected["fallback"].sum()) if "fallback" in selected else None}
+        cfg = self.train_config()
+        t0 = time.time()
+        train_log = train_classifier(model, dataset, work, cfg, resume=True)
+        meta = {"mode": self.classifier_mode, "weights": self.classifier_weights, "train": cfg.result_args(),
+                "final": train_log.iloc[-1].to_dict(), "stage": self.stage_ref}
+        save_classifier(work / "model.pt", model, classes, meta)
+        (work / CHECKPOINT_NAME).unlink(missing_ok=True)  # model.pt is the product; the checkpoint only resumes
+        if dataset.multilabel:
+            per_class = dict(zip(classes, dataset.targets.sum(0).astype(int).tolist()))
+        else:
+            per_class = dict(zip(classes, pd.Series(dataset.targets).value_counts().reindex(
+                range(len(classes)), fill_value=0).astype(int).tolist()))
+        write_json(work / "report.json", {
+            "mode": self.classifier_mode, "backbone": self.classifier_backbone, "weights": self.classifier_weights,
+            "classes": len(classes), "input_size": self.classifier_input_size,
+            "training_items": len(dataset), "items_per_class": per_class,
+            "max_crops_per_class": self.classifier_max_crops_per_class or None, **source,
+            "device": str(resolve_device(self.device)), "train": cfg.result_args(),
+            "final": train_log.iloc[-1].to_dict(), "seconds_this_run": round(time.time() - t0, 1),
+            "train_log": LOG_NAME,
+        })
+        last = train_log.iloc[-1]
+        log.info("TrainClassifier: %d %s, %d epochs, final loss %.4f accuracy %.3f, %.1f crops/s",
+                 len(dataset), "images" if dataset.multilabel else "crops", len(train_log), last["loss"],
+                 last["accuracy"], last["crops_per_s"])

@@ -1,0 +1,372 @@
+"""CAM methods against closed forms (Eq. 1-3), batching, crops, paste/fuse (Eq. 4), and the resumable CAM store."""
+import json
+from collections import OrderedDict
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pipeline import cam as cam_mod
+from pipeline.backbones import ClassifierNet, LayerInfo, build_backbone
+from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, click_entries, extract_crops,
+                          image_entries, paste_and_fuse, write_cam_store)
+from pipeline.classifier import crop_and_resize
+
+
+# -- a tiny network with hand-set weights ------------------------------------------------------------------------
+class SpatialWeightedSum(nn.Module):
+    """``(B, K, h, w) -> (B, K)``: sum_ij S[i, j] * A[:, :, i, j] with a fixed map S (positive and negative),
+    so that dy/dA varies over pixels and changes sign: Grad-CAM and SA-CAM then differ."""
+
+    def __init__(self, s: torch.Tensor):
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self, a):
+        return (a * self.s).sum(dim=(2, 3))
+
+
+def tiny_net():
+    conv = nn.Conv2d(2, 3, kernel_size=1, bias=True)
+    fc = nn.Linear(3, 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]).view(3, 2, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, 0.5, -0.5]))
+        fc.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [-1.0, 1.0, 3.0]]))
+        fc.bias.copy_(torch.tensor([0.1, -0.2]))
+    s = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -0.5], [1.5, -2.0, 1.0]])
+    relu = nn.ReLU()
+    net = nn.Sequential(conv, relu, SpatialWeightedSum(s), fc).eval()
+    return net, relu, (conv.weight.detach().numpy().reshape(3, 2), conv.bias.detach().numpy(),
+                       fc.weight.detach().numpy(), s.numpy())
+
+
+def closed_form(x: np.ndarray, cls: int, params, pre_activation: bool = False):
+    """Z = W1 x + b1, R = ReLU(Z); y_c = sum_k W2[c, k] sum_ij S_ij R_k,ij + b2_c. The CAM layer's activation A is
+    R (then dy_c/dA_k,ij = W2[c, k] S_ij) or, with ``pre_activation``, Z (then dy_c/dA_k,ij = W2[c, k] S_ij
+    [Z_k,ij > 0], and A has negative values). Eq. 1-2 (Grad-CAM) and Eq. 3 (SA-CAM, with LayerCAM's outer ReLU)
+    written out in numpy."""
+    w1, b1, w2, s = params
+    z = np.einsum("kc,chw->khw", w1, x) + b1[:, None, None]
+    a = z if pre_activation else np.maximum(z, 0)
+    grad = w2[cls][:, None, None] * s[None] * ((z > 0) if pre_activation else 1.0)   # (K, h, w)
+    weights = grad.mean(axis=(1, 2))                                                  # Eq. 1
+    gradcam = np.maximum((weights[:, None, None] * a).sum(0), 0)                      # Eq. 2
+    sacam = np.maximum((np.maximum(grad, 0) * a).sum(0), 0)                           # Eq. 3
+    return gradcam, sacam
+
+
+@pytest.mark.parametrize("efficient", [True, False])
+@pytest.mark.parametrize("pre_activation", [False, True])
+def test_gradcam_and_sacam_equal_closed_forms(efficient, pre_activation):
+    net, relu, params = tiny_net()
+    layer = net[0] if pre_activation else relu
+    x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    targets = [0, 1, 1, 0]
+    with GradCAM(net, target_layer=layer, efficient=efficient) as g, \
+            SACAM(net, target_layer=layer, efficient=efficient) as s:
+        gmaps, smaps = g(x, targets).numpy(), s(x, targets).numpy()
+    for b in range(4):
+        want_g, want_s = closed_form(x[b].numpy(), targets[b], params, pre_activation)
+        np.testing.assert_allclose(gmaps[b], want_g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(smaps[b], want_s, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(gmaps, smaps)  # the two methods do differ on this net
+    assert smaps.max() > 0 and gmaps.max() > 0
+    assert not layer._forward_hooks        # the context manager removed the hooks
+
+
+def test_hand_checked_pixel():
+    """One SA-CAM pixel by hand: x = (1, 2) at pixel (1, 1): A = ReLU((1, 2.5, -1.5)) = (1, 2.5, 0);
+    class 0: dy/dA_k = W2[0, k] * S[1, 1] = (2, -4, 1); SA-CAM = 2 * 1 + 0 * 2.5 + 1 * 0 = 2."""
+    net, layer, _ = tiny_net()
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, :, 1, 1] = torch.tensor([1.0, 2.0])
+    with SACAM(net, target_layer=layer) as cam:
+        assert cam(x, [0])[0, 1, 1].item() == pytest.approx(2.0)
+
+
+def test_callable_targets_and_errors():
+    net, layer, _ = tiny_net()
+    x = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    with SACAM(net, target_layer=layer) as cam:
+        a = cam(x, [1, 0])
+        b = cam(x, [ClassifierOutputTarget(1), ClassifierOutputTarget(0)])
+        assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="3 targets for a batch of 2"):
+            cam(x, [0, 1, 1])
+        with pytest.raises(ValueError, match="out of range"):
+            cam(x, [0, 2])
+        net.train()
+        with pytest.raises(RuntimeError, match="eval mode"):
+            cam(x, [0, 1])
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return build_backbone("efficientnet_lite0", 6, "random", seed=3).eval()
+
+
+@pytest.mark.parametrize("cls", [SACAM, GradCAM])
+def test_batched_equals_per_crop_and_full_backprop(effnet, cls):
+    x = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    t = [0, 3, 5, 3, 1]
+    with cls(effnet, "stage4") as cam:
+        batched = cam(x, t)
+        single = torch.cat([cam(x[i:i + 1], t[i:i + 1]) for i in range(5)])
+    with cls(effnet, "stage4", efficient=False) as cam:
+        full = cam(x, t)
+    assert batched.shape == (5, 7, 7) and batched.abs().max() > 0
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6 * float(batched.abs().max()))
+    torch.testing.assert_close(batched, full, rtol=1e-4, atol=1e-6 * float(batched.abs().max()))
+    assert not any(m._forward_hooks for m in effnet.modules())
+
+
+def test_vgg16_default_layer_batched(tmp_path):
+    vgg = build_backbone("vgg16", 4, "random").eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with SACAM(vgg) as cam:
+        assert cam.layer == "conv5_2"
+        batched = cam(x, [0, 1, 2])
+        single = torch.cat([cam(x[i:i + 1], [i]) for i in range(3)])
+    assert batched.shape == (3, 4, 4)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6 * float(batched.abs().max()))
+
+
+# -- crops and fusion ---------------------------------------------------------------------------------------
+def test_extract_crops_matches_classifier_crop_geometry():
+    """On a linear ramp image every crop pixel must equal the ramp at its sampling point: output pixel j of a
+    crop of pixels [ix1, ix2) samples at ix1 + (j + 0.5) * (ix2 - ix1) / size - 0.5 (cv2.resize's grid, on
+    pipeline.classifier.crop_bounds' pixels); a half-pixel shift would be off by 1 grey level here."""
+    yy, xx = np.mgrid[0:60, 0:80].astype(np.float64)
+    ramp = 2.0 * xx + 1.5 * yy  # 0..250
+    img = np.repeat(ramp.round().astype(np.uint8)[:, :, None], 3, axis=2)
+    boxes = [[0, 0, 80, 60], [10.3, 5.2, 50.7, 44.9], [30, 20, 38, 28], [20, 10, 76, 26]]
+    unit = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))
+    crops = extract_crops(img, boxes, 32, *unit)
+    assert crops.shape == (4, 3, 32, 32)
+    for box, crop in zip(boxes, crops):
+        ix1, iy1 = int(np.floor(box[0])), int(np.floor(box[1]))
+        ix2, iy2 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+        j = np.arange(32) + 0.5
+        sx, sy = ix1 + j * (ix2 - ix1) / 32 - 0.5, iy1 + j * (iy2 - iy1) / 32 - 0.5
+        want = 2.0 * sx[None, :] + 1.5 * sy[:, None]
+        got = crop[0].numpy()
+        inner = (slice(1, -1), slice(1, -1))  # the outermost samples may lie beyond the first/last pixel centre
+        assert np.abs(got - want)[inner].max() < 0.6, box  # only the uint8 rounding of the ramp
+        ref = crop_and_resize(img, box, 32)[:, :, 0].astype(np.float32)
+        assert np.abs(got - ref)[inner].mean() < 0.6, box
+    # identity: the whole image at its own size comes back unchanged, normalised
+    rnd = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    same = extract_crops(rnd, [[0, 0, 32, 32]], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[0]
+    want = torch.from_numpy(rnd).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(same, want, rtol=0, atol=1e-5)
+
+
+def test_paste_and_fuse_puts_mass_where_the_crops_were():
+    maps = torch.ones(2, 3, 3)
+    maps[1] *= 2.0
+    boxes = [[10, 20, 30, 50], [25, 40, 60, 60]]  # integer boxes: exactly these pixels
+    fused = paste_and_fuse(maps, boxes, (70, 80))
+    assert fused.shape == (70, 80) and fused.dtype == np.float32
+    want = np.zeros((70, 80), np.float32)
+    want[20:50, 10:30] += 1
+    want[40:60, 25:60] += 2
+    np.testing.assert_allclose(fused, want, atol=1e-6)
+    # a peaked map lands in the matching part of its box; fractional boxes cover every pixel they touch
+    peak = torch.zeros(1, 4, 4)
+    peak[0, 0, 3] = 1.0  # top-right cell
+    f = paste_and_fuse(peak, [[4.5, 8.2, 12.5, 16.7]], (20, 20))
+    ys, xs = np.nonzero(f)
+    # the box covers pixels x 4..12, y 8..16 (9 x 9); bilinear 4 -> 9 (half-pixel centres) maps output j to
+    # source (j + 0.5) * 4 / 9 - 0.5: source row 0 reaches output rows j <= 2, source column 3 columns j >= 6
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (8, 8 + 2, 4 + 6, 12)
+    assert np.unravel_index(f.argmax(), f.shape) == (8, 12) and f[8, 12] == pytest.approx(1.0)
+    assert f.sum() == pytest.approx(float(torch.nn.functional.interpolate(
+        peak[None], size=(9, 9), mode="bilinear", align_corners=False).sum()), rel=1e-6)
+
+
+# -- the CAM store -----------------------------------------------------------------------------------------
+def tiny_classifier(num_classes=3, seed=0) -> ClassifierNet:
+    g = torch.Generator().manual_seed(seed)
+    body = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 8, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, stride=2, padding=1)), ("relu2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten(1))]))
+    head = nn.Linear(8, num_classes)
+    with torch.no_grad():
+        for p in list(body.parameters()) + list(head.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return ClassifierNet("tiny", body, head, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=32,
+                         layers={"conv2": LayerInfo("relu2", 8, 4)}, cam_layers=("conv2",),
+                         default_cam_layer="conv2").eval()
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    paths, rows, sizes = {}, [], {}
+    click_id = 0
+    for i in range(5):
+        h, w = 40 + 7 * i, 60 - 3 * i
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        p = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(p), img[:, :, ::-1])
+        image_id = f"im{i}"
+        paths[image_id], sizes[image_id] = str(p), (w, h)
+        for c in range(1 + i % 2):  # 1 or 2 clicks
+            x, y = float(rng.uniform(10, w - 10)), float(rng.uniform(10, h - 10))
+            for r in range(3):
+                half = 4 + 3 * r
+                rows.append((click_id, image_id, ["a", "b", "c"][(i + c) % 3], x, y, r, max(0, x - half),
+                             max(0, y - half), min(w, x + half + 1.5), min(h, y + half), False))
+            click_id += 1
+    selected = pd.DataFrame(rows, columns=["click_id", "image_id", "class", "x", "y", "rank", "x1", "y1", "x2",
+                                           "y2", "fallback"])
+    return paths, selected, sizes
+
+
+def _contents(store: CamStore):
+    out = {}
+    for cid in store.click_ids():
+        m, meta = store.load(cid)
+        out[cid] = (m, {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in meta.items()})
+    return out
+
+
+def test_store_content_equals_direct_computation(tmp_path, toy_data):
+    paths, selected, _ = toy_data
+    net = tiny_classifier()
+    entries = click_entries(selected, ("a", "b", "c"))
+    store = write_cam_store(net, entries, paths, tmp_path / "cams", images_per_part=2, batch_size=4,
+                            inspect_images=1, progress=False)
+    assert sorted(store.click_ids()) == sorted(selected.click_id.unique())
+    assert sorted(p.name for p in (tmp_path / "cams").glob("cams-*.h5")) == [
+        "cams-00000.h5", "cams-00001.h5", "cams-00002.h5"]
+    from pipeline.imageio import read_image
+
+    with SACAM(net) as cam:
+        for e in entries:
+            img = read_image(paths[e.image_id])
+            maps = cam(extract_crops(img, e.crops, 32, net.mean, net.std), [e.class_index] * len(e.crops))
+            want = paste_and_fuse(maps, e.crops, img.shape[:2])
+            got, meta = store.load(e.entry_id)
+            assert got.shape == img.shape[:2] and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * want.max())  # float16 storage
+            assert meta["image_id"] == e.image_id and meta["class"] == e.cls and meta["kind"] == "click"
+            assert meta["class_index"] == ("a", "b", "c").index(e.cls)
+            np.testing.assert_array_equal(meta["crops"], e.crops)
+            assert (meta["x"], meta["y"]) == (e.x, e.y)
+            crop_maps = store.load_crop_maps(e.entry_id)
+            if e.image_id == "im0":  # inspection mode: first image keeps each crop's map
+                np.testing.assert_allclose(crop_maps, maps.numpy(), rtol=2e-3, atol=2e-3 * float(maps.max()))
+            else:
+                assert crop_maps is None
+    with h5py.File(tmp_path / "cams" / "cams-00000.h5") as f:
+        ds = f["0"]["map"]
+        assert ds.dtype == np.float16 and ds.compression == "gzip" and ds.chunks is not None
+    idx = pd.read_csv(tmp_path / "cams" / "index.csv")
+    assert len(idx) == selected.click_id.nunique() and set(idx.n_crops) == {3}
+
+
+def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
+    paths, selected, _ = toy_data
+    net = tiny_classifier()
+    entries = click_entries(selected, ("a", "b", "c"))
+    kw = dict(images_per_part=2, batch_size=3, progress=False)
+    full = _contents(write_cam_store(net, entries, paths, tmp_path / "full", **kw))
+
+    work = tmp_path / "work"
+    write_cam_store(net, entries, paths, work, stop_after_parts=1, **kw)  # killed after one part
+    assert [p.name for p in work.glob("cams-*.h5")] == ["cams-00000.h5"] and not (work / "index.csv").exists()
+    # killed in the middle of the next part: nothing half-written is left behind
+    calls = {"n": 0}
+    real = cam_mod._run_pass
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cam_mod, "_run_pass", dying)
+    with pytest.raises(KeyboardInterrupt):
+        write_cam_store(net, entries, paths, work, **kw)
+    monkeypatch.setattr(cam_mod, "_run_pass", real)
+    assert sorted(p.name for p in work.iterdir()) == ["cams-00000.h5", "plan.json"]
+    partial = CamStore(work)  # an unfinished store is readable too
+    assert set(partial.click_ids()) < set(full)
+    mtime = (work / "cams-00000.h5").stat().st_mtime_ns
+    resumed = _contents(write_cam_store(net, entries, paths, work, **kw))
+    assert (work / "cams-00000.h5").stat().st_mtime_ns == mtime  # the finished part was not recomputed
+    assert resumed.keys() == full.keys()
+    for cid, (m, meta) in full.items():
+        np.testing.assert_array_equal(resumed[cid][0], m)
+        assert resumed[cid][1] == meta
+    # a different plan (other crops) invalidates the old parts instead of mixing them in
+    entries[0].crops = entries[0].crops[:2]
+    again = write_cam_store(net, entries, paths, work, **kw)
+    assert again.load(entries[0].entry_id)[1]["crops"].shape == (2, 4)
+
+
+def test_image_level_mode(tmp_path, toy_data):
+    paths, _, sizes = toy_data
+    labels = pd.DataFrame({"image_id": ["im0", "im0", "im0", "im3"], "class": ["b", "a", "b", "c"]})
+    entries = image_entries(labels, sizes, ("a", "b", "c"))
+    assert [(e.entry_id, e.image_id, e.cls, e.kind) for e in entries] == [
+        (0, "im0", "a", "image"), (1, "im0", "b", "image"), (2, "im3", "c", "image")]
+    net = tiny_classifier()
+    store = write_cam_store(net, entries, paths, tmp_path / "img", progress=False)
+    m, meta = store.load(2)
+    w, h = sizes["im3"]
+    assert m.shape == (h, w) and meta["kind"] == "image" and np.isnan(meta["x"])
+    np.testing.assert_array_equal(meta["crops"], [[0, 0, w, h]])
+    m0, _ = store.load(0)
+    m1, _ = store.load(1)
+    assert not np.allclose(m0, m1)  # per-class maps of the same image differ
+
+
+@pytest.mark.slow
+def test_generate_cams_stage_on_tiny_synthetic_run(outputs, tmp_path):
+    """The luigi chain PrepareDataset -> ... -> TrainClassifier -> GenerateCAMs on a 5-image synthetic set."""
+    import luigi
+
+    from pipeline.dataset import Manifest
+    from tasks.cams import GenerateCAMs
+
+    common = dict(synth_trainval=5, synth_test=1, synth_size=96, data_root=str(tmp_path / "data"),
+                  classifier_weights="random", classifier_epochs=1, classifier_input_size=48, n_shards=1,
+                  splits=["trainval"], classifier_workers=0, cam_images_per_part=2, cam_inspect_images=1)
+    task = GenerateCAMs(**common)
+    res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert res.status.name == "SUCCESS", res.summary_text
+    selected = pd.read_parquet(task.input_dir("selection") / "selected.parquet")
+    clicks = Manifest.load(task.find_upstream("PrepareDataset").output().path).clicks
+    with CamStore(task.stage_dir) as store:
+        assert sorted(store.click_ids()) == sorted(clicks.click_id) == sorted(selected.click_id.unique())
+        for cid in store.click_ids():
+            m, meta = store.load(cid)
+            rows = selected[selected.click_id == cid].sort_values("rank")
+            np.testing.assert_array_equal(meta["crops"], rows[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
+            assert meta["class"] == rows["class"].iloc[0] and np.isfinite(m).all() and m.min() >= 0
+        assert sum(store.load_crop_maps(c) is not None for c in store.click_ids()) >= 1
+    summary = json.loads((task.stage_dir / "summary.json").read_text())
+    assert summary["method"] == "sacam" and summary["layer"] == "stage6" and summary["crop_size"] == 48
+    assert summary["crops"] == len(selected)
+
+
+def test_cam_object_leaves_other_forward_passes_alone():
+    net, relu, _ = tiny_net()
+    x = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(5))
+    cam = SACAM(net, target_layer=relu)
+    with torch.no_grad():
+        y = net(x)
+        assert not torch.is_grad_enabled() and not y.requires_grad  # the hook is inactive outside cam()
+    cam(x, [0, 1])
+    assert torch.is_grad_enabled()
+    cam.release()
+    assert not relu._forward_hooks
