@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.dataset import build_manifest  # noqa: E402
 from pipeline.metrics import box_accuracy, mean_iou, match_boxes  # noqa: E402
 from pipeline.proposals import (ProposalStore, SelectiveSearchParams, merge_proposal_stores,  # noqa: E402
@@ -45,22 +46,6 @@ from pipeline.selection import fallback_windows, select_proposals  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 XY = ["x1", "y1", "x2", "y2"]
-
-
-def median_size_boxes(clicks: pd.DataFrame, objects: pd.DataFrame, sizes: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(boxes, medians): a click-centred box of its class's median GT width/height, clipped into the image."""
-    wh = objects.assign(w=objects.x2 - objects.x1, h=objects.y2 - objects.y1)
-    medians = wh.groupby("class")[["w", "h"]].median()
-    m = medians.reindex(clicks["class"]).to_numpy()
-    W = clicks.image_id.map(lambda i: sizes[i][0]).to_numpy(float)
-    H = clicks.image_id.map(lambda i: sizes[i][1]).to_numpy(float)
-    x, y = clicks.x.to_numpy(float), clicks.y.to_numpy(float)
-    boxes = clicks[["click_id", "image_id", "class"]].copy()
-    boxes["x1"] = np.clip(x - m[:, 0] / 2, 0, W)
-    boxes["y1"] = np.clip(y - m[:, 1] / 2, 0, H)
-    boxes["x2"] = np.clip(x + m[:, 0] / 2, 0, W)
-    boxes["y2"] = np.clip(y + m[:, 1] / 2, 0, H)
-    return boxes, medians
 
 
 def proposals_store(images: pd.DataFrame, limit: int, workers: int, chunk: int = 25) -> Path:

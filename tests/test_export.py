@@ -1,0 +1,257 @@
+"""Pseudo label exports are re-read correctly (pipeline/export.py)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.export import (LabelFileError, export_pseudo_labels, read_coco, read_pseudo_labels,
+                             read_voc_annotations, to_coco, write_coco, write_pseudo_labels, write_voc_annotations)
+from pipeline.voc import VOC_CLASSES, parse_annotation
+
+CLASSES = ("cat", "dog", "person")
+
+
+@pytest.fixture
+def images():
+    return pd.DataFrame({"image_id": ["000005", "000007", "000009", "000005"],
+                         "split": ["trainval", "trainval", "trainval", "test"],
+                         "width": [500, 320, 400, 500], "height": [375, 240, 300, 375],
+                         "path": ["/d/JPEGImages/000005.jpg", "/d/JPEGImages/000007.jpg", "/d/JPEGImages/000009.jpg",
+                                  "/d/JPEGImages/000005.jpg"]})
+
+
+@pytest.fixture
+def boxes():
+    return pd.DataFrame({
+        "image_id": ["000005", "000005", "000007"],
+        "class": ["cat", "person", "dog"],
+        "x1": [0.0, 10.25, 100.0], "y1": [0.0, 20.0, 50.5],
+        "x2": [500.0, 60.75, 200.0], "y2": [100.0, 375.0, 240.0],
+        "score": [0.9, 0.25, 0.5], "click_id": [3, 4, 9], "fallback": [False, True, False],
+        "status": ["ok", "empty", "ok"],
+    })
+
+
+def test_csv_round_trip(tmp_path, boxes):
+    path = write_pseudo_labels(boxes.iloc[:, ::-1], tmp_path / "pseudo_labels.csv")  # columns reordered on write
+    assert path.read_text().splitlines()[0] == "image_id,class,x1,y1,x2,y2,score,click_id,fallback,status"
+    back = read_pseudo_labels(path)
+    pd.testing.assert_frame_equal(back, boxes, check_dtype=False)
+    assert back["image_id"].tolist() == ["000005", "000005", "000007"]  # leading zeros kept
+
+
+def test_csv_errors(tmp_path, boxes):
+    with pytest.raises(LabelFileError, match="not found"):
+        read_pseudo_labels(tmp_path / "nope.csv")
+    bad = boxes.copy()
+    bad.loc[1, "x2"] = 5.0  # x2 < x1
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(LabelFileError, match=r"bad.csv: row 3"):
+        read_pseudo_labels(tmp_path / "bad.csv")
+    boxes.drop(columns="y2").to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(LabelFileError, match=r"short.csv: lacks columns \['y2'\]"):
+        read_pseudo_labels(tmp_path / "short.csv")
+
+
+def test_voc_annotations_round_trip(tmp_path, boxes, images):
+    written = write_voc_annotations(boxes, images, tmp_path / "Annotations")
+    assert sorted(p.name for p in written) == ["000005.xml", "000007.xml"]
+    ann = parse_annotation(tmp_path / "Annotations" / "000005.xml", VOC_CLASSES)
+    assert (ann.width, ann.height) == (500, 375)
+    assert [o.cls for o in ann.objects] == ["cat", "person"]
+    # whole-pixel boxes come back exactly; fractional ones rounded to the nearest pixel edge
+    o = ann.objects[0]
+    assert (o.x1, o.y1, o.x2, o.y2) == (0.0, 0.0, 500.0, 100.0)
+    o = ann.objects[1]
+    assert (o.x1, o.y1, o.x2, o.y2) == (10.0, 20.0, 61.0, 375.0)
+    back = read_voc_annotations(tmp_path / "Annotations")
+    np.testing.assert_allclose(back[["x1", "y1", "x2", "y2"]], boxes[["x1", "y1", "x2", "y2"]], atol=0.5)
+    assert back["class"].tolist() == boxes["class"].tolist()
+    # empty images on request
+    written = write_voc_annotations(boxes, images, tmp_path / "A2", include_empty=True)
+    assert len(written) == 3 and parse_annotation(tmp_path / "A2" / "000009.xml").objects == []
+    with pytest.raises(ValueError, match="not in the images table"):
+        write_voc_annotations(boxes.assign(image_id="zzz"), images, tmp_path / "A3")
+
+
+def test_coco_fields(boxes, images):
+    coco = to_coco(boxes, images, CLASSES)
+    assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
+    assert [c["name"] for c in coco["categories"]] == list(CLASSES)
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (1, "000005.jpg", 500, 375), (2, "000007.jpg", 320, 240), (3, "000009.jpg", 400, 300)]
+    a = coco["annotations"]
+    assert [x["id"] for x in a] == [1, 2, 3]
+    assert [x["image_id"] for x in a] == [1, 1, 2]
+    assert [x["category_id"] for x in a] == [1, 3, 2]
+    assert a[1]["bbox"] == [10.25, 20.0, 50.5, 355.0]
+    assert a[1]["area"] == pytest.approx(50.5 * 355.0)
+    assert all(x["iscrowd"] == 0 for x in a)
+    assert [x["score"] for x in a] == [0.9, 0.25, 0.5]
+    json.dumps(coco)  # plain JSON types only
+    with pytest.raises(ValueError, match="classes not in the class list"):
+        to_coco(boxes, images, ("cat",))
+
+
+def test_coco_round_trip(tmp_path, boxes, images):
+    path = write_coco(tmp_path / "coco.json", boxes, images, CLASSES)
+    back, imgs, classes = read_coco(path)
+    assert classes == CLASSES
+    pd.testing.assert_frame_equal(back[["image_id", "class", "x1", "y1", "x2", "y2", "score"]],
+                                  boxes[["image_id", "class", "x1", "y1", "x2", "y2", "score"]], check_dtype=False)
+    assert imgs["image_id"].tolist() == ["000005", "000007", "000009"]
+    assert imgs["width"].tolist() == [500, 320, 400]
+
+
+def test_read_external_coco(tmp_path):
+    ext = {"images": [{"id": 42, "file_name": "a/b/img_1.png", "width": 10, "height": 8}],
+           "annotations": [{"id": 7, "image_id": 42, "category_id": 5, "bbox": [1, 2, 3, 4], "iscrowd": 1}],
+           "categories": [{"id": 5, "name": "zebra"}, {"id": 2, "name": "ant"}]}
+    (tmp_path / "ext.json").write_text(json.dumps(ext))
+    back, imgs, classes = read_coco(tmp_path / "ext.json")
+    assert classes == ("ant", "zebra")
+    assert back.iloc[0].tolist() == ["img_1", "zebra", 1.0, 2.0, 4.0, 6.0, 1.0, 1]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d.pop("annotations"), "needs the lists"),
+    (lambda d: d["annotations"][0].update(category_id=9), "annotation 7 refers to unknown category id 9"),
+    (lambda d: d["annotations"][0].update(image_id=1), "annotation 7 refers to unknown image id 1"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 0, 4]), "annotation 7 has an invalid bbox"),
+    (lambda d: d["annotations"][0].pop("bbox"), "annotation 7 lacks"),
+    (lambda d: d["images"][0].pop("width"), "lacks a valid 'id', 'width'"),
+])
+def test_coco_errors(tmp_path, mutate, match):
+    d = {"images": [{"id": 42, "file_name": "x.jpg", "width": 10, "height": 8}],
+         "annotations": [{"id": 7, "image_id": 42, "category_id": 5, "bbox": [1, 2, 3, 4]}],
+         "categories": [{"id": 5, "name": "zebra"}]}
+    mutate(d)
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    with pytest.raises(LabelFileError, match=match):
+        read_coco(tmp_path / "c.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(LabelFileError, match="not valid JSON"):
+        read_coco(tmp_path / "junk.json")
+
+
+def test_export_pseudo_labels_writes_everything(tmp_path, boxes, images):
+    import cv2
+
+    from pipeline.io import read_json
+    from pipeline.voc import OBJECT_COLUMNS
+
+    paths = []
+    for image_id, w, h in (("000005", 500, 375), ("000007", 320, 240), ("000009", 400, 300)):
+        p = tmp_path / f"{image_id}.jpg"
+        cv2.imwrite(str(p), np.full((h, w, 3), 120, np.uint8))
+        paths.append(str(p))
+    imgs = images.drop_duplicates("image_id").assign(path=paths)
+    objects = pd.DataFrame([("000005", 0, "cat", 0, 0, 500, 200, False, False),     # IoU 0.5 with box 0
+                            ("000005", 1, "person", 10, 20, 60, 375, False, False),  # IoU ~0.99 with box 1
+                            ("000007", 0, "dog", 0, 0, 100, 100, False, False),      # box 2 misses
+                            ("000009", 0, "dog", 0, 0, 50, 50, False, False)],       # no box: CorLoc miss
+                           columns=OBJECT_COLUMNS)
+    clicks = pd.DataFrame({"click_id": [3, 4, 9], "image_id": ["000005", "000005", "000007"],
+                           "class": ["cat", "person", "dog"], "x": [250.0, 35.0, 150.0], "y": [50.0, 200.0, 150.0],
+                           "object_index": [0, 1, 0]})
+    maps = {3: np.random.default_rng(0).random((375, 500)).astype(np.float32)}
+    out = tmp_path / "stage"
+    result = export_pseudo_labels(out, boxes, imgs[imgs.image_id != "000009"], CLASSES, objects, clicks,
+                                  params={"symmetry": "max"}, load_map=maps.get, report_images=3, report_worst=1)
+    for name in ("pseudo_labels.csv", "coco.json", "metrics.json", "per_class.csv", "summary.md",
+                 "Annotations/000005.xml", "Annotations/000007.xml", "report/index.html", "report/grid.png",
+                 "report/per_class.png", "report/worst_dog.png"):
+        assert (out / name).is_file(), name
+    m = read_json(out / "metrics.json")
+    assert m["metrics"]["n_boxes"] == result["metrics"]["n_boxes"] == 3
+    assert m["boxes"]["fallback"] == 1 and m["params"]["symmetry"] == "max"
+    assert m["metrics"]["box_accuracy"] == pytest.approx((1 + 1 + 0) / 3)  # cat 1/1, person 1/1, dog 0/1
+    assert m["metrics"]["corloc"] == pytest.approx((1 + 0 + 1) / 3)  # dog: 000007 wrong, 000009 no box
+    assert m["metrics"]["clicked_iou"] == pytest.approx(np.mean([0.5, 49.75 / 50.75, 0.0]))
+    page = (out / "report" / "index.html").read_text()
+    assert 'src="grid.png"' in page and 'src="worst_dog.png"' in page and "symmetry" in page
+    assert read_pseudo_labels(out / "pseudo_labels.csv")["click_id"].tolist() == [3, 4, 9]
+    assert "CorLoc 66.7" in (out / "summary.md").read_text()
+
+
+def test_report_sampling_covers_classes(boxes):
+    from pipeline.report import sample_rows
+
+    many = pd.concat([boxes] * 10, ignore_index=True)
+    s = sample_rows(many, 4, seed=1)
+    assert len(s) == 4 and set(s["class"]) == {"cat", "dog", "person"}
+    assert s.index.tolist() == sample_rows(many, 4, seed=1).index.tolist()
+
+
+# -- the FusePseudoBoxes stage (tasks/pseudo.py) --------------------------------------------------------------
+def _tiny_classifier(num_classes: int):
+    """A small conv net with seeded random weights (the CAM stage's ClassifierNet interface)."""
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    from pipeline.backbones import ClassifierNet, LayerInfo
+
+    g = torch.Generator().manual_seed(0)
+    body = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 8, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, stride=1, padding=1)), ("relu2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten(1))]))
+    head = nn.Linear(8, num_classes)
+    with torch.no_grad():
+        for p in list(body.parameters()) + list(head.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return ClassifierNet("tiny", body, head, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=32,
+                         layers={"conv2": LayerInfo("relu2", 8, 2)}, cam_layers=("conv2",),
+                         default_cam_layer="conv2").eval()
+
+
+def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
+    """Real stages 1-2 on tiny synthetic images, the CAM store written with a tiny random net in place of stages
+    3-4 (so no classifier is trained), then FusePseudoBoxes: its files agree with the pipeline functions."""
+    import luigi
+
+    from pipeline.boxes import BoxParams, classes_per_image, pseudo_boxes_from_cams, rank1_proposals
+    from pipeline.cam import CamStore, click_entries, write_cam_store
+    from pipeline.io import read_json
+    from pipeline.metrics import pseudo_box_metrics
+    from tasks.pseudo import FusePseudoBoxes
+
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
+                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
+                           symmetry="mean", report_images=4, report_worst=1)
+    sel_task, cam_task = task.requires()["selected"], task.requires()["cams"]
+    assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
+    manifest = sel_task.manifest()
+    selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
+    trainval = manifest.split("trainval")
+    write_cam_store(_tiny_classifier(len(manifest.classes)), click_entries(selected, manifest.classes),
+                    dict(zip(trainval.image_id, trainval.path)), cam_task.stage_dir, progress=False)
+    res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert res.status.name == "SUCCESS", res.summary_text
+    assert not cam_task.requires()["classifier"].stage_dir.exists()  # the stand-in store was used
+
+    out = task.stage_dir
+    labels = read_pseudo_labels(out / "pseudo_labels.csv")
+    with CamStore(cam_task.stage_dir) as store:
+        items = [(i, *store.load(i)) for i in manifest.clicks.click_id]
+    expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
+                                      BoxParams(symmetry="mean"))
+    pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
+    assert len(labels) == len(manifest.clicks)
+    objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+    summary, per_class = pseudo_box_metrics(labels.merge(manifest.clicks[["click_id", "object_index"]]), objects,
+                                            classes=manifest.classes)
+    m = read_json(out / "metrics.json")
+    assert m["metrics"]["corloc"] == pytest.approx(summary["corloc"])
+    assert m["metrics"]["box_accuracy"] == pytest.approx(summary["box_accuracy"])
+    assert m["boxes"]["fallback"] == int(labels["fallback"].sum())
+    assert m["params"]["symmetry"] == "mean"
+    assert pd.read_csv(out / "per_class.csv")["class"].tolist() == list(manifest.classes)
+    coco, _, classes = read_coco(out / "coco.json")
+    assert classes == manifest.classes and len(coco) == len(labels)
+    voc = read_voc_annotations(out / "Annotations")
+    assert len(voc) == len(labels) and set(voc.image_id) == set(labels.image_id)
+    assert (out / "report" / "index.html").is_file() and (out / "report" / "grid.png").is_file()
