@@ -1,0 +1,327 @@
+"""Fast R-CNN parts: proposal scaling, Fast R-CNN fg/bg assignment, a real-shape training step, checkpoints and
+resume, detection output, box sources."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.detector import (DetectionDataset, DetectorConfig, DetectorError, FastRCNNRoIHeads, build_detector,
+                               detect, dilate_to_stride, flip_boxes, load_checkpoint, load_detector,
+                               load_training_boxes, preset, strip_checkpoint, top_detections,
+                               train_detector)
+
+CLASSES = ("cat", "dog", "cow")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(**kw) -> DetectorConfig:
+    """efficientnet_lite0 with random weights at a small scale: the real architecture, fast enough for tests."""
+    base = dict(weights="random", min_size=160, max_size=256, epochs=2, lr_steps=(1,), lr=1e-3, warmup_iters=0)
+    base.update(kw)
+    return preset("cpu", **base)
+
+
+def random_proposals(rng, w, h, n):
+    x = np.sort(rng.uniform(0, w, (n, 2)), 1)
+    y = np.sort(rng.uniform(0, h, (n, 2)), 1)
+    b = np.stack([x[:, 0], y[:, 0], x[:, 1] + 8, y[:, 1] + 8], 1)
+    b[:, 2] = np.minimum(b[:, 2], w)
+    b[:, 3] = np.minimum(b[:, 3], h)
+    return b.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ proposal scaling
+@pytest.mark.parametrize("size", [(375, 500), (500, 333), (200, 1200)])  # (H, W); the last hits max_size
+def test_proposal_equal_to_gt_box_stays_equal_after_resize(size):
+    model = build_detector(CLASSES, preset("paper", backbone="efficientnet_lite0", weights="random"))
+    h, w = size
+    gt = torch.tensor([[17.0, 33.0, 211.5, 180.25], [0.0, 0.0, float(w), float(h)]])
+    props = torch.cat([gt, torch.tensor([[5.0, 6.0, 50.0, 70.0]])])
+    images, targets = model.transform([torch.rand(3, h, w)], [{"boxes": gt.clone(), "labels": torch.tensor([1, 2])}])
+    scaled, _ = model.rpn(images, [props], [(h, w)])
+    new_h, new_w = images.image_sizes[0]
+    assert min(new_h, new_w) == 600 or max(new_h, new_w) == 1000  # the images were really resized
+    assert torch.equal(scaled[0][:2], targets[0]["boxes"])  # bit-identical to the resized GT boxes
+    f = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+    torch.testing.assert_close(scaled[0][2], torch.tensor([5.0, 6.0, 50.0, 70.0]) * f)
+
+
+def test_external_proposals_thin_evenly_clip_and_drop_tiny():
+    model = build_detector(CLASSES, small_cfg(max_proposals=4, min_proposal_size=2.0))
+    images, _ = model.transform([torch.rand(3, 100, 100)])  # -> 160 x 160, factor 1.6
+    props = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [2, 2, 12, 12], [3, 3, 13, 13], [4, 4, 14, 14],
+                          [5, 5, 15, 15], [6, 6, 16, 16]], dtype=torch.float32)
+    out, _ = model.rpn(images, [props], [(100, 100)])
+    # 7 -> 4 evenly spaced (0, 2, 4, 6), not the first 4 (stores are sorted by coordinates)
+    torch.testing.assert_close(out[0], props[[0, 2, 4, 6]] * 1.6)
+    out, _ = model.rpn(images, [torch.tensor([[90.0, 90.0, 130.0, 120.0], [50.0, 50.0, 50.5, 60.0]])],
+                       [(100, 100)])
+    torch.testing.assert_close(out[0], torch.tensor([[144.0, 144.0, 160.0, 160.0]]))  # clipped; tiny one dropped
+
+
+def test_flip_is_consistent_for_image_boxes_and_proposals(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    path = tmp_path / "a.jpg"
+    cv2.imwrite(str(path), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100])
+    box = np.array([[5.0, 4.0, 25.0, 30.0]], np.float32)
+    images = pd.DataFrame({"image_id": ["a"], "path": [str(path)], "width": [60], "height": [40]})
+    boxes = pd.DataFrame({"image_id": ["a"], "class": ["dog"], "x1": [5.0], "y1": [4.0], "x2": [25.0], "y2": [30.0]})
+    ds = DetectionDataset(images, {"a": box.copy()}, CLASSES, boxes, flip=True, seed=0)
+    epochs = {e: (ds.set_epoch(e), ds.flipped(0))[1] for e in range(12)}
+    assert set(epochs.values()) == {True, False}  # flips happen, not always
+    e_flip = next(e for e, f in epochs.items() if f)
+    ds.set_epoch(e_flip)
+    im, props, target, _ = ds[0]
+    np.testing.assert_array_equal(props.numpy(), [[35.0, 4.0, 55.0, 30.0]])  # x -> 60 - x, swapped
+    assert torch.equal(target["boxes"], props) and target["labels"].tolist() == [2]
+    plain = DetectionDataset(images, {"a": box}, CLASSES, boxes)[0][0]
+    assert torch.equal(im, plain.flip(-1))
+    np.testing.assert_array_equal(flip_boxes(flip_boxes(box, 60), 60), box)
+
+
+# --------------------------------------------------------------------------------------------- fg/bg sampling
+def test_fast_rcnn_background_range():
+    model = build_detector(CLASSES, small_cfg())
+    heads: FastRCNNRoIHeads = model.roi_heads
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    props = torch.tensor([
+        [0.0, 0.0, 100.0, 60.0],    # IoU 0.6  -> foreground (class 3)
+        [0.0, 0.0, 100.0, 50.0],    # IoU 0.5  -> foreground (>=)
+        [0.0, 0.0, 100.0, 30.0],    # IoU 0.3  -> background
+        [0.0, 0.0, 100.0, 10.0],    # IoU 0.1  -> background (>= 0.1)
+        [0.0, 0.0, 100.0, 5.0],     # IoU 0.05 -> not sampled (torchvision would call it background)
+        [200.0, 200.0, 300.0, 300.0],  # IoU 0 -> not sampled
+    ])
+    _, labels = heads.assign_targets_to_proposals([props], [gt], [torch.tensor([3])])
+    assert labels[0].tolist() == [3, 3, 0, 0, -1, -1]
+    # with the torchvision range (bg_iou_lo = 0) the last two are background
+    model0 = build_detector(CLASSES, small_cfg(bg_iou_lo=0.0))
+    _, labels0 = model0.roi_heads.assign_targets_to_proposals([props], [gt], [torch.tensor([3])])
+    assert labels0[0].tolist() == [3, 3, 0, 0, 0, 0]
+
+
+def test_config_resolution_and_errors():
+    cfg = DetectorConfig().resolved()
+    assert (cfg.backbone, cfg.trunk_layer, cfg.pooler, cfg.min_size, cfg.max_size, cfg.rois_per_image,
+            cfg.images_per_batch, cfg.fg_fraction, cfg.nms_thresh, cfg.detections_per_img) == \
+        ("vgg16", "conv5_3", "roi_pool", 600, 1000, 64, 2, 0.25, 0.3, 100)
+    assert preset("cpu").resolved().pooler == "roi_align"
+    assert DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="bg_iou_lo"):
+        DetectorConfig(bg_iou_lo=0.6).resolved()
+    with pytest.raises(ValueError, match="unknown backbone"):
+        DetectorConfig(backbone="resnet").resolved()
+
+
+def test_efficientnet_trunk_is_dilated_to_stride_16():
+    model = build_detector(CLASSES, small_cfg())
+    assert model.backbone.stride == 16
+    feats = model.backbone(torch.rand(1, 3, 160, 224))["0"]
+    assert feats.shape == (1, 128, 10, 14)
+    # the pure function on a toy stack: two stride-2 convs, target 2 -> second becomes stride 1, later dilated
+    stack = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, 2, 1), torch.nn.Conv2d(1, 1, 3, 2, 1),
+                                torch.nn.Conv2d(1, 1, 5, 1, 2))
+    assert dilate_to_stride(stack, 4, 2) == 2
+    assert stack[1].stride == (1, 1) and stack[2].dilation == (2, 2) and stack[2].padding == (4, 4)
+    assert stack(torch.rand(1, 1, 16, 16)).shape == (1, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def _image_dir(tmp_path, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, (h, w) in enumerate(sizes):
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        p = tmp_path / f"im{k}.jpg"
+        cv2.imwrite(str(p), img)
+        rows.append((f"im{k}", str(p), w, h))
+    return pd.DataFrame(rows, columns=["image_id", "path", "width", "height"])
+
+
+def _dataset(tmp_path, sizes, flip=False):
+    rng = np.random.default_rng(1)
+    images = _image_dir(tmp_path, sizes)
+    boxes, props = [], {}
+    for r in images.itertuples():
+        b = random_proposals(rng, r.width, r.height, 3)
+        for k, bb in enumerate(b):
+            boxes.append((r.image_id, CLASSES[k % 3], *bb))
+        props[r.image_id] = np.concatenate([random_proposals(rng, r.width, r.height, 1000), b + 3])
+    boxes = pd.DataFrame(boxes, columns=["image_id", "class", "x1", "y1", "x2", "y2"])
+    return DetectionDataset(images, props, CLASSES, boxes, flip=flip, seed=0), boxes
+
+
+def test_one_training_iteration_with_real_shapes(tmp_path):
+    """The CPU preset at its real scale (384 px shorter side), two VOC-sized images, 1000 proposals each."""
+    ds, _ = _dataset(tmp_path, [(375, 500), (500, 375)], flip=True)
+    cfg = preset("cpu", weights="random", epochs=1)
+    model = build_detector(CLASSES, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    log = train_detector(model, ds, tmp_path / "ckpt.pth", max_iters_per_epoch=1, progress=False)
+    assert len(log) == 1 and log.iterations[0] == 1 and np.isfinite(log.loss[0])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "roi_heads.box_predictor.cls_score.weight" in changed
+    assert "roi_heads.box_head.fc6.weight" in changed
+    assert any(k.startswith("backbone.body.stage6") and k.endswith("conv_pw.weight") for k in changed)
+    # BatchNorm is frozen: neither running statistics nor affine parameters moved
+    assert not any(("bn" in k or k.startswith("backbone.body.stem.1")) for k in changed)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pth")
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "classes"} <= set(ckpt)
+    assert ckpt["epoch"] == 0 and ckpt["args"]["min_size"] == 384 and ckpt["classes"] == list(CLASSES)
+
+
+def test_resume_equals_uninterrupted_and_detect(tmp_path):
+    ds, boxes = _dataset(tmp_path, [(120, 160), (160, 120), (100, 100)], flip=True)
+    cfg = small_cfg(epochs=2, lr_steps=(1,))
+    full = build_detector(CLASSES, cfg)
+    train_detector(full, ds, tmp_path / "full.pth", progress=False)
+    part = build_detector(CLASSES, replace(cfg, epochs=1))
+    train_detector(part, ds, tmp_path / "part.pth", progress=False)  # "killed" after epoch 1
+    resumed = build_detector(CLASSES, cfg)
+    log = train_detector(resumed, ds, tmp_path / "part.pth", progress=False)  # continues with epoch 2
+    assert list(log.epoch) == [1, 2] and log.lr.tolist() == pytest.approx([1e-3, 1e-4])
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # a finished run returns at once, also from a stripped checkpoint; a longer schedule cannot continue that one
+    strip_checkpoint(tmp_path / "part.pth")
+    again = train_detector(resumed, ds, tmp_path / "part.pth", progress=False)
+    assert len(again) == 2
+    with pytest.raises(DetectorError, match="holds no optimizer state"):
+        train_detector(build_detector(CLASSES, replace(cfg, epochs=3)), ds, tmp_path / "part.pth", progress=False)
+    # the checkpoint reloads into an identical detector; detections keep the contract
+    model = load_detector(tmp_path / "full.pth")
+    test_ds = DetectionDataset(ds.images, ds.proposals, CLASSES)
+    model.roi_heads.score_thresh = 0.0  # an untrained model: keep every detection to check the output
+    dets, stats = detect(model, test_ds, progress=False)
+    assert stats["images"] == 3 and stats["fps"] > 0
+    assert list(dets.columns) == ["image_id", "class", "score", "x1", "y1", "x2", "y2"]
+    assert dets.groupby("image_id").size().max() <= 100 and set(dets["class"]) <= set(CLASSES)
+    size = ds.images.set_index("image_id")
+    assert (dets.x2 <= dets.image_id.map(size.width) + 1e-3).all() and (dets.x1 >= 0).all()
+    assert (dets.x2 > dets.x1).all() and (dets.y2 > dets.y1).all()
+    top = top_detections(dets)
+    assert not top.duplicated(["image_id", "class"]).any()
+    best = dets.groupby(["image_id", "class"]).score.max()
+    assert len(dets) > len(top) and len(top) == len(best)
+    assert (top.set_index(["image_id", "class"]).score.sort_index() == best.sort_index()).all()
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    ds, _ = _dataset(tmp_path, [(120, 160), (160, 120)])
+    model = build_detector(CLASSES, small_cfg(epochs=2))
+    train_detector(model, ds, tmp_path / "c.pth", progress=False, max_iters_per_epoch=1)
+    saved = (tmp_path / "c.pth").read_bytes()
+    model2 = build_detector(CLASSES, small_cfg(epochs=3))
+    with torch.no_grad():
+        model2.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    model2.load_state_dict = lambda *a, **k: None  # keep the NaN weights when resuming
+    with pytest.raises(DetectorError, match=r"non-finite detector loss .* epoch 3"):
+        train_detector(model2, ds, tmp_path / "c.pth", progress=False, max_iters_per_epoch=1)
+    assert (tmp_path / "c.pth").read_bytes() == saved
+
+
+# ---------------------------------------------------------------------------------------------- box sources
+def test_training_box_sources_agree(tmp_path):
+    from pipeline.export import write_coco, write_pseudo_labels, write_voc_annotations
+
+    images = pd.DataFrame({"image_id": ["a", "b"], "width": [100, 80], "height": [60, 90]})
+    objects = pd.DataFrame({"image_id": ["a", "a", "b"], "object_index": [0, 1, 0], "class": ["cat", "dog", "cow"],
+                            "x1": [0.0, 10.0, 5.0], "y1": [0.0, 20.0, 5.0], "x2": [50.0, 90.0, 80.0],
+                            "y2": [60.0, 40.0, 70.0], "difficult": [False, True, False],
+                            "truncated": [False] * 3})
+    gt = load_training_boxes("gt", objects=objects, classes=CLASSES, images=images)
+    assert gt[["image_id", "class"]].values.tolist() == [["a", "cat"], ["b", "cow"]]  # difficult left out
+    easy = objects[~objects.difficult]
+    write_pseudo_labels(easy.assign(score=1.0), tmp_path / "pl.csv")
+    write_voc_annotations(easy, images, tmp_path / "Annotations")
+    write_coco(tmp_path / "c.json", easy, images, CLASSES)
+    for source, path in (("pseudo", tmp_path / "pl.csv"), ("voc_dir", tmp_path / "Annotations"),
+                         ("coco", tmp_path / "c.json")):
+        got = load_training_boxes(source, path=path, image_ids=["a", "b"], classes=CLASSES, images=images)
+        pd.testing.assert_frame_equal(got.sort_values(["image_id", "class"]).reset_index(drop=True), gt,
+                                      check_dtype=False)
+    only_a = load_training_boxes("pseudo", path=tmp_path / "pl.csv", image_ids=["a"])
+    assert list(only_a.image_id) == ["a"]
+    bad = images.assign(width=[40, 80])  # the cat box (x2 = 50) now lies outside a 40 px wide image
+    with pytest.raises(DetectorError, match=r"outside its 40x60 image"):
+        load_training_boxes("gt", objects=objects, images=bad)
+    with pytest.raises(DetectorError, match="unknown classes"):
+        load_training_boxes("gt", objects=objects, classes=("cat", "dog"))
+    with pytest.raises(FileNotFoundError, match="annotation folder not found"):
+        load_training_boxes("voc_dir", path=tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------ luigi stages
+def test_evaluate_voc07_end_to_end_on_tiny_synthetic_data(outputs, tmp_path):
+    """PrepareDataset -> SelectiveSearch -> TrainFastRCNN (ground-truth boxes) -> EvaluateVOC07 on 8 + 4
+    synthetic images; checks the outputs agree with each other and with the manifest."""
+    import luigi
+
+    from pipeline.dataset import Manifest
+    from pipeline.io import read_json
+    from pipeline.voc_eval import evaluate_detections, read_voc_results_dir
+    from tasks.detector import EvaluateVOC07, TrainFastRCNN
+
+    params = dict(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_size=192, n_shards=1,
+                  box_source="gt", det_weights="random", det_epochs=2, det_max_iters=2, det_min_size=160,
+                  det_max_size=256)
+    # the ground-truth detector does not depend on pseudo-label parameters; the pseudo one does
+    assert TrainFastRCNN(**params).stage_dir == TrainFastRCNN(**params, symmetry="min").stage_dir
+    p = {**params, "box_source": "pseudo"}
+    assert TrainFastRCNN(**p).stage_dir != TrainFastRCNN(**p, symmetry="min").stage_dir
+    task = EvaluateVOC07(**params)
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    out = task.stage_dir
+    manifest = Manifest.load(task.find_upstream("PrepareDataset").stage_dir)
+    metrics = read_json(out / "metrics.json")
+    table = pd.read_csv(out / "ap_per_class.csv")
+    assert list(table["class"]) == list(manifest.classes)
+    test_ids = set(manifest.split("test").image_id)
+    objs = manifest.objects[manifest.objects.image_id.isin(test_ids) & ~manifest.objects.difficult.astype(bool)]
+    assert table.set_index("class").n_gt.to_dict() == {c: int((objs["class"] == c).sum()) for c in manifest.classes}
+    assert 0.0 <= metrics["mAP"] <= 1.0 and metrics["test_images"] == 4
+    assert metrics["training"]["box_source"] == "gt" and metrics["test"]["fps"] > 0
+    # the devkit result files hold the same detections and score the same mAP
+    dets = pd.read_csv(out / "detections_test.csv", dtype={"image_id": str})
+    back = read_voc_results_dir(out / "results", manifest.classes)
+    assert len(back) == len(dets)
+    _, m2 = evaluate_detections(back, manifest.objects, manifest.classes, image_ids=test_ids)
+    assert m2 == pytest.approx(metrics["mAP"], abs=1e-3)
+    assert (out / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mAP" in (out / "summary.md").read_text()
+    assert 0.0 <= metrics["corloc"] <= 1.0 and (out / "corloc_per_class.csv").is_file()
+    train_dir = task.requires()["detector"].stage_dir
+    assert len(pd.read_csv(train_dir / "train_log.csv")) == 2
+    assert "optimizer" not in load_checkpoint(train_dir / "model.pth")  # stripped when finished
+
+
+def test_compare_detectors_builds_the_four_variants(outputs):
+    from tasks.detector import CompareDetectors
+
+    reqs = CompareDetectors(synth_trainval=8).requires()
+    assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
+    got = {k: (t.box_source, t.cam_method, t.classifier_mode, t.synth_trainval) for k, t in reqs.items()}
+    assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", 8), "pseudo_gradcam": ("pseudo", "gradcam", "crops", 8),
+                   "pseudo_image_labels": ("pseudo", "sacam", "image_labels", 8),
+                   "ground_truth": ("gt", "sacam", "crops", 8)}
+    assert len({t.stage_dir for t in reqs.values()}) == 4
+    # the pseudo detectors train on different pseudo-label stages; the GT one ignores CAM parameters
+    trains = {k: t.requires()["detector"] for k, t in reqs.items()}
+    assert trains["pseudo_sacam"].requires()["pseudo"].stage_dir != trains["pseudo_gradcam"].requires()["pseudo"].stage_dir
+    gt_other = CompareDetectors(synth_trainval=8, cam_method="gradcam").requires()["ground_truth"]
+    assert gt_other.stage_dir == reqs["ground_truth"].stage_dir
