@@ -8,3 +8,8 @@
 from .base import StageTask, invalidate  # noqa: F401
 from .dataset import PrepareDataset  # noqa: F401
 from .proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals  # noqa: F401
+from .classifier import TrainClassifier  # noqa: F401
+from .cams import GenerateCAMs  # noqa: F401
+from .pseudo import FusePseudoBoxes  # noqa: F401
+from .main import PseudoLabels  # noqa: F401
+from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401

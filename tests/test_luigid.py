@@ -1,0 +1,79 @@
+"""Several luigi worker processes under a real central scheduler (luigid on a loopback port) share one outputs
+root: every task runs exactly once, shards spread over the workers, and the results equal a one-worker run."""
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness as H  # noqa: E402
+
+N_SHARDS = 4  # = harness.TINY: the one-worker reference is shared with the other test modules
+WORKERS = 4
+
+
+def test_gpu_stages_declare_a_per_host_resource():
+    import tasks.main  # noqa: F401  (registers every stage)
+    from tasks.base import gpu_resource
+    from tasks.cams import GenerateCAMs
+    from tasks.classifier import TrainClassifier
+    from tasks.proposals import SelectiveSearchShard
+
+    assert TrainClassifier().resources == {gpu_resource(): 1}
+    assert GenerateCAMs().resources == {gpu_resource(): 1}
+    assert SelectiveSearchShard().resources == {}  # CPU stages never wait for the GPU
+    try:
+        from tasks.detector import EvaluateVOC07, TrainFastRCNN
+    except ImportError:  # detector stage not present in this checkout
+        return
+    assert TrainFastRCNN.uses_gpu and EvaluateVOC07.uses_gpu
+
+
+def test_four_worker_processes_under_luigid_equal_one_worker(tmp_path):
+    ref, ref_data = H.reference_run()  # one worker, local scheduler
+    multi = tmp_path / "out-4workers"
+    args = H.tiny_args(tmp_path / "data-4", n_shards=N_SHARDS)
+    logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
+    with H.luigid(tmp_path / "luigid") as port:
+        procs = []
+        try:
+            for log in logs:
+                with log.open("w") as f:
+                    procs.append(subprocess.Popen(H.luigi_cmd("PseudoLabels", args, port=port), cwd=H.REPO,
+                                                  env=H.pipeline_env(multi), stdout=f, stderr=subprocess.STDOUT))
+            rcs = [p.wait(timeout=240) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    texts = [log.read_text() for log in logs]
+    assert all(rc in H.SHARED_GRAPH_OK for rc in rcs), (rcs, "\n----\n".join(t[-2000:] for t in texts))
+    assert not any(re.search(r"\* \d+ failed", t) for t in texts)
+
+    runs = [r for t in texts for r in H.task_runs(t)]
+    per_task = Counter((fam, params) for _, fam, params in runs)
+    families = Counter(fam for fam, _ in per_task)
+    # every task of the graph ran exactly once over the four processes
+    assert all(n == 1 for n in per_task.values()), [k for k, n in per_task.items() if n > 1]
+    assert families == {"PrepareDataset": 1, "SelectiveSearchShard": N_SHARDS, "SelectiveSearch": 1,
+                        "SelectProposals": 1, "TrainClassifier": 1, "GenerateCAMs": 1, "FusePseudoBoxes": 1,
+                        "PseudoLabels": 1}, families
+    shards = sorted(int(p.split("shard=")[1].split(",")[0]) for _, fam, p in runs if fam == "SelectiveSearchShard")
+    assert shards == list(range(N_SHARDS))
+    shard_pids = {pid for pid, fam, _ in runs if fam == "SelectiveSearchShard"}
+    assert len(shard_pids) >= 2, "the proposal shards all ran in one worker process"
+    assert len({pid for pid, _, _ in runs}) >= 2
+
+    # the graph is complete: one more run (any worker) finds nothing to do
+    again = H.run_luigi("PseudoLabels", args, multi, timeout=120)
+    assert again.returncode == 0 and not H.task_runs(again.stderr), again.stderr[-2000:]
+    assert H.incomplete_outputs(multi) == []
+    assert not list(multi.glob("*/*.partial")), "a work directory was left behind"
+    a = H.products(ref, [ref_data])
+    b = H.products(multi, [tmp_path / "data-4"])
+    assert len(a) > 20 and any(k.endswith("pseudo_labels.csv") for k in a)
+    assert H.diff_products(a, b) == []
