@@ -18,7 +18,7 @@ TARGET ?= PseudoLabels
 STAGE ?=
 
 .PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality clean clean-outputs
+        bench-selection bench-cam bench-quality bench-kill-resume bench-detector clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -56,7 +56,7 @@ rerun: install ## rerun one stage and what depends on it: make rerun STAGE=Selec
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
 
-bench: bench-proposals bench-selection bench-cam bench-quality ## all benchmarks (each fails when its target is missed)
+bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality ## all benchmarks (each fails when its target is missed)
 
 bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
 	$(PY) bench/proposals.py
@@ -69,6 +69,12 @@ bench-cam: install ## CAM throughput: inference vs SA-CAM stage vs per-crop libr
 
 bench-quality: install ## pseudo-box quality table on voc07-sample (long: up to ~60 min on 2 cores)
 	$(PY) bench/quality.py
+
+bench-kill-resume: install ## SIGKILL the pipeline inside every stage (several seeds), rerun, compare outputs
+	$(PY) bench/kill_resume.py
+
+bench-detector: install ## Fast R-CNN training s/iteration and test fps
+	$(PY) bench/detector_speed.py
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
