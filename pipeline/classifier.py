@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -118,18 +118,30 @@ def jitter_box(box: Sequence[float], amount: float, width: int, height: int,
     return nx1, ny1, nx2, ny2
 
 
-def _colour_jitter(img: torch.Tensor, aug: Augment, rng: np.random.Generator) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as TF
+def _grey(x: np.ndarray) -> np.ndarray:
+    """torchvision's rgb_to_grayscale weights; elementwise (a BLAS matmul could start threads)."""
+    return x[..., 0] * np.float32(0.2989) + x[..., 1] * np.float32(0.587) + x[..., 2] * np.float32(0.114)
 
-    # one draw per factor whether used or not, so the stream is fixed
-    b, c, s = rng.uniform(-1.0, 1.0, size=3)
+
+def colour_jitter(img: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of an ``HxWx3`` RGB image (uint8 or float in 0..255) as
+    torchvision's ``adjust_brightness/contrast/saturation`` define them (blend with black, with the mean grey
+    level, with the grey image; clipped to 0..255 after each step). Returns float32. Written in numpy so that data
+    preparation never runs on torch's intra-op thread pool (in the training process, tiny parallel ops on a busy
+    2-core machine were 50x slower)."""
+    b, c, s = rng.uniform(-1.0, 1.0, size=3)  # one draw per factor whether used or not: a fixed stream
+    x = img.astype(np.float32)
     if aug.brightness > 0:
-        img = TF.adjust_brightness(img, 1.0 + b * aug.brightness)
+        x = np.clip(x * np.float32(1.0 + b * aug.brightness), 0, 255)
     if aug.contrast > 0:
-        img = TF.adjust_contrast(img, 1.0 + c * aug.contrast)
+        f = np.float32(1.0 + c * aug.contrast)
+        m = np.float32(_grey(x).mean())
+        x = np.clip(f * x + (1 - f) * m, 0, 255)
     if aug.saturation > 0:
-        img = TF.adjust_saturation(img, 1.0 + s * aug.saturation)
-    return img
+        f = np.float32(1.0 + s * aug.saturation)
+        grey = _grey(x)[..., None]
+        x = np.clip(f * x + (1 - f) * grey, 0, 255)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +205,11 @@ class CropDataset(Dataset):
             raise ValueError(f"CropDataset: {int(bad.sum())} degenerate boxes, e.g. row {i} of image "
                              f"{self.image_ids[i]}: {self.boxes[i].tolist()}")
         self.input_size = int(input_size)
-        self.mean = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        # (x / 255 - mean) / std == x * scale + shift
+        self._scale = (1.0 / (255.0 * np.array(self.std, dtype=np.float32))).astype(np.float32)
+        self._shift = (-np.array(self.mean, dtype=np.float32) / np.array(self.std, dtype=np.float32))
         self.augment = augment
         self.seed = int(seed)
         self.classes = tuple(classes)
@@ -202,6 +217,11 @@ class CropDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def __getstate__(self) -> dict:  # a worker started by pickling gets an empty cache of its own
+        state = dict(self.__dict__)
+        state["cache"] = _ImageCache(self.cache.max_bytes)
+        return state
 
     @property
     def num_classes(self) -> int:
@@ -236,10 +256,8 @@ class CropDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"CropDataset index {index} out of range 0..{len(self) - 1}")
         crop, rng = self._crop(index, epoch)
-        x = torch.from_numpy(crop).permute(2, 0, 1)  # uint8 3xSxS
-        if rng is not None:
-            x = _colour_jitter(x, self.augment, rng)
-        x = (x.float().div_(255.0) - self.mean) / self.std
+        x = colour_jitter(crop, self.augment, rng) if rng is not None else crop.astype(np.float32)
+        x = torch.from_numpy(np.ascontiguousarray((x * self._scale + self._shift).transpose(2, 0, 1)))
         target = torch.from_numpy(self.targets[index]) if self.multilabel else int(self.targets[index])
         return x, target
 
@@ -403,7 +421,15 @@ class EpochSampler(Sampler):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`train_classifier` (stored as ``args`` in checkpoints)."""
+    """Hyper-parameters of :func:`train_classifier` (stored as ``args`` in checkpoints).
+
+    Defaults (SGD, lr 0.003, head x10, frozen BatchNorm statistics) were picked on voc07-sample with
+    efficientnet_lite0: 3 epochs on 591 crops (GT boxes of 500 images, jittered), top-1 accuracy on the GT boxes of
+    the 250 other images: sgd 0.01 / 0.003 / 0.001: 61 / 60 / 53 %; adamw 3e-4 / 1e-4: 62 / 54 %; sgd 0.003 with
+    frozen BatchNorm statistics: 71 % (68 % with another seed, against 59 % unfrozen); sgd 0.01 frozen diverged.
+    The new head's learning rate is the sensitive one: pooled efficientnet features have ||f||^2 ~ 200-500, so a
+    head step of lr * ||f||^2 moves the logits by several units at lr 0.1.
+    """
 
     epochs: int = 5
     batch_size: int = 32
@@ -515,7 +541,8 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
 def _loader(dataset: Dataset, sampler: Sampler, cfg: TrainConfig, device: torch.device, drop_last: bool,
             workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
 
 
 def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
@@ -675,7 +702,8 @@ def _jsonable(obj) -> object:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def save_classifier(path: str | os.PathLike, model: nn.Module, classes: Sequence[str], meta: dict | None = None) -> Path:
+def save_classifier(path: str | os.PathLike, model: nn.Module, classes: Sequence[str],
+                    meta: dict | None = None) -> Path:
     """Write ``model.pt``: ``{format, version, backbone, classes, input_size, mean, std, state_dict, meta}``
     (tensors on the CPU, ``meta`` made JSON-like), atomically."""
     classes = [str(c) for c in classes]

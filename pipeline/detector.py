@@ -237,6 +237,12 @@ class FastRCNNRoIHeads(RoIHeads):
             labels.append(lab)
         return matched_idxs, labels
 
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        # under autocast the predictor's outputs are float16, and torchvision decodes boxes in the dtype of the
+        # regression (0.5 px steps at 512-1024 px): decode in float32
+        return super().postprocess_detections(class_logits.float(), box_regression.float(),
+                                              [p.float() for p in proposals], image_shapes)
+
 
 class TrunkBackbone(nn.Module):
     """A convolutional trunk returning ``{"0": features}`` with ``out_channels`` and ``stride``."""
