@@ -238,7 +238,7 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     with CamStore(cam_task.stage_dir) as store:
         items = [(i, *store.load(i)) for i in manifest.clicks.click_id]
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams(symmetry="mean"))
+                                      BoxParams("fixed", 60.0, symmetry="mean"))  # the stage defaults
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     assert len(labels) == len(manifest.clicks)
     objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
