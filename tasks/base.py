@@ -63,11 +63,16 @@ class StageTask(luigi.Task):
     def upstream(self) -> list[luigi.Task]:
         return flatten(self.requires())
 
+    def hash_refs(self) -> list[str]:
+        """What identifies the upstream stages in this stage's hash: their ``stage_ref`` by default. A stage that
+        reads only part of an upstream output may name just that part (see ``PrepareDataset.images_ref``)."""
+        return [t.stage_ref if isinstance(t, StageTask) else t.task_id for t in self.upstream()]
+
     @property
     def stage_hash(self) -> str:
         cached = self.__dict__.get("_stage_hash")
         if cached is None:
-            ups = sorted(t.stage_ref if isinstance(t, StageTask) else t.task_id for t in self.upstream())
+            ups = sorted(self.hash_refs())
             blob = json.dumps({"stage": self.task_family, "version": self.stage_version,
                                "params": self.significant_params(), "upstream": ups}, sort_keys=True)
             cached = hashlib.md5(blob.encode()).hexdigest()[:12]

@@ -2,6 +2,8 @@
 VOC<year> root and its click file, and writes the manifest tables every later stage reads."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -34,8 +36,22 @@ class PrepareDataset(StageTask):
     synth_size = luigi.IntParameter(default=320)
     data_root = luigi.Parameter(default="data", significant=False)
 
+    #: parameters that change the clicks only, never the images (the synthetic images depend on the seed and the
+    #: synth_* sizes, not on click_sigma)
+    CLICK_PARAMS = ("clicks", "annotator", "on_bad_click", "click_sigma")
+
     def requires(self):
         return []
+
+    @property
+    def images_ref(self) -> str:
+        """Identity of the image set alone: every significant parameter but :attr:`CLICK_PARAMS`. Stages that read
+        only the images (selective search) hash this instead of ``stage_ref``, so another click file or annotator
+        reuses their outputs."""
+        params = {k: v for k, v in self.significant_params().items() if k not in self.CLICK_PARAMS}
+        blob = json.dumps({"stage": self.task_family, "version": self.stage_version, "images": params},
+                          sort_keys=True)
+        return f"{self.task_family}/images-{hashlib.md5(blob.encode()).hexdigest()[:12]}"
 
     def resolve_dataset(self) -> tuple[Path, Path | None]:
         """(voc_root, clicks file or None), generating the synthetic dataset when no root is given."""

@@ -44,8 +44,20 @@ class _SelectiveSearchParams:
         return SelectiveSearchParams(self.mode, self.max_side, self.min_size, self.max_boxes, self.seed)
 
 
+class _ImagesOnly:
+    """Proposal stages read the dataset's images, never its clicks: their hash leaves out the click parameters and
+    names the dataset by ``PrepareDataset.images_ref``, so changing the click file or the annotator (a new
+    PrepareDataset) reuses the proposals and recomputes only from SelectProposals on."""
+
+    def significant_params(self) -> dict:
+        return {k: v for k, v in super().significant_params().items() if k not in PrepareDataset.CLICK_PARAMS}
+
+    def hash_refs(self) -> list[str]:
+        return [t.images_ref if isinstance(t, PrepareDataset) else t.stage_ref for t in self.upstream()]
+
+
 @inherits(PrepareDataset)
-class SelectiveSearchShard(_SelectiveSearchParams, StageTask):
+class SelectiveSearchShard(_ImagesOnly, _SelectiveSearchParams, StageTask):
     """Selective search on shard ``shard`` of ``n_shards`` (contiguous slices of the split's image list).
     Output: ``proposals.h5`` (a :class:`pipeline.proposals.ProposalStore`)."""
 
@@ -80,7 +92,7 @@ class SelectiveSearchShard(_SelectiveSearchParams, StageTask):
 
 
 @inherits(PrepareDataset)
-class SelectiveSearch(_SelectiveSearchParams, StageTask):
+class SelectiveSearch(_ImagesOnly, _SelectiveSearchParams, StageTask):
     """Proposals of every image of ``splits``: ``proposals_<split>.h5`` and ``report.json``.
 
     ``source=selective_search`` merges ``n_shards`` :class:`SelectiveSearchShard` outputs per split;
@@ -151,13 +163,15 @@ class SelectProposals(StageTask):
     iou = luigi.FloatParameter(default=0.7, description="drop a proposal overlapping a kept one above this IoU")
 
     def requires(self):
-        return self.clone(SelectiveSearch)
+        # the dataset directly as well: the proposals may come from another click file's run (their hash leaves
+        # the clicks out), and then luigi would not build this click file's dataset stage through them
+        return {"proposals": self.clone(SelectiveSearch), "dataset": self.clone(PrepareDataset)}
 
     def run_stage(self, work: Path) -> None:
         if "trainval" not in self.splits:
             raise ValueError("SelectProposals needs trainval proposals: add trainval to --splits")
         clicks = self.manifest().clicks
-        with ProposalStore(self.input_dir() / "proposals_trainval.h5") as store:
+        with ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5") as store:
             table, report = select_proposals(clicks, store, n=self.n, iou=self.iou)
         with atomic_path(work / "selected.parquet") as tmp:
             table.to_parquet(tmp, index=False)

@@ -346,3 +346,32 @@ def test_stages_sharded_equals_unsharded_import_and_selection(outputs, tmp_path)
     assert ((t1.x1 <= t1.x) & (t1.x <= t1.x2) & (t1.y1 <= t1.y) & (t1.y <= t1.y2)).all()
     report = pd.read_json(sel_ss.stage_dir / "report.json", typ="series")
     assert report["clicks"] == len(clicks) and report["crops"] == len(t1)
+
+
+def test_proposals_are_reused_across_click_files_and_annotators(outputs, tmp_path):
+    from tasks.dataset import PrepareDataset
+    from tasks.proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals
+
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96, max_side=64,
+                  min_size=4, n_shards=2)
+    a1, a2 = SelectProposals(annotator=1, **common), SelectProposals(annotator=2, **common)
+    # clicks change the dataset stage and the selection, never the proposals
+    assert a1.find_upstream("PrepareDataset").stage_dir != a2.find_upstream("PrepareDataset").stage_dir
+    assert a1.stage_dir != a2.stage_dir
+    assert a1.requires()["proposals"].stage_dir == a2.requires()["proposals"].stage_dir
+    assert SelectiveSearch(clicks="elsewhere.csv", click_sigma=0.2, **common).stage_dir == a1.requires()["proposals"].stage_dir
+    # ... while anything that changes the images (or the proposals' own parameters) does
+    assert SelectiveSearch(**{**common, "synth_size": 80}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(**{**common, "seed": 1}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(**{**common, "max_side": 48}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert PrepareDataset(annotator=1).images_ref == PrepareDataset(annotator=2).images_ref
+    res = _build(a1)
+    assert res.status.name == "SUCCESS", res.summary_text
+    shards = sorted(p.name for p in (outputs / "SelectiveSearchShard").iterdir())
+    res = _build(a2)  # runs PrepareDataset and SelectProposals again, selective search not at all
+    assert res.status.name == "SUCCESS", res.summary_text
+    assert sorted(p.name for p in (outputs / "SelectiveSearchShard").iterdir()) == shards
+    assert len(list((outputs / "SelectiveSearch").iterdir())) == 1
+    t1 = pd.read_parquet(a1.stage_dir / "selected.parquet")
+    t2 = pd.read_parquet(a2.stage_dir / "selected.parquet")
+    assert len(t1) and len(t2) and not t1[["x", "y"]].equals(t2[["x", "y"]])
