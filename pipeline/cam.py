@@ -20,6 +20,11 @@ the pasted maps into an image-sized map.
 Storage: :func:`write_cam_store` computes the fused map of every entry (a click, or an image/class pair in the
 image-label-only mode) and writes HDF5 part files of ``images_per_part`` images each, each part atomically, so a
 killed run resumes by skipping finished parts. :class:`CamStore` reads them back.
+
+Sharding: the parts of one global plan (all entries, sorted image ids, ``images_per_part``) are split into
+contiguous ranges; ``write_cam_store(..., shard=(i, n))`` computes range ``i`` of ``n`` into a directory of its own
+(a store of its entries), and :func:`merge_cam_stores` publishes the shards' parts as one store (hard links, an
+index over all parts). A part holds the same maps whatever the number of shards (passes never span parts).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ from tqdm import tqdm
 from .classifier import crop_bounds
 from .imageio import ImageReadError, read_image
 from .io import atomic_path, read_json, write_csv, write_json
+from .proposals import shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -333,12 +340,25 @@ def _plan(entries: Sequence[CamEntry], images_per_part: int) -> list[list[str]]:
     return [images[i:i + images_per_part] for i in range(0, len(images), images_per_part)]
 
 
-def _plan_digest(entries: Sequence[CamEntry], images_per_part: int, settings: dict) -> str:
-    h = hashlib.md5(json.dumps({"ipp": images_per_part, "settings": settings}, sort_keys=True).encode())
+def _partition_digest(entries: Sequence[CamEntry], images_per_part: int) -> str:
+    """What the global plan's parts hold: the entries (ids, images, classes, clicks, crops) and the part size."""
+    h = hashlib.md5(json.dumps({"ipp": images_per_part}).encode())
     for e in sorted(entries, key=lambda e: (e.image_id, e.entry_id)):
         h.update(f"{e.entry_id}|{e.kind}|{e.image_id}|{e.class_index}|{e.x!r}|{e.y!r}|".encode())
         h.update(np.ascontiguousarray(e.crops, np.float32).tobytes())
     return h.hexdigest()
+
+
+def _plan_digest(partition: str, settings: dict, shard: tuple[int, int]) -> str:
+    blob = json.dumps({"partition": partition, "settings": settings, "shard": list(shard)}, sort_keys=True)
+    return hashlib.md5(blob.encode()).hexdigest()
+
+
+def shard_parts(n_parts: int, shard: int, n_shards: int) -> range:
+    """The global part indices of shard ``shard`` of ``n_shards``: contiguous, near-equal ranges (an empty range
+    when there are fewer parts than shards)."""
+    start, stop = shard_bounds(n_parts, shard, n_shards)
+    return range(start, stop)
 
 
 def _part_name(i: int) -> str:
@@ -405,7 +425,8 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
                     crop_size: int | None = None, batch_size: int = 32, device: torch.device | str = "cpu",
                     images_per_part: int = 64, inspect_images: int = 0, num_workers: int = 0,
                     compression: str = "gzip", compression_level: int = 1, progress: bool = True,
-                    channels_last: bool | None = None, stop_after_parts: int | None = None) -> "CamStore":
+                    channels_last: bool | None = None, stop_after_parts: int | None = None,
+                    shard: tuple[int, int] | None = None) -> "CamStore":
     """Compute and store the fused CAM of every entry; resumable.
 
     Images are processed in sorted id order, in parts of ``images_per_part`` images; each part is one HDF5 file
@@ -418,7 +439,13 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     many images also store each crop's raw map (``crop_maps``). ``stop_after_parts`` (tests) stops after writing
     that many new parts, as a kill would. Writes ``index.csv`` and ``summary.json`` when all parts exist.
     ``channels_last``: memory format of the model and crops (None: :func:`prefer_channels_last`).
+
+    ``shard=(i, n)``: compute only the parts :func:`shard_parts` ``(n_parts, i, n)`` of the global plan of
+    ``entries`` (which are all entries, in every shard), under their global part names; the directory is then a
+    store of that shard's entries, and :func:`merge_cam_stores` joins the shards. A part's content does not depend
+    on ``n`` (the same images, the same passes).
     """
+    shard = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -434,22 +461,26 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     settings = {"method": method, "layer": layer, "crop_size": crop_size, "batch_size": batch_size,
                 "inspect_images": inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
     plan = _plan(entries, images_per_part)
-    digest = _plan_digest(entries, images_per_part, settings)
+    mine = shard_parts(len(plan), *shard)
+    partition = _partition_digest(entries, images_per_part)
+    digest = _plan_digest(partition, settings, shard)
     plan_path = out_dir / "plan.json"
     if plan_path.exists() and read_json(plan_path).get("digest") != digest:
         log.warning("%s: CAM parts from a different plan found; recomputing", out_dir)
         for p in out_dir.glob("cams-*.h5"):
             p.unlink()
-    write_json(plan_path, {"digest": digest, "parts": len(plan), "entries": len(entries), **settings})
+    write_json(plan_path, {"digest": digest, "partition": partition, "parts": len(plan), "entries": len(entries),
+                           "images_per_part": int(images_per_part), "shard": shard[0], "n_shards": shard[1],
+                           "part_range": [mine.start, mine.stop], **settings})
 
     by_image: dict[str, list[CamEntry]] = {}
     for e in entries:
         by_image.setdefault(e.image_id, []).append(e)
     inspect_set = set(sorted(by_image)[:inspect_images])
-    todo = [i for i in range(len(plan)) if not (out_dir / _part_name(i)).exists()]
+    todo = [i for i in mine if not (out_dir / _part_name(i)).exists()]
     total_crops = sum(len(e.crops) for i in todo for img in plan[i] for e in by_image[img])
-    if len(todo) < len(plan):
-        log.info("%s: %d of %d CAM parts already done; resuming", out_dir, len(plan) - len(todo), len(plan))
+    if len(todo) < len(mine):
+        log.info("%s: %d of %d CAM parts already done; resuming", out_dir, len(mine) - len(todo), len(mine))
 
     t0, n_crops, written = time.time(), 0, 0
     with make_cam(method, model, layer) as cam, tqdm(total=total_crops, unit="crop", desc=f"{method} CAMs",
@@ -484,14 +515,115 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
                 log.info("%s: stopping after %d parts (stop_after_parts)", out_dir, written)
                 return CamStore(out_dir)
     secs = time.time() - t0
-    index = _build_index(out_dir / _part_name(i) for i in range(len(plan)))
+    index = _build_index(out_dir / _part_name(i) for i in mine)
     write_csv(index, out_dir / "index.csv")
+    summary = {**settings, "entries": len(index), "images": int(index.image_id.nunique()) if len(index) else 0,
+               "crops": int(index.n_crops.sum()) if len(index) else 0, "parts": len(mine),
+               "computed_crops": n_crops, "seconds": round(secs, 3),
+               "crops_per_s": round(n_crops / secs, 2) if secs > 0 and n_crops else None,
+               "device": str(device), "channels_last": bool(channels_last)}
+    if shard != (0, 1):
+        summary.update({"shard": shard[0], "n_shards": shard[1], "part_range": [mine.start, mine.stop],
+                        "plan_parts": len(plan)})
+    write_json(out_dir / "summary.json", summary)
+    return CamStore(out_dir)
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    """Make ``dst`` a hard link of ``src`` (a copy, written atomically, where the filesystem has no hard links
+    between the two); returns "link", "copy" or "kept" (already the same file)."""
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            return "kept"
+        dst.unlink()
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return "copy"
+
+
+#: settings every shard of one store must share (``batch_size`` may differ: it only changes how many crops go
+#: through the network at once, not what is computed)
+_SHARED_SETTINGS = ("method", "layer", "crop_size", "inspect_images", "backbone")
+
+
+def merge_cam_stores(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> "CamStore":
+    """Publish the shards written by ``write_cam_store(..., shard=(i, n))`` as one store in ``out_dir``.
+
+    Each shard's parts are hard-linked into ``out_dir`` under their global names (copied where hard links are not
+    possible; the maps are never rewritten), ``index.csv`` is the shards' indexes in part order and
+    ``summary.json`` adds up their counts and timings, so the result reads exactly like a store written in one go.
+    Raises ``ValueError`` naming the shard directory when a shard is unfinished, comes from another plan (other
+    entries, part size or CAM settings) or the shards do not cover every part of the plan exactly once.
+    """
+    out_dir = Path(out_dir)
+    dirs = [Path(d) for d in shard_dirs]
+    if not dirs:
+        raise ValueError("merge_cam_stores: no shard directories given")
+    plans = []
+    for d in dirs:
+        for name in ("plan.json", "index.csv", "summary.json"):
+            if not (d / name).is_file():
+                raise ValueError(f"{d}: not a finished CAM shard (no {name})")
+        plans.append(read_json(d / "plan.json"))
+    ref, ref_dir = plans[0], dirs[0]
+    for d, p in zip(dirs, plans):
+        if p.get("partition") != ref.get("partition") or p.get("parts") != ref.get("parts"):
+            raise ValueError(f"{d}: CAM shard from another plan than {ref_dir} (other entries or images per part); "
+                             "recompute that shard")
+        diff = {k: (p.get(k), ref.get(k)) for k in _SHARED_SETTINGS if p.get(k) != ref.get(k)}
+        if diff:
+            raise ValueError(f"{d}: CAM shard computed with other settings than {ref_dir}: {diff}")
+    order = sorted(range(len(dirs)), key=lambda k: (plans[k]["part_range"][0], plans[k]["part_range"][1]))
+    covered = [i for k in order for i in range(*plans[k]["part_range"])]
+    if covered != list(range(int(ref["parts"]))):
+        raise ValueError(f"CAM shards {[str(dirs[k]) for k in order]} cover parts {covered}, not each of the plan's "
+                         f"{ref['parts']} parts exactly once")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    indexes, summaries, how = [], [], {"link": 0, "copy": 0, "kept": 0}
+    for k in order:
+        d, p = dirs[k], plans[k]
+        for i in range(*p["part_range"]):
+            src = d / _part_name(i)
+            if not src.is_file():
+                raise ValueError(f"{d}: CAM shard lacks its part {src.name}")
+            how[_link_or_copy(src, out_dir / src.name)] += 1
+        idx = pd.read_csv(d / "index.csv", dtype={"image_id": str, "part": str})
+        if len(idx) and not set(idx.part) <= {_part_name(i) for i in range(*p["part_range"])}:
+            raise ValueError(f"{d}/index.csv names parts outside the shard's range {p['part_range']}")
+        indexes.append(idx)
+        summaries.append(read_json(d / "summary.json"))
+    indexes = [i for i in indexes if len(i)]  # (empty shards: fewer parts than shards)
+    index = pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame(columns=INDEX_COLUMNS)
+    dup = index.entry_id[index.entry_id.duplicated()]
+    if len(dup):
+        raise ValueError(f"CAM shards {[str(d) for d in dirs]} both hold entries {sorted(set(dup))[:10]}")
+    if len(index) != int(ref["entries"]):
+        raise ValueError(f"CAM shards hold {len(index)} entries, the plan has {ref['entries']}")
+    write_csv(index, out_dir / "index.csv")
+    batch_sizes = sorted({int(p["batch_size"]) for p in plans})
+    settings = {k: ref[k] for k in ("method", "layer", "crop_size") if k in ref}
+    settings["batch_size"] = batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes
+    settings.update({k: ref[k] for k in ("inspect_images", "backbone") if k in ref})
+    write_json(out_dir / "plan.json", {
+        "digest": _plan_digest(ref["partition"], settings, (0, 1)), "partition": ref["partition"],
+        "parts": ref["parts"], "entries": ref["entries"], "images_per_part": ref.get("images_per_part"),
+        "shard": 0, "n_shards": 1, "part_range": [0, ref["parts"]], "merged_from": len(dirs), **settings})
+    computed = sum(int(s.get("computed_crops") or 0) for s in summaries)
+    secs = sum(float(s.get("seconds") or 0.0) for s in summaries)
     write_json(out_dir / "summary.json", {
         **settings, "entries": len(index), "images": int(index.image_id.nunique()) if len(index) else 0,
-        "crops": int(index.n_crops.sum()) if len(index) else 0, "parts": len(plan),
-        "computed_crops": n_crops, "seconds": round(secs, 3),
-        "crops_per_s": round(n_crops / secs, 2) if secs > 0 and n_crops else None,
-        "device": str(device), "channels_last": bool(channels_last)})
+        "crops": int(index.n_crops.sum()) if len(index) else 0, "parts": int(ref["parts"]),
+        "computed_crops": computed, "seconds": round(secs, 3),
+        "crops_per_s": round(computed / secs, 2) if secs > 0 and computed else None,
+        "device": ",".join(sorted({str(s.get("device")) for s in summaries})),
+        "channels_last": all(bool(s.get("channels_last")) for s in summaries),
+        "shards": len(dirs), "parts_linked": how["link"] + how["kept"], "parts_copied": how["copy"]})
+    log.info("%s: merged %d CAM shards, %d parts (%d linked, %d copied), %d entries", out_dir, len(dirs),
+             ref["parts"], how["link"] + how["kept"], how["copy"], len(index))
     return CamStore(out_dir)
 
 

@@ -21,6 +21,11 @@ Pieces:
   :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
 - :func:`save_classifier` / :func:`load_classifier`: ``model.pt`` = backbone name, classes, input size and the state
   dict (plain tensors and JSON-like metadata; loadable with ``weights_only=True`` and without the training code).
+- Several processes (torch DDP): :func:`train_classifier` run by each of ``torchrun``'s processes (see
+  :mod:`pipeline.distributed`) wraps the model in ``DistributedDataParallel`` and gives each rank its piece of
+  every global batch of ``batch_size`` (so the optimizer steps and the samples per step are those of one process);
+  only rank 0 writes the checkpoint and the log. :func:`train_classifier_distributed` starts such a run from a
+  single process and returns like :func:`train_classifier`.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from . import distributed as D
 from .device import resolve_device
 from .imageio import read_image
 from .io import atomic_path, write_csv
@@ -539,10 +545,12 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
 # No cv2.setNumThreads() in DataLoader workers: in a forked child of a process that already used OpenCV's thread
 # pool it deadlocks (seen here with opencv 5.0). torch sets its own threads to 1 in workers.
 def _loader(dataset: Dataset, sampler: Sampler, cfg: TrainConfig, device: torch.device, drop_last: bool,
-            workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+            workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of ``cfg.batch_size`` from ``sampler``'s order; with several processes, this rank's piece of each
+    (:class:`pipeline.distributed.RankBatchSampler`; with one process the same batches as ``batch_size=``)."""
+    batches = D.RankBatchSampler(sampler, cfg.batch_size, drop_last, rank, world)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
@@ -561,6 +569,13 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. A NaN/inf loss raises
     :class:`NonFiniteLossError`; the checkpoint on disk is then the last good epoch's. The model is left in eval
     mode.
+
+    Under torchrun (process group initialised, :func:`pipeline.distributed.init`) with several processes: each
+    rank trains on ``cuda:LOCAL_RANK`` (or the CPU), the model wrapped in ``DistributedDataParallel``; each global
+    batch of ``batch_size`` is split over the ranks, the loss of each rank weighted by its share so that the
+    averaged gradient is the whole batch's; the logged loss/accuracy are the whole batches'; only rank 0 writes
+    ``checkpoint.pt`` and ``train_log.csv``. Same optimizer steps as one process; the weights match one process's
+    up to floating-point summation order (and, for networks with dropout, other dropout masks per rank).
     """
     cfg = config or TrainConfig()
     if cfg.multilabel != dataset.multilabel:
@@ -571,7 +586,13 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
-    device = resolve_device(cfg.device)
+    world, rank = D.world_size(), D.rank()
+    main = rank == 0
+    device = D.local_device(cfg.device)
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {world} training processes")
+    if world > 1 and len(dataset) < world:
+        raise ValueError(f"the training set ({len(dataset)} items) is smaller than the {world} training processes")
     use_amp = bool(cfg.amp and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -587,6 +608,13 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
         optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_fraction))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = _loss_fn(cfg).to(device)
+    net = model  # what the batches go through: the model, or its DDP wrapper (same parameters)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # frozen BatchNorm statistics never change: no need to send rank 0's buffers before every forward
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=not cfg.freeze_bn_stats)
 
     start_epoch, rows = 0, []
     last_good = 0  # epochs (1-based count) in the checkpoint on disk
@@ -601,16 +629,18 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
         rows = list(ckpt.get("log", []))
         last_good = start_epoch
         log.info("resuming from %s after epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
-    elif not resume and ckpt_path.exists():
+    elif not resume and ckpt_path.exists() and main:
         ckpt_path.unlink()
+    D.barrier()  # (every rank has read the checkpoint before rank 0 may replace it)
 
-    workers = cfg.workers if cfg.workers >= 0 else auto_workers(device)
+    workers = cfg.workers if cfg.workers >= 0 else auto_workers(device) // max(1, D.env_info().local_world_size)
     sampler = EpochSampler(dataset.image_ids, seed=cfg.seed, window=cfg.shuffle_window)
-    loader = _loader(dataset, sampler, cfg, device, drop_last, workers) if start_epoch < cfg.epochs else None
-    log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d, %s, %d workers, amp=%s)",
+    loader = (_loader(dataset, sampler, cfg, device, drop_last, workers, rank, world)
+              if start_epoch < cfg.epochs else None)
+    log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d, %s, %d workers, amp=%s%s)",
              getattr(model, "name", type(model).__name__), len(dataset),
              "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size, device,
-             workers, use_amp)
+             workers, use_amp, f", rank {rank} of {world}" if world > 1 else "")
     # dropout etc. draw from the global generator, re-seeded per epoch inside a fork (caller's state untouched)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for epoch in range(start_epoch, cfg.epochs):
@@ -620,22 +650,33 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
             sampler.set_epoch(epoch)
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout etc.: same stream whether resumed or not
+            # dropout etc.: same stream whether resumed or not (each rank of several its own)
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch) + rank)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             hits = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # at epoch start
             bar = tqdm(loader, total=iters_per_epoch, desc=f"train {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not progress, leave=False)
+                       disable=not (progress and main), leave=False)
             for it, (x, y) in enumerate(bar):
                 x = x.to(device, non_blocking=True)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = model(x)
+                    logits = net(x)
                 loss = criterion(logits.float(), y)
+                n = x.shape[0]
+                step_loss = loss  # what is backpropagated
+                if world > 1:  # the whole batch's mean loss (for the log and the NaN check, the same on every rank)
+                    stats = D.all_reduce_sum(torch.stack([loss.detach().double() * n,
+                                                          torch.tensor(float(n), dtype=torch.float64,
+                                                                       device=device)]))
+                    n = int(stats[1].item())
+                    # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
+                    step_loss = loss * (x.shape[0] * world / n)
+                    loss = (stats[0] / stats[1]).float()
                 if not torch.isfinite(loss):
                     kept = (f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept" if last_good
                             else f"no checkpoint was written yet in {out_dir}")
@@ -644,35 +685,71 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
                         f"{iters_per_epoch} (lr {optimizer.param_groups[0]['lr']:.3g}); {kept}. Lower the learning "
                         f"rate or check the training data")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(step_loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                n = x.shape[0]
                 seen += n
                 loss_sum += loss.detach().double() * n
                 hits += _hits(logits.detach(), y, cfg.multilabel)
                 if progress and (it % 10 == 0 or it + 1 == iters_per_epoch):
                     bar.set_postfix(loss=f"{loss.item():.3f}", crops_s=f"{seen / (time.perf_counter() - t0):.1f}")
             bar.close()
+            if world > 1:
+                D.all_reduce_sum(hits)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1), "accuracy": int(hits) / max(seen, 1),
                    "lr": lrs.get("backbone", float("nan")), "head_lr": lrs.get("head", float("nan")), "crops": seen,
                    "seconds": round(seconds, 3), "crops_per_s": round(seen / max(seconds, 1e-9), 2)}
             rows.append(row)
-            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                         "epoch": epoch, "args": asdict(cfg), "log": rows})
+            if main:
+                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                             "epoch": epoch, "args": asdict(cfg), "log": rows})
+                write_csv(pd.DataFrame(rows), log_path)
             last_good = epoch + 1
-            write_csv(pd.DataFrame(rows), log_path)
             log.info("epoch %d/%d: loss %.4f accuracy %.3f lr %.3g %.1f crops/s", epoch + 1, cfg.epochs, row["loss"],
                      row["accuracy"], row["lr"], row["crops_per_s"])
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
-    if not log_path.is_file():
+    if main and not log_path.is_file():
         write_csv(pd.DataFrame(rows), log_path)
+    D.barrier()  # the checkpoint and log are complete when any rank returns
     model.eval()
     return pd.DataFrame(rows)
+
+
+def _train_classifier_rank(model: nn.Module, dataset: CropDataset, out_dir: str, config: dict,
+                           progress: bool = True) -> None:
+    """What each torchrun process runs (:func:`train_classifier_distributed`)."""
+    train_classifier(model, dataset, out_dir, TrainConfig(**config), resume=True, progress=progress)
+
+
+def train_classifier_distributed(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
+                                 config: TrainConfig | None = None, *, nproc: int = 2, progress: bool = True,
+                                 env: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """:func:`train_classifier` in ``nproc`` processes (torch DDP, one GPU each on CUDA, gloo on the CPU) started
+    with ``torchrun --standalone`` (:func:`pipeline.distributed.launch`); resumable like it (the processes resume
+    from ``out_dir/checkpoint.pt``). ``model`` and ``dataset`` are handed to the processes pickled in
+    ``out_dir/ddp_job.pt`` (removed afterwards). Afterwards ``model`` holds the trained weights (read from the
+    final checkpoint) and is in eval mode; returns the training log. ``nproc=1`` trains in this process."""
+    cfg = config or TrainConfig()
+    if nproc <= 1:
+        return train_classifier(model, dataset, out_dir, cfg, resume=True, progress=progress)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine shows "
+                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    if cfg.batch_size < nproc:
+        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {nproc} training processes")
+    out_dir = Path(out_dir)
+    model = model.cpu()
+    D.launch("pipeline.classifier:_train_classifier_rank",
+             {"model": model, "dataset": dataset, "out_dir": str(out_dir), "config": asdict(cfg),
+              "progress": progress}, nproc, out_dir, device=cfg.device, env=env)
+    # the processes finished every epoch: "resuming" from the last checkpoint loads the result without training
+    return train_classifier(model, dataset, out_dir, cfg, resume=True, progress=False)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Luigi tasks of clickscale (parameters, requires, output, and a run() that calls pipeline/).
 
-    PrepareDataset -> SelectiveSearch -> SelectProposals -> TrainClassifier -> GenerateCAMs
+    PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
@@ -9,7 +9,7 @@ from .base import StageTask, invalidate  # noqa: F401
 from .dataset import PrepareDataset  # noqa: F401
 from .proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals  # noqa: F401
 from .classifier import TrainClassifier  # noqa: F401
-from .cams import GenerateCAMs  # noqa: F401
+from .cams import GenerateCAMs, GenerateCAMsShard  # noqa: F401
 from .pseudo import FusePseudoBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401

@@ -1,7 +1,15 @@
-"""Stage 4: class activation maps of every click's crops, fused per click (paper Eq. 1-4).
+"""Stage 4: class activation maps of every click's crops, fused per click (paper Eq. 1-4), in shards.
 
-    TrainClassifier + SelectProposals -> GenerateCAMs           (classifier_mode=crops, the default)
-    TrainClassifier (image_labels)    -> GenerateCAMs           (whole-image CAM per image and class present)
+    TrainClassifier + SelectProposals -> GenerateCAMsShard (x cam_shards) -> GenerateCAMs   (classifier_mode=crops)
+    TrainClassifier (image_labels)    -> GenerateCAMsShard (x cam_shards) -> GenerateCAMs   (whole-image CAMs)
+
+The work is one global plan of HDF5 parts (``cam_images_per_part`` images each, in sorted image-id order);
+``GenerateCAMsShard`` computes a contiguous range of those parts (never one task per image), so several luigi
+workers, on one machine or several, share the stage; each shard holds the GPU resource while it runs. A killed
+shard reruns alone and resumes from its finished parts; finished shards are kept. ``GenerateCAMs`` publishes the
+shards' parts as one :class:`pipeline.cam.CamStore` (hard links, one index) and needs no GPU. A part holds the
+same maps whatever the shard count; the shard count is part of the output's identity all the same (as
+``SelectiveSearch``'s ``n_shards``).
 
 Parameters carry a ``cam_`` prefix (luigi's ``@inherits``/``clone`` pass every parameter down the chain by name).
 """
@@ -15,7 +23,7 @@ import luigi
 import pandas as pd
 from luigi.util import inherits
 
-from pipeline.cam import CAM_METHODS, click_entries, image_entries, write_cam_store
+from pipeline.cam import CAM_METHODS, click_entries, image_entries, merge_cam_stores, write_cam_store
 from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
 from pipeline.io import read_json, write_json, write_text
@@ -27,17 +35,8 @@ from .proposals import SelectProposals
 log = logging.getLogger("clickscale")
 
 
-@inherits(TrainClassifier)
-class GenerateCAMs(StageTask):
-    """Fused CAM per click (or per image and class in the image-label-only mode), in a
-    :class:`pipeline.cam.CamStore`: ``cams-NNNNN.h5`` parts (float16, gzip, one chunk per map, with image id,
-    click, class and the crops used), ``index.csv``, ``summary.json`` and ``summary.md``.
-
-    Resumable: parts of ``cam_images_per_part`` images are written atomically into the work directory and a
-    rerun after a kill skips the finished ones. Runs on CUDA when present (``--device``).
-    """
-
-    uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
+class _CamParams:
+    """Parameters shared by the CAM tasks (a mixin: luigi finds parameters on base classes)."""
 
     cam_method = luigi.ChoiceParameter(choices=list(CAM_METHODS), default="sacam",
                                        description="sacam (Eq. 3, = LayerCAM) or gradcam (Eq. 1-2)")
@@ -48,15 +47,33 @@ class GenerateCAMs(StageTask):
     cam_max_crops = luigi.IntParameter(default=0, description="use the first n selected crops of a click; 0: all")
     cam_inspect_images = luigi.IntParameter(default=0, description="also store each crop's map for the first n "
                                                                    "images (inspection)")
+    cam_images_per_part = luigi.IntParameter(default=64,
+                                             description="images per HDF5 part: the unit of resuming and of "
+                                                         "sharding (shards are ranges of parts, so it is part of "
+                                                         "the output's identity)")
+    cam_shards = luigi.IntParameter(default=4, description="GenerateCAMsShard tasks (ranges of parts) the stage is "
+                                                           "split into")
     cam_batch_size = luigi.IntParameter(default=64, significant=False,
                                         description="crops per forward/backward pass (an image's crops together)")
-    cam_images_per_part = luigi.IntParameter(default=64, significant=False,
-                                             description="images per HDF5 part (the unit of resuming)")
     cam_workers = luigi.IntParameter(default=-1, significant=False,
                                      description="image-decoding DataLoader workers; -1: auto (0 on CPU)")
 
     def image_label_mode(self) -> bool:
         return self.classifier_mode == "image_labels"
+
+
+@inherits(TrainClassifier)
+class GenerateCAMsShard(_CamParams, StageTask):
+    """Shard ``cam_shard`` of ``cam_shards`` of the CAM stage: the parts :func:`pipeline.cam.shard_parts` of the
+    global plan, written as ``cams-NNNNN.h5`` (global part numbers) with ``plan.json``, ``index.csv`` and
+    ``summary.json`` (a :class:`pipeline.cam.CamStore` of this shard's entries; empty when there are fewer parts
+    than shards). Resumable: finished parts in the work directory are kept across kills. Runs on CUDA when present
+    (``--device``) and holds the machine's GPU resource.
+    """
+
+    uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
+
+    cam_shard = luigi.IntParameter(default=0, description="index of this shard, 0..cam_shards-1")
 
     def requires(self):
         reqs = {"classifier": self.clone(TrainClassifier)}
@@ -70,6 +87,8 @@ class GenerateCAMs(StageTask):
         return min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
     def run_stage(self, work: Path) -> None:
+        if not 0 <= self.cam_shard < self.cam_shards:
+            raise ValueError(f"--cam-shard {self.cam_shard} is not in [0, --cam-shards {self.cam_shards})")
         device = resolve_device(self.device)
         model = load_classifier(self.input_dir("classifier") / "model.pt", device)
         classes = tuple(model.classes)
@@ -84,26 +103,59 @@ class GenerateCAMs(StageTask):
             labels = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
             sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
             entries = image_entries(labels, sizes, classes)
+        else:
+            selected = pd.read_parquet(self.input_dir("selection") / "selected.parquet")
+            entries = click_entries(selected, classes, self.cam_max_crops or None)
+        if not entries:
+            raise ValueError("GenerateCAMs: nothing to compute (no clicks with crops / no labelled images)")
+        # every shard plans all entries (the same global parts) and computes its own range of them
+        store = write_cam_store(model, entries, paths, work, method=self.cam_method, layer=layer,
+                                crop_size=self.cam_crop_size or model.input_size, batch_size=self.cam_batch_size,
+                                device=device, images_per_part=self.cam_images_per_part,
+                                inspect_images=self.cam_inspect_images, num_workers=self.decode_workers(device),
+                                progress=True, shard=(self.cam_shard, self.cam_shards))
+        summary = read_json(work / "summary.json")
+        log.info("GenerateCAMsShard %d/%d: parts %s, %d entries, %d crops, %s crops/s on %s", self.cam_shard,
+                 self.cam_shards, summary.get("part_range"), len(store), summary["crops"], summary["crops_per_s"],
+                 summary["device"])
+
+
+@inherits(TrainClassifier)
+class GenerateCAMs(_CamParams, StageTask):
+    """Fused CAM per click (or per image and class in the image-label-only mode), in a
+    :class:`pipeline.cam.CamStore`: ``cams-NNNNN.h5`` parts (float16, gzip, one chunk per map, with image id,
+    click, class and the crops used), ``index.csv``, ``plan.json``, ``summary.json`` and ``summary.md``.
+
+    The maps are computed by ``cam_shards`` :class:`GenerateCAMsShard` tasks; this task links their parts into
+    one store (:func:`pipeline.cam.merge_cam_stores`; no map is recomputed or rewritten) and needs no GPU.
+    """
+
+    def requires(self):
+        reqs = {"classifier": self.clone(TrainClassifier),
+                "shards": [self.clone(GenerateCAMsShard, cam_shard=i) for i in range(self.cam_shards)]}
+        if not self.image_label_mode():
+            reqs["selection"] = self.clone(SelectProposals)
+        return reqs
+
+    def run_stage(self, work: Path) -> None:
+        if self.cam_shards < 1:
+            raise ValueError(f"--cam-shards must be >= 1, got {self.cam_shards}")
+        shards = sorted(self.requires()["shards"], key=lambda t: t.cam_shard)
+        store = merge_cam_stores([Path(t.output().path) for t in shards], work)
+        if self.image_label_mode():
             source = {"labels": "classes of the objects of each trainval image"}
         else:
             path = self.input_dir("selection") / "selected.parquet"
-            selected = pd.read_parquet(path)
-            entries = click_entries(selected, classes, self.cam_max_crops or None)
-            missing = set(manifest.clicks.click_id) - {e.entry_id for e in entries}
+            missing = set(self.manifest().clicks.click_id) - set(store.click_ids())
             source = {"selected": str(path), "clicks_without_crops": len(missing)}
-        if not entries:
-            raise ValueError("GenerateCAMs: nothing to compute (no clicks with crops / no labelled images)")
-        write_cam_store(model, entries, paths, work, method=self.cam_method, layer=layer,
-                        crop_size=self.cam_crop_size or model.input_size, batch_size=self.cam_batch_size,
-                        device=device, images_per_part=self.cam_images_per_part,
-                        inspect_images=self.cam_inspect_images, num_workers=self.decode_workers(device), progress=True)
         summary = {**read_json(work / "summary.json"), **source, "classifier": str(self.input_dir("classifier")),
                    "mode": "image_labels" if self.image_label_mode() else "clicks"}
         write_json(work / "summary.json", summary)
         write_text(work / "summary.md", (
-            f"# GenerateCAMs\n\n- method: {self.cam_method}, layer: {layer} of {model.name}, crops "
-            f"{summary['crop_size']} px\n- entries: {summary['entries']} ({summary['mode']}) over "
-            f"{summary['images']} images, {summary['crops']} crops\n- this run: {summary['computed_crops']} crops "
-            f"in {summary['seconds']} s ({summary['crops_per_s']} crops/s) on {summary['device']}\n"))
-        log.info("GenerateCAMs: %d %s entries, %d crops, %s crops/s on %s", summary["entries"], summary["mode"],
-                 summary["crops"], summary["crops_per_s"], summary["device"])
+            f"# GenerateCAMs\n\n- method: {self.cam_method}, layer: {summary['layer']} of {summary['backbone']}, "
+            f"crops {summary['crop_size']} px\n- entries: {summary['entries']} ({summary['mode']}) over "
+            f"{summary['images']} images, {summary['crops']} crops, {summary['parts']} parts in "
+            f"{summary['shards']} shards\n- this run: {summary['computed_crops']} crops in {summary['seconds']} s "
+            f"of shard time ({summary['crops_per_s']} crops/s) on {summary['device']}\n"))
+        log.info("GenerateCAMs: %d %s entries, %d crops from %d shards, %s crops/s on %s", summary["entries"],
+                 summary["mode"], summary["crops"], summary["shards"], summary["crops_per_s"], summary["device"])

@@ -7,6 +7,10 @@ images with image-level labels).
 The classifier's parameters carry a ``classifier_`` prefix: luigi's ``@inherits``/``clone`` hand every parameter
 down the chain by name, and the upstream proposal tasks already have ``mode`` and ``ss_workers`` (later stages such
 as the detector will have ``epochs``, ``lr``, ``backbone`` of their own). ``seed`` is the pipeline's shared seed.
+
+Several GPUs: ``--classifier-nproc N`` trains with torch DDP in N processes (``torchrun --standalone``, one GPU
+each; gloo processes on a CPU-only machine), started from the stage's run() and writing into its work directory;
+the batch size stays the global one, so N does not change the output's identity (not in the hash).
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ import time
 from pathlib import Path
 
 import luigi
+import luigi.configuration
 import pandas as pd
 from luigi.util import inherits
 
 from pipeline.backbones import BACKBONES, build_backbone
 from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, image_label_dataset, save_classifier,
-                                 selection_dataset, train_classifier)
+                                 selection_dataset, train_classifier_distributed)
 from pipeline.device import resolve_device
 from pipeline.io import write_json
 
@@ -67,6 +72,19 @@ class TrainClassifier(StageTask):
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu or cuda")
     classifier_workers = luigi.IntParameter(default=-1, significant=False,
                                             description="DataLoader workers; -1 = auto")
+    classifier_nproc = luigi.IntParameter(default=1, significant=False,
+                                          description="training processes (torch DDP via torchrun, one GPU each); "
+                                                      "1: train in the luigi worker")
+
+    @property
+    def resources(self) -> dict:
+        """One unit of the machine's GPU resource; a DDP run of N processes takes N units, at most as many as
+        luigi.cfg's ``[resources] gpu_<host>`` gives the machine (1 when unset), so it never waits forever."""
+        res = super().resources
+        if self.classifier_nproc > 1:
+            res = {k: max(1, min(self.classifier_nproc, luigi.configuration.get_config().getint("resources", k, 1)))
+                   for k in res}
+        return res
 
     def requires(self):
         if self.classifier_mode == "image_labels":
@@ -99,8 +117,10 @@ class TrainClassifier(StageTask):
             source = {"selected": str(path), "selected_crops": len(selected),
                       "fallback_crops": int(selected["fallback"].sum()) if "fallback" in selected else None}
         cfg = self.train_config()
+        if self.classifier_nproc < 1:
+            raise ValueError(f"--classifier-nproc must be >= 1, got {self.classifier_nproc}")
         t0 = time.time()
-        train_log = train_classifier(model, dataset, work, cfg, resume=True)
+        train_log = train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc)
         meta = {"mode": self.classifier_mode, "weights": self.classifier_weights, "train": cfg.result_args(),
                 "final": train_log.iloc[-1].to_dict(), "stage": self.stage_ref}
         save_classifier(work / "model.pt", model, classes, meta)
@@ -115,7 +135,8 @@ class TrainClassifier(StageTask):
             "classes": len(classes), "input_size": self.classifier_input_size,
             "training_items": len(dataset), "items_per_class": per_class,
             "max_crops_per_class": self.classifier_max_crops_per_class or None, **source,
-            "device": str(resolve_device(self.device)), "train": cfg.result_args(),
+            "device": str(resolve_device(self.device)), "processes": self.classifier_nproc,
+            "train": cfg.result_args(),
             "final": train_log.iloc[-1].to_dict(), "seconds_this_run": round(time.time() - t0, 1),
             "train_log": LOG_NAME,
         })

@@ -26,7 +26,7 @@ PYTHON = sys.executable
 
 #: the chain in the order it runs (one worker); FusePseudoBoxes/PseudoLabels need tasks.main
 STAGES = ("PrepareDataset", "SelectiveSearchShard", "SelectiveSearch", "SelectProposals", "TrainClassifier",
-          "GenerateCAMs", "FusePseudoBoxes", "PseudoLabels")
+          "GenerateCAMsShard", "GenerateCAMs", "FusePseudoBoxes", "PseudoLabels")
 
 #: files (glob patterns) every published ``<Stage>/<hash>/`` directory must hold: a bare-hash directory with
 #: fewer is "complete-looking with partial content"
@@ -36,6 +36,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "SelectiveSearch": ("params.json", "report.json", "proposals_*.h5"),
     "SelectProposals": ("params.json", "selected.parquet", "report.json"),
     "TrainClassifier": ("params.json", "model.pt", "train_log.csv", "report.json"),
+    "GenerateCAMsShard": ("params.json", "plan.json", "index.csv", "summary.json"),
     "GenerateCAMs": ("params.json", "cams-*.h5", "index.csv", "summary.json", "summary.md"),
     "FusePseudoBoxes": ("params.json", "pseudo_labels.csv", "Annotations/*.xml", "coco.json", "metrics.json",
                         "per_class.csv", "summary.md"),
@@ -43,11 +44,11 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 }
 
 #: the tiny fast configuration: 8 trainval images of 128 px, 4 proposal shards, a random-weight classifier
-#: trained 1 epoch on 64 px crops. The whole chain takes ~8 s of compute on one core.
+#: trained 1 epoch on 64 px crops, 4 CAM shards of one 2-image part each. The whole chain takes ~8 s of compute on one core.
 TINY = {
     "synth-trainval": 8, "synth-test": 2, "synth-size": 128, "splits": '["trainval"]', "n-shards": 4,
     "classifier-weights": "random", "classifier-epochs": 1, "classifier-input-size": 64,
-    "classifier-batch-size": 16, "device": "cpu", "report-images": 0, "report-worst": 0,
+    "classifier-batch-size": 16, "device": "cpu", "report-images": 0, "report-worst": 0, "cam-images-per-part": 2,
 }
 
 #: keys of JSON outputs that describe one run (timings, this run's work) rather than its result

@@ -229,7 +229,7 @@ def test_disk_full_while_writing_fails_cleanly_and_reruns(voc, outputs, monkeypa
     ok, msg = build(task)
     assert not ok and msg == f"OSError: [Errno 28] No space left on device: '{task.work_dir / 'report.json'}'"
     failed_cleanly(task, outputs)
-    assert task.requires().stage_dir.is_dir()  # SelectiveSearch kept
+    assert task.requires()["proposals"].stage_dir.is_dir()  # SelectiveSearch kept
     monkeypatch.setattr(tp, "write_json", real)
     ok, msg = build(task)  # space again: the rerun completes from the kept work directory
     assert ok, msg
