@@ -1,6 +1,7 @@
 """CAM methods against closed forms (Eq. 1-3), batching, crops, paste/fuse (Eq. 4), and the resumable CAM store."""
 import json
-from collections import OrderedDict
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,10 +11,13 @@ import torch
 from torch import nn
 
 from pipeline import cam as cam_mod
-from pipeline.backbones import ClassifierNet, LayerInfo, build_backbone
+from pipeline.backbones import build_backbone
 from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, click_entries, extract_crops,
                           image_entries, paste_and_fuse, write_cam_store)
 from pipeline.classifier import crop_and_resize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nets import tiny_classifier  # noqa: E402
 
 
 # -- a tiny network with hand-set weights ------------------------------------------------------------------------
@@ -189,21 +193,6 @@ def test_paste_and_fuse_puts_mass_where_the_crops_were():
 
 
 # -- the CAM store -----------------------------------------------------------------------------------------
-def tiny_classifier(num_classes=3, seed=0) -> ClassifierNet:
-    g = torch.Generator().manual_seed(seed)
-    body = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 8, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 8, 3, stride=2, padding=1)), ("relu2", nn.ReLU()),
-        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten(1))]))
-    head = nn.Linear(8, num_classes)
-    with torch.no_grad():
-        for p in list(body.parameters()) + list(head.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return ClassifierNet("tiny", body, head, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=32,
-                         layers={"conv2": LayerInfo("relu2", 8, 4)}, cam_layers=("conv2",),
-                         default_cam_layer="conv2").eval()
-
-
 @pytest.fixture
 def toy_data(tmp_path):
     import cv2

@@ -4,7 +4,7 @@ processes takes the same optimizer steps over the same batches as one process an
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import sys
 from pathlib import Path
 
 import cv2
@@ -12,29 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from pipeline import distributed as D
-from pipeline.backbones import ClassifierNet, LayerInfo
+from pipeline.backbones import ClassifierNet
 from pipeline.cam import CamStore, click_entries, merge_cam_stores, shard_parts, write_cam_store
 from pipeline.classifier import TrainConfig, selection_dataset, train_classifier, train_classifier_distributed
 
+sys.path.insert(0, str(Path(__file__).parent))
+import nets  # noqa: E402
+
 
 def tiny_classifier(num_classes: int = 3, seed: int = 3, input_size: int = 32) -> ClassifierNet:
-    """Two strided convolutions, no dropout or batch norm (so two processes can match one exactly); built only
-    from torch modules, so torchrun's processes can unpickle it without this test module."""
-    g = torch.Generator().manual_seed(seed)
-    body = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 8, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 8, 3, stride=2, padding=1)), ("relu2", nn.ReLU()),
-        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten(1))]))
-    head = nn.Linear(8, num_classes)
-    with torch.no_grad():
-        for p in list(body.parameters()) + list(head.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-    return ClassifierNet("tiny", body, head, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=input_size,
-                         layers={"conv2": LayerInfo("relu2", 8, 4)}, cam_layers=("conv2",),
-                         default_cam_layer="conv2").eval()
+    return nets.tiny_classifier(num_classes, seed, scale=0.4, input_size=input_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Pseudo label exports are re-read correctly (pipeline/export.py)."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,26 +188,10 @@ def test_report_sampling_covers_classes(boxes):
 
 # -- the FusePseudoBoxes stage (tasks/pseudo.py) --------------------------------------------------------------
 def _tiny_classifier(num_classes: int):
-    """A small conv net with seeded random weights (the CAM stage's ClassifierNet interface)."""
-    from collections import OrderedDict
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nets import tiny_classifier
 
-    import torch
-    from torch import nn
-
-    from pipeline.backbones import ClassifierNet, LayerInfo
-
-    g = torch.Generator().manual_seed(0)
-    body = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 8, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 8, 3, stride=1, padding=1)), ("relu2", nn.ReLU()),
-        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten(1))]))
-    head = nn.Linear(8, num_classes)
-    with torch.no_grad():
-        for p in list(body.parameters()) + list(head.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return ClassifierNet("tiny", body, head, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=32,
-                         layers={"conv2": LayerInfo("relu2", 8, 2)}, cam_layers=("conv2",),
-                         default_cam_layer="conv2").eval()
+    return tiny_classifier(num_classes, seed=0, conv2_stride=1)
 
 
 def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
