@@ -18,12 +18,14 @@ TARGET ?= PseudoLabels
 STAGE ?=
 
 .PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality bench-kill-resume bench-detector clean clean-outputs
+        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
 	@echo
 	@echo "  Real data: make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
+	@echo "  Detector:  make evaluate ARGS='--box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
+	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
 
 install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)
 
@@ -69,6 +71,9 @@ bench-cam: install ## CAM throughput: inference vs SA-CAM stage vs per-crop libr
 
 bench-quality: install ## pseudo-box quality table on voc07-sample (long: up to ~60 min on 2 cores)
 	$(PY) bench/quality.py
+
+bench-fusion-probe: install ## CAM fusion variants x T_cam on 500 voc07-sample clicks (after bench-quality; no target)
+	$(PY) bench/fusion_probe.py
 
 bench-kill-resume: install ## SIGKILL the pipeline inside every stage (several seeds), rerun, compare outputs
 	$(PY) bench/kill_resume.py

@@ -38,6 +38,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -53,6 +54,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, remove_small_boxes, roi_pool
 
+from . import distributed as D
+from .device import resolve_device
 from .imageio import read_image
 from .io import atomic_path
 
@@ -608,11 +611,30 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
 
 
+def _rank_batches(batches: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
+    """This rank's piece of every global batch and the piece's share of the batch (DDP; ``world`` > 1). A last
+    batch with fewer images than processes joins the one before it, so every rank has an image at every step."""
+    if len(batches) > 1 and len(batches[-1]) < world:
+        batches = batches[:-2] + [batches[-2] + batches[-1]]
+    out = []
+    for b in batches:
+        if len(b) < world:
+            raise DetectorError(f"{len(b)} training image(s) cannot be split over {world} processes")
+        start, stop = D.split_bounds(len(b), rank, world)
+        out.append((b[start:stop], (stop - start) / len(b)))
+    return out
+
+
 def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str | os.PathLike,
                    device: torch.device | str = "cpu", resume: bool = True,
                    max_iters_per_epoch: int | None = None,
                    on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train ``model`` on ``dataset`` with the recipe of ``model.config``; returns the per-epoch log table.
+
+    Under torchrun (``WORLD_SIZE`` > 1, see :func:`train_detector_distributed`) the model is wrapped in
+    DistributedDataParallel and each global batch of ``images_per_batch`` images is split over the processes, each
+    process's loss weighted by its share of the batch, so N processes take the same optimizer steps as one; only
+    rank 0 writes the checkpoint.
 
     After every epoch the checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, classes, log}``
     is written atomically to ``checkpoint``; with ``resume`` an existing checkpoint is continued from the epoch
@@ -623,9 +645,14 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
     from tqdm import tqdm
 
     cfg = model.config
-    device = torch.device(device)
+    world, rank = D.world_size(), D.rank()
+    device = D.local_device(device) if world > 1 else torch.device(device)
     checkpoint = Path(checkpoint)
     model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        progress = progress and rank == 0
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
     use_amp = bool(cfg.amp and device.type == "cuda")
@@ -655,10 +682,13 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
     if max_iters_per_epoch:
         iters_per_epoch = min(iters_per_epoch, max_iters_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # sampler of RoIHeads, dropout
+        torch.manual_seed(cfg.seed * 100003 + epoch + 1000003 * rank)  # sampler of RoIHeads, dropout
         dataset.set_epoch(epoch)
         batches = [[keep[j] for j in b] for b in _batches(n_images, cfg.images_per_batch, cfg.seed, epoch)]
         batches = batches[:iters_per_epoch]
+        shares = [1.0] * len(batches)
+        if world > 1:
+            batches, shares = map(list, zip(*_rank_batches(batches, rank, world)))
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
                                              num_workers=cfg.num_workers)
         model.train()
@@ -676,21 +706,30 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
             props = [p.to(device) for p in props]
             targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = model(imgs, props, targets)
+                losses = net(imgs, props, targets)
                 loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float().reshape(1)
+            if world > 1:  # every process stops together when any of them meets a non-finite loss
+                D.all_reduce_sum(finite)
+            if finite.item() < world:
                 raise DetectorError(f"non-finite detector loss {loss.item()} ({ {k: v.item() for k, v in losses.items()} })"
                                     f" at epoch {epoch + 1}, iteration {it + 1}, images {list(ids)}; the last good "
                                     f"checkpoint {checkpoint} is kept")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the gradients over the processes: weighting each by its share of the batch (x world)
+            # makes the step that of the whole batch
+            scaler.scale(loss * (shares[it] * world) if world > 1 else loss).backward()
             scaler.step(optimizer)
             scaler.update()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * (shares[it] if world > 1 else 1.0)
             n_it += 1
             if progress:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if world > 1:  # the whole batches' mean losses
+            keys = sorted(sums)
+            total = D.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = dict(zip(keys, total.tolist()))
         seconds = time.perf_counter() - t0
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
@@ -701,24 +740,82 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
         rows.append(row)
         log.info("detector epoch %d/%d: loss %.4f (%s), %.2f s/iter", epoch + 1, cfg.epochs, row["loss"],
                  ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("loss_")), row["s_per_iter"])
-        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                     "epoch": epoch, "args": cfg.to_dict(), "classes": list(model.classes),
-                                     "log": rows})
-        if on_epoch:
-            on_epoch(row)
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # the last step produced non-finite weights: never overwrite the last good checkpoint with them
+            raise DetectorError(f"non-finite detector weights after epoch {epoch + 1} (e.g. {bad[:3]}); the last "
+                                f"good checkpoint {checkpoint} is kept")
+        if rank == 0:
+            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                         "epoch": epoch, "args": cfg.to_dict(), "classes": list(model.classes),
+                                         "log": rows})
+            if on_epoch:
+                on_epoch(row)
+        D.barrier()
     return pd.DataFrame(rows)
 
 
+def _train_detector_rank(model: FastRCNN, dataset: DetectionDataset, checkpoint: str, device: str = "auto",
+                         max_iters_per_epoch: int | None = None, progress: bool = True) -> None:
+    """What each torchrun process runs (:func:`train_detector_distributed`)."""
+    train_detector(model, dataset, checkpoint, device, resume=True, max_iters_per_epoch=max_iters_per_epoch,
+                   progress=progress)
+
+
+def train_detector_distributed(model: FastRCNN, dataset: DetectionDataset, checkpoint: str | os.PathLike,
+                               device: torch.device | str = "auto", *, nproc: int = 2,
+                               max_iters_per_epoch: int | None = None, progress: bool = True,
+                               env: dict | None = None) -> pd.DataFrame:
+    """:func:`train_detector` in ``nproc`` processes (torch DDP under ``torchrun --standalone``; one GPU each on
+    CUDA, gloo on the CPU; :func:`pipeline.distributed.launch`), resumable from ``checkpoint`` like it. Afterwards
+    ``model`` holds the trained weights (read from the final checkpoint); returns the training log. ``nproc=1``
+    trains in this process."""
+    if nproc <= 1:
+        return train_detector(model, dataset, checkpoint, device, resume=True,
+                              max_iters_per_epoch=max_iters_per_epoch, progress=progress)
+    dev = torch.device(device) if isinstance(device, torch.device) else resolve_device(device)
+    if dev.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine shows "
+                         f"{torch.cuda.device_count()}")
+    if model.config.images_per_batch < nproc:
+        raise ValueError(f"images_per_batch {model.config.images_per_batch} is smaller than the {nproc} processes")
+    checkpoint = Path(checkpoint)
+    D.launch("pipeline.detector:_train_detector_rank",
+             {"model": model.cpu(), "dataset": dataset, "checkpoint": str(checkpoint), "device": dev.type,
+              "max_iters_per_epoch": max_iters_per_epoch, "progress": progress},
+             nproc, checkpoint.parent, device=dev.type, env=env)
+    # the finished checkpoint: loads the weights and the log, trains nothing
+    return train_detector(model, dataset, checkpoint, dev, resume=True, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------- testing
+@contextmanager
+def _test_settings(model: FastRCNN, score_thresh: float | None, detections_per_img: int | None):
+    """Temporarily change the test-time score threshold / per-image cap of ``model.roi_heads``."""
+    heads = model.roi_heads
+    saved = heads.score_thresh, heads.detections_per_img
+    if score_thresh is not None:
+        heads.score_thresh = float(score_thresh)
+    if detections_per_img is not None:
+        heads.detections_per_img = int(detections_per_img)
+    try:
+        yield
+    finally:
+        heads.score_thresh, heads.detections_per_img = saved
+
+
 @torch.no_grad()
 def detect(model: FastRCNN, dataset: DetectionDataset, device: torch.device | str = "cpu", batch_size: int = 1,
-           progress: bool = True) -> tuple[pd.DataFrame, dict]:
+           progress: bool = True, top_per_class: bool = False) -> tuple[pd.DataFrame, dict]:
     """Detections on every image of ``dataset``: ``(dets, stats)``.
 
     ``dets``: ``image_id, class, score, x1, y1, x2, y2`` (original-image coordinates; per-class NMS and the
     per-image cap of the model's config applied). ``stats``: ``images``, ``seconds`` (whole loop, image reading
     included), ``model_seconds`` (forward passes only, synchronised on CUDA), ``fps`` and ``model_fps``.
+
+    ``top_per_class`` (for CorLoc): no score threshold and no per-image cap, and only the highest-scoring box of
+    each class in each image is kept, so every class gets its top box however low its score (NMS never removes
+    a class's top-scoring box; with the test-time threshold an image could have no box of its class at all).
     """
     from tqdm import tqdm
 
@@ -730,23 +827,29 @@ def detect(model: FastRCNN, dataset: DetectionDataset, device: torch.device | st
                                          num_workers=model.config.num_workers)
     rows, model_s = [], 0.0
     t0 = time.perf_counter()
-    for imgs, props, _, ids in tqdm(loader, total=len(batches), desc="detect", leave=False, disable=not progress):
-        imgs = [i.to(device) for i in imgs]
-        props = [p.to(device) for p in props]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            out = model(imgs, props)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        model_s += time.perf_counter() - t1
-        for image_id, o in zip(ids, out):
-            b = o["boxes"].float().cpu().numpy()
-            s = o["scores"].float().cpu().numpy()
-            lab = o["labels"].cpu().numpy()
-            for k in range(len(s)):
-                rows.append((image_id, model.classes[int(lab[k]) - 1], float(s[k]), *map(float, b[k])))
+    settings = _test_settings(model, -1.0, 2 ** 31 - 1) if top_per_class else nullcontext()
+    with settings:
+        for imgs, props, _, ids in tqdm(loader, total=len(batches), desc="detect", leave=False,
+                                        disable=not progress):
+            imgs = [i.to(device) for i in imgs]
+            props = [p.to(device) for p in props]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                out = model(imgs, props)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            model_s += time.perf_counter() - t1
+            for image_id, o in zip(ids, out):
+                b = o["boxes"].float().cpu().numpy()
+                s = o["scores"].float().cpu().numpy()
+                lab = o["labels"].cpu().numpy()
+                keep = np.arange(len(s))
+                if top_per_class:  # first (= highest-scoring, outputs are sorted by score) box of each class
+                    keep = np.sort(np.unique(lab, return_index=True)[1])
+                for k in keep:
+                    rows.append((image_id, model.classes[int(lab[k]) - 1], float(s[k]), *map(float, b[k])))
     seconds = time.perf_counter() - t0
     dets = pd.DataFrame(rows, columns=["image_id", "class", "score"] + BOX)
     n = len(dataset)

@@ -397,6 +397,9 @@ class ProposalStore:
         self._h5: h5py.File | None = None
         self._pid: int | None = None
 
+    def __getstate__(self) -> dict:  # pickled (DataLoader workers, DDP jobs) without the open file handle
+        return {**self.__dict__, "_h5": None, "_pid": None}
+
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():
             self._h5 = h5py.File(self.path, "r")

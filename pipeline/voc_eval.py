@@ -1,4 +1,4 @@
-"""PASCAL VOC2007 detection evaluation, scored exactly as the devkit does it.
+"""PASCAL VOC2007 detection evaluation, scored as the devkit does it (py-faster-rcnn's port, bit for bit).
 
 This is the algorithm of the VOC devkit's ``VOCevaldet.m`` as ported in py-faster-rcnn's / pcl's ``voc_eval.py``
 (``use_07_metric=True``), on the project's box convention (0-based continuous ``x1, y1, x2, y2``; see
@@ -16,6 +16,12 @@ docs/architecture.md), where ``torchvision.ops.box_iou`` equals the devkit's "+1
 The 11 recall thresholds are ``np.arange(0.0, 1.1, 0.1)`` as in py-faster-rcnn, bit for bit (so ``0.3`` there is
 ``0.30000000000000004``); a recall of exactly 3/10 therefore does not reach the 0.3 threshold, as in the
 reference implementation.
+
+Where py-faster-rcnn and the MATLAB devkit differ we follow py-faster-rcnn (and docs/method.md, issue 6): a true
+positive needs IoU ``> 0.5``, where ``VOCevaldet.m`` tests ``ovmax >= VOCopts.minoverlap``, and the thresholds
+are numpy's ``arange`` values rather than MATLAB's ``0:0.1:1`` (whose elements may differ in the last bit). The
+results can differ only when an IoU is exactly 0.5, or a recall such as 3/10 lies within a rounding error of a
+threshold.
 
 A class with no non-difficult ground truth in the evaluated images has ``ap = NaN`` and is left out of the mAP
 (the devkit would divide by zero); a class with ground truth and no detections has ``ap = 0``.

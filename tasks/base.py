@@ -55,6 +55,15 @@ class StageTask(luigi.Task):
     def resources(self) -> dict:
         return {gpu_resource(): 1} if self.uses_gpu else {}
 
+    def gpu_units(self, nproc: int) -> dict:
+        """Resources of a stage that trains in ``nproc`` processes (torch DDP, one GPU each): ``nproc`` units of the
+        machine's GPU resource, at most as many as luigi.cfg's ``[resources] gpu_<host>`` gives it (1 when unset),
+        so it never waits forever."""
+        res = StageTask.resources.fget(self)
+        if nproc > 1:
+            res = {k: max(1, min(nproc, luigi.configuration.get_config().getint("resources", k, 1))) for k in res}
+        return res
+
     # -- identity -----------------------------------------------------------------------------------------
     def significant_params(self) -> dict:
         return {name: p.serialize(getattr(self, name))

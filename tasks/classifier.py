@@ -80,11 +80,7 @@ class TrainClassifier(StageTask):
     def resources(self) -> dict:
         """One unit of the machine's GPU resource; a DDP run of N processes takes N units, at most as many as
         luigi.cfg's ``[resources] gpu_<host>`` gives the machine (1 when unset), so it never waits forever."""
-        res = super().resources
-        if self.classifier_nproc > 1:
-            res = {k: max(1, min(self.classifier_nproc, luigi.configuration.get_config().getint("resources", k, 1)))
-                   for k in res}
-        return res
+        return self.gpu_units(self.classifier_nproc)
 
     def requires(self):
         if self.classifier_mode == "image_labels":

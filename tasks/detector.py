@@ -26,8 +26,7 @@ import pandas as pd
 from luigi.util import inherits
 
 from pipeline.detector import (BOX_SOURCES, PRESETS, DetectionDataset, DetectorConfig, build_detector, detect,
-                               load_detector, load_training_boxes, preset, strip_checkpoint, top_detections,
-                               train_detector)
+                               load_detector, load_training_boxes, preset, strip_checkpoint, train_detector_distributed)
 from pipeline.device import resolve_device
 from pipeline.io import read_json, write_csv, write_json, write_text
 from pipeline.proposals import ProposalStore
@@ -83,7 +82,15 @@ class TrainFastRCNN(_OwnHash, StageTask):
     det_pooler = luigi.OptionalStrParameter(default=None, description="roi_pool | roi_align")
     det_max_iters = luigi.OptionalIntParameter(default=None, description="cap on iterations per epoch (smoke runs)")
     det_workers = luigi.IntParameter(default=0, significant=False, description="DataLoader workers")
+    det_nproc = luigi.IntParameter(default=1, significant=False,
+                                   description="training processes (torch DDP via torchrun, one GPU each); 1: train "
+                                               "in the luigi worker")
     device = luigi.Parameter(default="auto", significant=False, description="auto | cpu | cuda")
+
+    @property
+    def resources(self) -> dict:
+        """One unit of the machine's GPU resource, ``--det-nproc`` units for a DDP run (tasks/base.py gpu_units)."""
+        return self.gpu_units(self.det_nproc)
 
     def requires(self):
         reqs = {"proposals": self.clone(SelectiveSearch)}
@@ -133,14 +140,16 @@ class TrainFastRCNN(_OwnHash, StageTask):
         log.info("TrainFastRCNN: %s on %d images / %d %s boxes, %s", cfg.backbone, len(images), len(boxes),
                  self.box_source, device)
         t0 = time.time()
-        train_log = train_detector(model, dataset, work / "model.pth", device, resume=True,
-                                   max_iters_per_epoch=self.det_max_iters)
+        if self.det_nproc < 1:
+            raise ValueError(f"--det-nproc must be >= 1, got {self.det_nproc}")
+        train_log = train_detector_distributed(model, dataset, work / "model.pth", device, nproc=self.det_nproc,
+                                               max_iters_per_epoch=self.det_max_iters)
         strip_checkpoint(work / "model.pth")
         write_csv(train_log, work / "train_log.csv")
         write_json(work / "report.json", {
             "box_source": self.box_source, "box_path": self.box_path, "images": int(len(images)),
             "boxes": int(len(boxes)), "classes": list(manifest.classes), "device": str(device),
-            "seconds_this_run": round(time.time() - t0, 2),
+            "processes": self.det_nproc, "seconds_this_run": round(time.time() - t0, 2),
             "seconds_training": float(train_log["seconds"].sum()),
             "s_per_iter": float(train_log["seconds"].sum() / max(1, train_log["iterations"].sum())),
             "config": cfg.to_dict()})
@@ -152,7 +161,9 @@ class EvaluateVOC07(_OwnHash, StageTask):
 
     Output: ``metrics.json`` (mAP, per-class AP, CorLoc, fps, training time), ``ap_per_class.csv``,
     ``pr_curves.png``, ``detections_test.csv``, ``results/comp4_det_test_<class>.txt`` (devkit format),
-    ``corloc_per_class.csv`` and ``corloc_boxes.csv`` (top detection per trainval image and class), ``summary.md``.
+    ``corloc_per_class.csv`` and ``corloc_boxes.csv`` (the detector's top-scoring box of every class in every trainval
+    image, with no score threshold: CorLoc scores, per class over the images containing it, whether that box hits
+    an object of the class at IoU >= 0.5), ``summary.md``.
     """
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
@@ -178,7 +189,13 @@ class EvaluateVOC07(_OwnHash, StageTask):
         test = manifest.split(self.test_split)
         if test.empty:
             raise ValueError(f"EvaluateVOC07: the dataset has no images in split {self.test_split!r}")
-        with ProposalStore(self.input_dir("proposals") / f"proposals_{self.test_split}.h5") as store:
+        test_proposals = self.input_dir("proposals") / f"proposals_{self.test_split}.h5"
+        if not test_proposals.is_file():
+            have = sorted(p.stem[len("proposals_"):] for p in test_proposals.parent.glob("proposals_*.h5"))
+            raise FileNotFoundError(f"{test_proposals}: no proposals for the {self.test_split!r} split "
+                                    f"(SelectiveSearch computed {have}); run with --splits including "
+                                    f"{self.test_split!r}")
+        with ProposalStore(test_proposals) as store:
             dets, stats = detect(model, DetectionDataset(test, store, classes), device, self.eval_batch)
         write_csv(dets, work / "detections_test.csv")
         write_voc_results(dets, work / "results", classes, image_set=self.test_split)
@@ -195,8 +212,9 @@ class EvaluateVOC07(_OwnHash, StageTask):
         if self.corloc:
             trainval = manifest.split("trainval")
             with ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5") as store:
-                tv_dets, tv_stats = detect(model, DetectionDataset(trainval, store, classes), device, self.eval_batch)
-            top = top_detections(tv_dets)
+                # the top box of every class in every image, however low its score (no threshold, no cap)
+                top, tv_stats = detect(model, DetectionDataset(trainval, store, classes), device, self.eval_batch,
+                                       top_per_class=True)
             write_csv(top, work / "corloc_boxes.csv")
             objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
             per_class, mean = corloc(top, objects, classes=classes)

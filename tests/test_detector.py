@@ -3,6 +3,7 @@ resume, detection output, box sources."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import cv2
@@ -17,6 +18,7 @@ from pipeline.detector import (DetectionDataset, DetectorConfig, DetectorError, 
                                train_detector)
 
 CLASSES = ("cat", "dog", "cow")
+BOX = ["x1", "y1", "x2", "y2"]
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +142,36 @@ def test_efficientnet_trunk_is_dilated_to_stride_16():
     assert stack(torch.rand(1, 1, 16, 16)).shape == (1, 1, 8, 8)
 
 
+def test_vgg16_paper_architecture():
+    """The paper's Fast R-CNN: RoI max pooling 7x7 on relu5_3 (stride 16), fc6/fc7 of VGG16's classifier (with its
+    dropout) as the box head, conv1-2 frozen; one small training step moves conv3+ and the heads only."""
+    from torchvision.ops import RoIPool
+
+    model = build_detector(CLASSES, preset("paper", weights="random", min_size=96, max_size=128))
+    body = model.backbone.body
+    assert list(body._modules)[-2:] == ["conv5_3", "relu5_3"] and model.backbone.stride == 16
+    pool = model.roi_heads.box_roi_pool
+    assert pool.output_size == (7, 7) and pool.spatial_scale == 1 / 16
+    feats = torch.rand(1, 512, 6, 8)
+    rois = [torch.tensor([[0.0, 0.0, 64.0, 48.0], [16.0, 8.0, 100.0, 90.0]])]
+    torch.testing.assert_close(pool({"0": feats}, rois, [(96, 128)]), RoIPool(7, 1 / 16)(feats, [rois[0]]))
+    head = model.roi_heads.box_head
+    assert (head.fc6.in_features, head.fc6.out_features, head.fc7.out_features) == (512 * 7 * 7, 4096, 4096)
+    assert isinstance(head.drop6, torch.nn.Dropout) and model.roi_heads.box_predictor.cls_score.in_features == 4096
+    frozen = {n.split(".")[2] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1_1", "conv1_2", "conv2_1", "conv2_2"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    gt = {"boxes": torch.tensor([[10.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([2])}
+    losses = model([torch.rand(3, 96, 128)], [torch.tensor([[8.0, 8.0, 72.0, 64.0], [0.0, 0.0, 50.0, 40.0]])], [gt])
+    sum(losses.values()).backward()
+    opt.step()
+    changed = {k.split(".")[2] for k, v in model.state_dict().items() if k.startswith("backbone")
+               and not torch.equal(v, before[k])}
+    assert "conv1_1" not in changed and "conv2_2" not in changed and {"conv3_1", "conv5_3"} <= changed
+
+
 # ------------------------------------------------------------------------------------------------- training
 def _image_dir(tmp_path, sizes, seed=0):
     rng = np.random.default_rng(seed)
@@ -235,6 +267,62 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     assert (tmp_path / "c.pth").read_bytes() == saved
 
 
+def test_non_finite_weights_after_an_epoch_keep_the_last_good_checkpoint(tmp_path):
+    """The loss of the epoch's last iteration is finite but its step makes a weight infinite: the epoch-end check
+    stops training before the checkpoint is overwritten."""
+    ds, _ = _dataset(tmp_path, [(120, 160), (160, 120)])
+    train_detector(build_detector(CLASSES, small_cfg(epochs=1)), ds, tmp_path / "c.pth", progress=False,
+                   max_iters_per_epoch=1)
+    saved = (tmp_path / "c.pth").read_bytes()
+    model = build_detector(CLASSES, small_cfg(epochs=2))
+    model.roi_heads.box_predictor.cls_score.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(DetectorError, match=r"non-finite detector weights after epoch 2 .*cls_score.weight"):
+        train_detector(model, ds, tmp_path / "c.pth", progress=False, max_iters_per_epoch=1)
+    assert (tmp_path / "c.pth").read_bytes() == saved
+    assert load_checkpoint(tmp_path / "c.pth")["epoch"] == 0
+
+
+def test_detect_per_class_nms_cap_and_top_box_per_class(tmp_path):
+    """Test-time output of an (untrained) detector: boxes of one class overlap by at most the NMS IoU 0.3, the
+    per-image cap keeps the highest scores, and ``top_per_class`` returns for every class the maximum softmax score
+    over all proposals, computed here directly from the model's modules."""
+    from torchvision.ops import box_iou
+
+    ds, _ = _dataset(tmp_path, [(120, 160), (160, 120)])
+    model = build_detector(CLASSES, small_cfg()).eval()
+    test_ds = DetectionDataset(ds.images, ds.proposals, CLASSES)
+    model.roi_heads.score_thresh = 0.0
+    dets, _ = detect(model, test_ds, progress=False)
+    assert len(dets) > 10
+    for _, g in dets.groupby(["image_id", "class"]):
+        iou = box_iou(torch.tensor(g[BOX].to_numpy()), torch.tensor(g[BOX].to_numpy()))
+        assert (iou.fill_diagonal_(0) <= 0.3 + 1e-5).all()
+    model.roi_heads.detections_per_img = 5
+    capped, _ = detect(model, test_ds, progress=False)
+    for image_id, g in capped.groupby("image_id"):
+        assert len(g) == 5
+        expected = np.sort(dets[dets.image_id == image_id].score.to_numpy())[::-1][:5]
+        np.testing.assert_allclose(np.sort(g.score.to_numpy())[::-1], expected, rtol=1e-6)
+    # top box per class: independent computation of the best score of each class over every proposal
+    model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.3, 100
+    top, _ = detect(model, test_ds, progress=False, top_per_class=True)
+    assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img) == (0.3, 100)  # restored
+    thresholded, _ = detect(model, test_ds, progress=False)
+    assert len(top) == len(test_ds) * len(CLASSES) and not top.duplicated(["image_id", "class"]).any()
+    with torch.no_grad():
+        for i in range(len(test_ds)):
+            img, props, _, image_id = test_ds[i]
+            images, _ = model.transform([img])
+            feats = model.backbone(images.tensors)
+            scaled, _ = model.rpn(images, [props], [tuple(img.shape[-2:])])
+            x = model.roi_heads.box_head(model.roi_heads.box_roi_pool(feats, scaled, images.image_sizes))
+            probs = torch.softmax(model.roi_heads.box_predictor(x)[0], -1)[:, 1:].max(0).values.numpy()
+            got = top[top.image_id == image_id].set_index("class").score.reindex(CLASSES).to_numpy()
+            np.testing.assert_allclose(got, probs, rtol=1e-4)
+    # with the 0.3 threshold some (image, class) pairs have no detection at all; top_per_class still has them
+    assert len(thresholded.drop_duplicates(["image_id", "class"])) < len(top)
+
+
 # ---------------------------------------------------------------------------------------------- box sources
 def test_training_box_sources_agree(tmp_path):
     from pipeline.export import write_coco, write_pseudo_labels, write_voc_annotations
@@ -325,3 +413,58 @@ def test_compare_detectors_builds_the_four_variants(outputs):
     assert trains["pseudo_sacam"].requires()["pseudo"].stage_dir != trains["pseudo_gradcam"].requires()["pseudo"].stage_dir
     gt_other = CompareDetectors(synth_trainval=8, cam_method="gradcam").requires()["ground_truth"]
     assert gt_other.stage_dir == reqs["ground_truth"].stage_dir
+
+
+# ------------------------------------------------------------------------------------------------------- DDP
+def test_rank_batches_split_every_global_batch():
+    from pipeline.detector import _rank_batches
+
+    batches = [[0, 1, 2], [3, 4, 5], [6]]
+    r0, r1 = _rank_batches(batches, 0, 2), _rank_batches(batches, 1, 2)
+    # the last batch (1 image < 2 processes) joins the one before it; pieces are contiguous, near-equal
+    assert [b for b, _ in r0] == [[0, 1], [3, 4]] and [b for b, _ in r1] == [[2], [5, 6]]
+    assert [s for _, s in r0] == pytest.approx([2 / 3, 2 / 4]) and [s for _, s in r1] == pytest.approx([1 / 3, 2 / 4])
+    assert _rank_batches([[0, 1], [2, 3]], 1, 2) == [([1], 0.5), ([3], 0.5)]
+    with pytest.raises(DetectorError, match="cannot be split over 2 processes"):
+        _rank_batches([[0]], 0, 2)
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path):
+    """torchrun with 2 gloo processes: each takes one image of every 2-image batch; rank 0 writes the checkpoint,
+    the parent loads the trained weights; the same optimizer steps as one process."""
+    from pipeline.detector import train_detector_distributed
+
+    ds, _ = _dataset(tmp_path, [(120, 160), (160, 120), (100, 100), (120, 120)])
+    cfg = small_cfg(epochs=2, images_per_batch=2)
+    model = build_detector(CLASSES, cfg)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    log = train_detector_distributed(model, ds, tmp_path / "ddp" / "model.pth", "cpu", nproc=2, progress=False,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert list(log.epoch) == [1, 2] and list(log.iterations) == [2, 2] and np.isfinite(log.loss).all()
+    ckpt = load_checkpoint(tmp_path / "ddp" / "model.pth")
+    assert ckpt["epoch"] == 1 and len(ckpt["log"]) == 2 and not list((tmp_path / "ddp").glob("ddp_*"))
+    for k, v in ckpt["model"].items():  # the parent's model holds the checkpoint's (trained) weights
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    assert not torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+                           init["roi_heads.box_predictor.cls_score.weight"])
+    single = train_detector(build_detector(CLASSES, cfg), ds, tmp_path / "one.pth", progress=False)
+    assert list(single.iterations) == list(log.iterations)
+
+
+def test_train_fast_rcnn_declares_gpu_units_per_process():
+    import luigi
+
+    from tasks.base import gpu_resource
+    from tasks.detector import TrainFastRCNN
+
+    one, two = TrainFastRCNN(det_nproc=1), TrainFastRCNN(det_nproc=2)
+    assert one.stage_dir == two.stage_dir  # how many processes train is not part of the result's identity
+    assert one.resources == two.resources == {gpu_resource(): 1}  # nothing configured: luigi's 1 unit
+    config = luigi.configuration.get_config()
+    if not config.has_section("resources"):
+        config.add_section("resources")
+    config.set("resources", gpu_resource(), "4")
+    try:
+        assert two.resources == {gpu_resource(): 2} and one.resources == {gpu_resource(): 1}
+    finally:
+        config.remove_option("resources", gpu_resource())
