@@ -468,3 +468,26 @@ def test_train_fast_rcnn_declares_gpu_units_per_process():
         assert two.resources == {gpu_resource(): 2} and one.resources == {gpu_resource(): 1}
     finally:
         config.remove_option("resources", gpu_resource())
+
+
+def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
+    """The four detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
+    with every variant's mAP and its ratio to the ground-truth detector's."""
+    import luigi
+
+    from tasks.detector import CompareDetectors
+
+    task = CompareDetectors(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_size=128,
+                            classifier_weights="random", classifier_epochs=1, classifier_input_size=64, device="cpu",
+                            report_images=0, report_worst=0, det_preset="cpu", det_epochs=1, det_min_size=128,
+                            det_max_size=192, det_max_proposals=300, det_weights="random")
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    table = pd.read_csv(task.stage_dir / "comparison.csv")
+    assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
+    for variant, evaluation in task.requires().items():
+        m = json.loads((evaluation.stage_dir / "metrics.json").read_text())
+        row = table.set_index("variant").loc[variant]
+        assert row.mAP == pytest.approx(m["mAP"]) and row.corloc == pytest.approx(m["corloc"])
+    gt = table.set_index("variant").loc["ground_truth"]
+    assert table.ratio_to_gt.to_numpy() == pytest.approx(table.mAP.to_numpy() / gt.mAP)
+    assert "mAP / GT mAP" in (task.stage_dir / "summary.md").read_text()
