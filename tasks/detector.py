@@ -78,6 +78,8 @@ class TrainFastRCNN(_OwnHash, StageTask):
     det_min_size = luigi.OptionalIntParameter(default=None, description="shorter image side")
     det_max_size = luigi.OptionalIntParameter(default=None, description="longer image side cap")
     det_max_proposals = luigi.OptionalIntParameter(default=None)
+    det_images_per_batch = luigi.OptionalIntParameter(default=None, description="images per optimizer step "
+                                                                                "(split over --det-nproc processes)")
     det_bg_iou_lo = luigi.OptionalFloatParameter(default=None, description="lower IoU bound of background RoIs")
     det_pooler = luigi.OptionalStrParameter(default=None, description="roi_pool | roi_align")
     det_max_iters = luigi.OptionalIntParameter(default=None, description="cap on iterations per epoch (smoke runs)")
@@ -109,6 +111,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
         over = {"backbone": self.det_backbone, "weights": self.det_weights, "epochs": self.det_epochs,
                 "lr": self.det_lr, "min_size": self.det_min_size, "max_size": self.det_max_size,
                 "max_proposals": self.det_max_proposals, "bg_iou_lo": self.det_bg_iou_lo, "pooler": self.det_pooler,
+                "images_per_batch": self.det_images_per_batch,
                 "lr_steps": tuple(int(s) for s in self.det_lr_steps) if self.det_lr_steps is not None else None}
         cfg = preset(name, **{k: v for k, v in over.items() if v is not None})
         if self.det_epochs is not None and self.det_lr_steps is None:  # keep the drop at 80% of the schedule
