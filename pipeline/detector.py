@@ -633,8 +633,9 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
 
     Under torchrun (``WORLD_SIZE`` > 1, see :func:`train_detector_distributed`) the model is wrapped in
     DistributedDataParallel and each global batch of ``images_per_batch`` images is split over the processes, each
-    process's loss weighted by its share of the batch, so N processes take the same optimizer steps as one; only
-    rank 0 writes the checkpoint.
+    process's loss weighted by its share of the batch, so N processes take the same optimizer steps as one (but for
+    a last batch smaller than N, which joins the one before it; the RoI sampling differs); only rank 0 writes the
+    checkpoint.
 
     After every epoch the checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, classes, log}``
     is written atomically to ``checkpoint``; with ``resume`` an existing checkpoint is continued from the epoch
