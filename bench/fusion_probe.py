@@ -55,8 +55,6 @@ def main(argv=None) -> int:
     ap.add_argument("--thresholds", default="40,60,80,100,120")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    import luigi  # noqa: F401  (tasks need it)
     from tasks import SelectProposals, TrainClassifier
 
     data = dict(voc_root=str(SAMPLE / "VOC2007"), clicks=str(SAMPLE / "clicks_trainval.csv"), annotator=1)

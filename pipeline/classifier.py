@@ -736,13 +736,7 @@ def train_classifier_distributed(model: nn.Module, dataset: CropDataset, out_dir
     cfg = config or TrainConfig()
     if nproc <= 1:
         return train_classifier(model, dataset, out_dir, cfg, resume=True, progress=progress)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and torch.cuda.device_count() < nproc:
-        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine shows "
-                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
-                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')})")
-    if cfg.batch_size < nproc:
-        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {nproc} training processes")
+    D.check_processes(nproc, resolve_device(cfg.device), cfg.batch_size)
     out_dir = Path(out_dir)
     model = model.cpu()
     D.launch("pipeline.classifier:_train_classifier_rank",

@@ -58,6 +58,7 @@ from . import distributed as D
 from .device import resolve_device
 from .imageio import read_image
 from .io import atomic_path
+from .proposals import shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -620,7 +621,7 @@ def _rank_batches(batches: list[list[int]], rank: int, world: int) -> list[tuple
     for b in batches:
         if len(b) < world:
             raise DetectorError(f"{len(b)} training image(s) cannot be split over {world} processes")
-        start, stop = D.split_bounds(len(b), rank, world)
+        start, stop = shard_bounds(len(b), rank, world)
         out.append((b[start:stop], (stop - start) / len(b)))
     return out
 
@@ -775,11 +776,7 @@ def train_detector_distributed(model: FastRCNN, dataset: DetectionDataset, check
         return train_detector(model, dataset, checkpoint, device, resume=True,
                               max_iters_per_epoch=max_iters_per_epoch, progress=progress)
     dev = torch.device(device) if isinstance(device, torch.device) else resolve_device(device)
-    if dev.type == "cuda" and torch.cuda.device_count() < nproc:
-        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine shows "
-                         f"{torch.cuda.device_count()}")
-    if model.config.images_per_batch < nproc:
-        raise ValueError(f"images_per_batch {model.config.images_per_batch} is smaller than the {nproc} processes")
+    D.check_processes(nproc, dev, model.config.images_per_batch, "images per batch")
     checkpoint = Path(checkpoint)
     D.launch("pipeline.detector:_train_detector_rank",
              {"model": model.cpu(), "dataset": dataset, "checkpoint": str(checkpoint), "device": dev.type,

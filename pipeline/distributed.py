@@ -31,6 +31,7 @@ from torch.utils.data import Sampler
 
 from .device import resolve_device
 from .io import atomic_path
+from .proposals import shard_bounds  # a rank's contiguous piece of a batch, as a shard's of a split
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +149,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def split_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank ``rank``'s contiguous, near-equal piece of ``n`` items."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, {world})")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
 class RankBatchSampler(Sampler):
     """Global batches of ``batch_size`` consecutive items of ``sampler``'s order (the last, smaller one dropped
-    with ``drop_last``), of which this rank yields its contiguous piece (:func:`split_bounds`). With one rank it
+    with ``drop_last``), of which this rank yields its contiguous piece (:func:`shard_bounds`). With one rank it
     yields exactly what ``DataLoader(batch_size=..., sampler=..., drop_last=...)`` batches. ``len()`` is the
     number of global batches, the same on every rank; every rank gets at least one item of each batch when
     ``batch_size >= world`` (checked) and each batch has at least ``world`` items."""
@@ -170,7 +162,8 @@ class RankBatchSampler(Sampler):
         if batch_size < world:
             raise ValueError(f"batch size {batch_size} is smaller than the {world} processes: each needs at least "
                              "one item per step")
-        split_bounds(batch_size, rank, world)  # validates rank
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
         self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), bool(drop_last)
         self.rank, self.world = int(rank), int(world)
 
@@ -192,11 +185,22 @@ class RankBatchSampler(Sampler):
         for batch in self.global_batches():
             if len(batch) < self.world:
                 raise ValueError(f"a batch of {len(batch)} items cannot be split over {self.world} processes")
-            start, stop = split_bounds(len(batch), self.rank, self.world)
+            start, stop = shard_bounds(len(batch), self.rank, self.world)
             yield batch[start:stop]
 
 
 # -- launching ----------------------------------------------------------------------------------------------
+def check_processes(nproc: int, device: torch.device, batch_size: int, what: str = "batch size") -> None:
+    """ValueError when ``nproc`` training processes cannot run: fewer GPUs than processes on CUDA, or a global
+    batch smaller than the number of processes (each needs a piece of every batch)."""
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"{nproc} training processes need {nproc} GPUs; this machine shows "
+                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    if batch_size < nproc:
+        raise ValueError(f"{what} {batch_size} is smaller than the {nproc} training processes")
+
+
 def torchrun_command(nproc: int, job: str | os.PathLike) -> list[str]:
     """``torchrun --standalone --nproc_per_node N -m pipeline.distributed JOB`` (through this interpreter)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc)),
