@@ -6,10 +6,12 @@ README (what does and does not move the pseudo-box quality); it has no target an
     .venv/bin/python bench/fusion_probe.py --model outputs/TrainClassifier/<hash>/model.pt --crop-size 224
     .venv/bin/python bench/fusion_probe.py --method gradcam --layer stage5 --clicks 500
 
-Fusions: ``sum`` (the paper's Eq. 4, the pipeline's), ``prob`` (each crop's map weighted by the classifier's
-probability of the click's class), ``maxnorm`` (each crop's map scaled to max 1 first), ``top4`` (the 4
-nearest-centred crops only), ``inv-area`` (weighted by 1/crop area). Also, per click, the box-size error against
-the clicked object by object size. Uses the library's functions (extract_crops, make_cam, paste_and_fuse,
+Fusions: ``sum`` (the paper's Eq. 4, ``--cam-fusion sum``), ``prob`` (each crop's map weighted by the
+classifier's probability of the click's class; the pipeline's default ``--cam-fusion prob``), ``maxnorm`` (each crop's map scaled to max 1 first), ``top4`` (the 4
+nearest-centred crops only), ``inv-area`` (weighted by 1/crop area). Two per-click threshold choices on the
+``prob`` fusion: ``oracle T`` (the threshold whose box best fits the clicked object: a ceiling, it looks at the
+ground truth) and ``otsu`` (Otsu's threshold of the normalised map, per click). Also, per click, the box-size error
+against the clicked object by object size. Uses the library's functions (extract_crops, make_cam, paste_and_fuse,
 box_from_cam, pseudo_box_metrics) and writes ``outputs/bench/fusion_probe/<method>_<layer>_<size>.csv``.
 """
 from __future__ import annotations
@@ -28,8 +30,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.boxes import BoxParams, box_from_cam  # noqa: E402
-from pipeline.cam import extract_crops, make_cam, paste_and_fuse  # noqa: E402
+import cv2  # noqa: E402
+
+from pipeline.boxes import BoxParams, box_from_cam, normalize_map  # noqa: E402
+from pipeline.cam import extract_crops, fusion_weights, make_cam, paste_and_fuse  # noqa: E402
 from pipeline.classifier import load_classifier  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
 from pipeline.io import write_csv  # noqa: E402
@@ -38,7 +42,7 @@ from pipeline.metrics import clicked_iou, pseudo_box_metrics  # noqa: E402
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 FUSIONS = {
     "sum": lambda maps, boxes, prob: np.ones(len(maps)),
-    "prob": lambda maps, boxes, prob: prob,
+    "prob": lambda maps, boxes, prob: fusion_weights("prob", torch.as_tensor(prob)).numpy(),
     "maxnorm": lambda maps, boxes, prob: 1.0 / np.maximum(maps.reshape(len(maps), -1).max(1), 1e-6),
     "top4": lambda maps, boxes, prob: (np.arange(len(maps)) < 4).astype(float),
     "inv-area": lambda maps, boxes, prob: 1.0 / ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])),
@@ -96,8 +100,20 @@ def main(argv=None) -> int:
                     res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", t))
                     box = res.box or tuple(boxes[0])
                     rows.append((name, t, r.image_id, r["class"], *box, 1.0, int(cid), int(r.object_index)))
+                if name == "prob":
+                    norm, _ = normalize_map(fused)
+                    t_otsu = 60.0 if norm is None else cv2.threshold(
+                        norm.astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+                    res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", max(t_otsu, 1.0)))
+                    rows.append(("prob, otsu T", -1.0, r.image_id, r["class"], *(res.box or tuple(boxes[0])), 1.0,
+                                 int(cid), int(r.object_index)))
     df = pd.DataFrame(rows, columns=["fusion", "T", "image_id", "class", "x1", "y1", "x2", "y2", "score", "click_id",
                                      "object_index"])
+    # the ceiling of a per-click threshold: the prob fusion's box that fits the clicked object best over T
+    g = df[(df.fusion == "prob") & (df["T"] >= 0)].reset_index(drop=True)
+    best = g.assign(iou=clicked_iou(g, objects).to_numpy()).sort_values("iou", ascending=False)
+    df = pd.concat([df, best.drop_duplicates("click_id").drop(columns="iou").assign(fusion="prob, oracle T", T=-1.0)],
+                   ignore_index=True)
     table = []
     for (name, t), g in df.groupby(["fusion", "T"], sort=False):
         g = g.reset_index(drop=True)
@@ -106,7 +122,7 @@ def main(argv=None) -> int:
                       "clicked_acc": 100 * float((clicked_iou(g, objects) >= 0.5).mean())})
     table = pd.DataFrame(table)
     print(f"{len(ids)} clicks, {args.method} at {layer}, {size} px crops, model {model_path}")
-    print("box-CorLoc (%) by fusion and T_cam:")
+    print("box-CorLoc (%) by fusion and T_cam (T -1: a threshold chosen per click):")
     print(table.pivot(index="fusion", columns="T", values="box_corloc").round(1).to_string())
 
     # box size error of the default (sum, T=60) by the clicked object's size relative to the image

@@ -15,7 +15,10 @@ computing no weight gradients. Common CAM libraries instead backpropagate one cr
 network to the input (``efficient=False`` keeps the graph below, for comparison).
 
 Click fusion: :func:`paste_and_fuse` resizes each crop's map to the crop's box in the image (bilinear) and sums
-the pasted maps into an image-sized map.
+the pasted maps into an image-sized map: the plain sum of Eq. 4 (``fusion="sum"``), or (``fusion="prob"``) each
+crop's map weighted by the classifier's softmax probability of the click's class on that crop, so a crop the
+classifier does not recognise as the class (background, a part, a neighbour) contributes less. Measured on
+voc07-sample (bench/quality.py, README): ``prob`` adds 2-3 box-CorLoc points over ``sum``.
 
 Storage: :func:`write_cam_store` computes the fused map of every entry (a click, or an image/class pair in the
 image-label-only mode) and writes HDF5 part files of ``images_per_part`` images each, each part atomically, so a
@@ -57,6 +60,8 @@ from .proposals import shard_bounds
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+#: how a click's crop maps are fused (:func:`fusion_weights`): Eq. 4's plain sum, or weighted by class probability
+FUSIONS = ("sum", "prob")
 
 
 # -- targets ------------------------------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class BaseCAM:
             self.layer = layer or type(target_layer).__name__
         self.efficient = efficient
         self._hook = ActivationsAndGradients(target_layer, cut_below=efficient)
+        self.outputs: torch.Tensor | None = None  # the model's logits of the last call (pytorch-grad-cam's name)
 
     # the one method a CAM variant overrides (either of them) ----------------------------------------------
     def get_cam_weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -160,6 +166,7 @@ class BaseCAM:
             with grad_ctx:
                 self._hook.active = True
                 logits = self.model(x)
+                self.outputs = logits.detach()
                 self._hook.active = False
                 acts = self._hook.activations
                 if acts is None:
@@ -256,21 +263,40 @@ def extract_crops(image: np.ndarray | torch.Tensor, boxes, size: int, mean: Sequ
     return roi_align(img, [b], output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def _paste(maps: torch.Tensor, boxes, image_hw: tuple[int, int]) -> torch.Tensor:
+def _paste(maps: torch.Tensor, boxes, image_hw: tuple[int, int], weights: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.zeros(image_hw, dtype=torch.float32, device=maps.device)
+    if weights is not None:
+        maps = maps * weights.to(maps.device, torch.float32)[:, None, None]
     for m, (x1, y1, x2, y2) in zip(maps, pixel_boxes(boxes, image_hw).tolist()):
         up = F.interpolate(m[None, None].float(), size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
         out[y1:y2, x1:x2] += up[0, 0]
     return out
 
 
-def paste_and_fuse(maps: torch.Tensor | np.ndarray, boxes, image_hw: tuple[int, int]) -> np.ndarray:
+def fusion_weights(fusion: str, probs: torch.Tensor) -> torch.Tensor | None:
+    """Per-crop weights of a fusion rule (:data:`FUSIONS`) from the crops' class probabilities ``(N,)``; None for
+    the plain sum."""
+    if fusion == "sum":
+        return None
+    if fusion == "prob":
+        return probs
+    raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+
+
+def paste_and_fuse(maps: torch.Tensor | np.ndarray, boxes, image_hw: tuple[int, int],
+                   weights: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Eq. 4: upsample each crop's map ``(N, h, w)`` to its box's pixels (:func:`pixel_boxes`; bilinear), add it
-    there into an ``image_hw`` map, sum over crops. Returns ``(H, W)`` float32 numpy (one device-to-host copy)."""
+    there into an ``image_hw`` map, sum over crops; ``weights`` ``(N,)``: a weighted sum instead (the ``"prob"``
+    fusion). Returns ``(H, W)`` float32 numpy (one device-to-host copy)."""
     maps = torch.as_tensor(maps)
-    if maps.ndim != 3 or maps.shape[0] != np.asarray(boxes).reshape(-1, 4).shape[0]:
-        raise ValueError(f"{tuple(maps.shape)} maps do not match {np.asarray(boxes).reshape(-1, 4).shape[0]} boxes")
-    return _paste(maps, boxes, image_hw).cpu().numpy()
+    n = np.asarray(boxes).reshape(-1, 4).shape[0]
+    if maps.ndim != 3 or maps.shape[0] != n:
+        raise ValueError(f"{tuple(maps.shape)} maps do not match {n} boxes")
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (n,):
+            raise ValueError(f"{tuple(weights.shape)} weights do not match {n} boxes")
+    return _paste(maps, boxes, image_hw, weights).cpu().numpy()
 
 
 # -- entries: what to compute ---------------------------------------------------------------------------------
@@ -426,7 +452,7 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
                     images_per_part: int = 64, inspect_images: int = 0, num_workers: int = 0,
                     compression: str = "gzip", compression_level: int = 1, progress: bool = True,
                     channels_last: bool | None = None, stop_after_parts: int | None = None,
-                    shard: tuple[int, int] | None = None) -> "CamStore":
+                    shard: tuple[int, int] | None = None, fusion: str = "sum") -> "CamStore":
     """Compute and store the fused CAM of every entry; resumable.
 
     Images are processed in sorted id order, in parts of ``images_per_part`` images; each part is one HDF5 file
@@ -438,7 +464,8 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     (then in chunks of ``batch_size``): one forward and one backward per pass. ``inspect_images``: the first that
     many images also store each crop's raw map (``crop_maps``). ``stop_after_parts`` (tests) stops after writing
     that many new parts, as a kill would. Writes ``index.csv`` and ``summary.json`` when all parts exist.
-    ``channels_last``: memory format of the model and crops (None: :func:`prefer_channels_last`).
+    ``channels_last``: memory format of the model and crops (None: :func:`prefer_channels_last`). ``fusion``:
+    one of :data:`FUSIONS`; every entry also stores its crops' class probabilities (``crop_probs``).
 
     ``shard=(i, n)``: compute only the parts :func:`shard_parts` ``(n_parts, i, n)`` of the global plan of
     ``entries`` (which are all entries, in every shard), under their global part names; the directory is then a
@@ -458,7 +485,9 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     crop_size = int(crop_size or getattr(model, "input_size", 224))
     mean, std = model.mean, model.std
     batch_size = max(1, int(batch_size))
-    settings = {"method": method, "layer": layer, "crop_size": crop_size, "batch_size": batch_size,
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+    settings = {"method": method, "layer": layer, "crop_size": crop_size, "batch_size": batch_size, "fusion": fusion,
                 "inspect_images": inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
     plan = _plan(entries, images_per_part)
     mine = shard_parts(len(plan), *shard)
@@ -498,7 +527,7 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
                     k = sum(len(e.crops) for e in ents)
                     if pending and pending_crops + k > batch_size:
                         _run_pass(cam, pending, f, crop_size, mean, std, batch_size, inspect_set, device,
-                                  compression, compression_level, memory_format)
+                                  compression, compression_level, memory_format, fusion)
                         bar.update(pending_crops)
                         n_crops += pending_crops
                         pending, pending_crops = [], 0
@@ -507,7 +536,7 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
                     pending_crops += k
                 if pending:
                     _run_pass(cam, pending, f, crop_size, mean, std, batch_size, inspect_set, device,
-                              compression, compression_level, memory_format)
+                              compression, compression_level, memory_format, fusion)
                     bar.update(pending_crops)
                     n_crops += pending_crops
             written += 1
@@ -547,7 +576,7 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 
 #: settings every shard of one store must share (``batch_size`` may differ: it only changes how many crops go
 #: through the network at once, not what is computed)
-_SHARED_SETTINGS = ("method", "layer", "crop_size", "inspect_images", "backbone")
+_SHARED_SETTINGS = ("method", "layer", "crop_size", "fusion", "inspect_images", "backbone")
 
 
 def merge_cam_stores(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> "CamStore":
@@ -605,7 +634,7 @@ def merge_cam_stores(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.
         raise ValueError(f"CAM shards hold {len(index)} entries, the plan has {ref['entries']}")
     write_csv(index, out_dir / "index.csv")
     batch_sizes = sorted({int(p["batch_size"]) for p in plans})
-    settings = {k: ref[k] for k in ("method", "layer", "crop_size") if k in ref}
+    settings = {k: ref[k] for k in ("method", "layer", "crop_size", "fusion") if k in ref}
     settings["batch_size"] = batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes
     settings.update({k: ref[k] for k in ("inspect_images", "backbone") if k in ref})
     write_json(out_dir / "plan.json", {
@@ -640,9 +669,9 @@ def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
 
 def _run_pass(cam: BaseCAM, pending, f: h5py.File, crop_size: int, mean, std, batch_size: int,
               inspect_set: set, device: torch.device, compression: str, level: int,
-              memory_format: torch.memory_format = torch.contiguous_format) -> None:
+              memory_format: torch.memory_format = torch.contiguous_format, fusion: str = "sum") -> None:
     """One batched forward/backward over all crops of the pending images (in chunks of ``batch_size`` only when
-    one image alone has more crops), then per entry: paste, fuse, store."""
+    one image alone has more crops), then per entry: paste, fuse (``fusion``), store."""
     # global crop list: (image position, box, target)
     gpu_imgs = [img.to(device, non_blocking=True) for _, img, _ in pending]
     owner, boxes, targets = [], [], []
@@ -653,23 +682,25 @@ def _run_pass(cam: BaseCAM, pending, f: h5py.File, crop_size: int, mean, std, ba
             targets += [e.class_index] * len(e.crops)
     owner_a, boxes_a = np.asarray(owner), np.concatenate(boxes)
     t = torch.tensor(targets, dtype=torch.long, device=device)
-    maps = []
+    maps, probs = [], []
     for i in range(0, len(owner_a), batch_size):
         sl = slice(i, i + batch_size)
         x = torch.cat([extract_crops(gpu_imgs[j], boxes_a[sl][owner_a[sl] == j], crop_size, mean, std)
                        for j in np.unique(owner_a[sl])]).contiguous(memory_format=memory_format)
         maps.append(cam(x, t[sl]))
-    maps = torch.cat(maps)
+        probs.append(torch.softmax(cam.outputs.float(), 1).gather(1, t[sl, None])[:, 0])
+    maps, probs = torch.cat(maps), torch.cat(probs)
     k = 0
     for (image_id, _, ents), gimg in zip(pending, gpu_imgs):
         hw = tuple(gimg.shape[-2:])
         for e in ents:
-            m = maps[k:k + len(e.crops)]
+            m, p = maps[k:k + len(e.crops)], probs[k:k + len(e.crops)]
             k += len(e.crops)
-            fused = _paste(m, e.crops, hw).cpu().numpy()
+            fused = _paste(m, e.crops, hw, fusion_weights(fusion, p)).cpu().numpy()
             g = f.create_group(str(e.entry_id))
             _store_map(g, "map", fused, compression, level)
             g.create_dataset("crops", data=np.asarray(e.crops, np.float32), track_times=False)
+            g.create_dataset("crop_probs", data=p.cpu().numpy().astype(np.float32), track_times=False)
             g.attrs.update({"kind": e.kind, "image_id": e.image_id, "class": e.cls,
                             "class_index": int(e.class_index), "x": float(e.x), "y": float(e.y)})
             if image_id in inspect_set:
@@ -693,7 +724,8 @@ class CamStore:
     access (and not pickled, so a store can be handed to DataLoader workers).
 
     ``load(entry_id) -> (fused map float32 (H, W), meta)`` with meta keys ``entry_id, kind, image_id, class,
-    class_index, x, y, crops (N, 4)``; in click mode entry ids are click ids.
+    class_index, x, y, crops (N, 4), crop_probs (N,)`` (the classifier's probability of the class on each crop;
+    NaN in stores written before it was kept); in click mode entry ids are click ids.
     """
 
     def __init__(self, stage_dir: str | os.PathLike):
@@ -746,7 +778,8 @@ class CamStore:
         a = g.attrs
         meta = {"entry_id": int(entry_id), "kind": str(a["kind"]), "image_id": str(a["image_id"]),
                 "class": str(a["class"]), "class_index": int(a["class_index"]), "x": float(a["x"]),
-                "y": float(a["y"]), "crops": g["crops"][()]}
+                "y": float(a["y"]), "crops": g["crops"][()],
+                "crop_probs": g["crop_probs"][()] if "crop_probs" in g else np.full(len(g["crops"]), np.nan, np.float32)}
         return self._read_map(g["map"]), meta
 
     def load_crop_maps(self, entry_id: int) -> np.ndarray | None:

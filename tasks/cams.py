@@ -23,7 +23,7 @@ import luigi
 import pandas as pd
 from luigi.util import inherits
 
-from pipeline.cam import CAM_METHODS, click_entries, image_entries, merge_cam_stores, write_cam_store
+from pipeline.cam import CAM_METHODS, FUSIONS, click_entries, image_entries, merge_cam_stores, write_cam_store
 from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
 from pipeline.io import read_json, write_json, write_text
@@ -42,6 +42,10 @@ class _CamParams:
                                        description="sacam (Eq. 3, = LayerCAM) or gradcam (Eq. 1-2)")
     cam_layer = luigi.Parameter(default="", description="layer the CAM is taken at; empty: the backbone's "
                                                         "default (vgg16 conv5_2, efficientnet_lite0 stage6)")
+    cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default="prob",
+                                       description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
+                                                   "prob (each weighted by the classifier's probability of the "
+                                                   "click's class on that crop; +2-3 box-CorLoc on voc07-sample)")
     cam_crop_size = luigi.IntParameter(default=0, description="crops resized to this square (px); 0: the "
                                                               "classifier's input size")
     cam_max_crops = luigi.IntParameter(default=0, description="use the first n selected crops of a click; 0: all")
@@ -113,7 +117,7 @@ class GenerateCAMsShard(_CamParams, StageTask):
                                 crop_size=self.cam_crop_size or model.input_size, batch_size=self.cam_batch_size,
                                 device=device, images_per_part=self.cam_images_per_part,
                                 inspect_images=self.cam_inspect_images, num_workers=self.decode_workers(device),
-                                progress=True, shard=(self.cam_shard, self.cam_shards))
+                                progress=True, shard=(self.cam_shard, self.cam_shards), fusion=self.cam_fusion)
         summary = read_json(work / "summary.json")
         log.info("GenerateCAMsShard %d/%d: parts %s, %d entries, %d crops, %s crops/s on %s", self.cam_shard,
                  self.cam_shards, summary.get("part_range"), len(store), summary["crops"], summary["crops_per_s"],
@@ -153,7 +157,8 @@ class GenerateCAMs(_CamParams, StageTask):
         write_json(work / "summary.json", summary)
         write_text(work / "summary.md", (
             f"# GenerateCAMs\n\n- method: {self.cam_method}, layer: {summary['layer']} of {summary['backbone']}, "
-            f"crops {summary['crop_size']} px\n- entries: {summary['entries']} ({summary['mode']}) over "
+            f"crops {summary['crop_size']} px, fusion {self.cam_fusion}\n"
+            f"- entries: {summary['entries']} ({summary['mode']}) over "
             f"{summary['images']} images, {summary['crops']} crops, {summary['parts']} parts in "
             f"{summary['shards']} shards\n- this run: {summary['computed_crops']} crops in {summary['seconds']} s "
             f"of shard time ({summary['crops_per_s']} crops/s) on {summary['device']}\n"))

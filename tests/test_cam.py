@@ -15,6 +15,7 @@ from pipeline.backbones import build_backbone
 from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, click_entries, extract_crops,
                           image_entries, paste_and_fuse, write_cam_store)
 from pipeline.classifier import crop_and_resize
+from pipeline.io import read_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nets import tiny_classifier  # noqa: E402
@@ -219,6 +220,39 @@ def toy_data(tmp_path):
     return paths, selected, sizes
 
 
+def test_prob_fusion_weights_each_crop_by_its_class_probability(tmp_path, toy_data):
+    paths, selected, _ = toy_data
+    net = tiny_classifier()
+    entries = click_entries(selected, ("a", "b", "c"))
+    kw = dict(images_per_part=2, batch_size=4, progress=False)
+    plain = write_cam_store(net, entries, paths, tmp_path / "sum", **kw)
+    weighted = write_cam_store(net, entries, paths, tmp_path / "prob", fusion="prob", **kw)
+    from pipeline.imageio import read_image
+
+    changed = 0
+    with SACAM(net) as cam:
+        for e in entries:
+            img = read_image(paths[e.image_id])
+            maps = cam(extract_crops(img, e.crops, 32, net.mean, net.std), [e.class_index] * len(e.crops))
+            got, meta = weighted.load(e.entry_id)
+            probs = meta["crop_probs"]
+            assert probs.shape == (len(e.crops),) and ((probs > 0) & (probs < 1)).all()
+            np.testing.assert_allclose(probs, plain.load(e.entry_id)[1]["crop_probs"], rtol=1e-5)
+            want = paste_and_fuse(maps, e.crops, img.shape[:2], weights=probs)
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * want.max())
+            # equal weights would give the plain sum scaled; unequal ones change the map's shape
+            if np.ptp(probs) > 0.05 * probs.max():
+                s = plain.load(e.entry_id)[0]
+                assert not np.allclose(got / got.max(), s / s.max(), atol=1e-2)
+                changed += 1
+    assert changed >= 1
+    assert read_json(tmp_path / "prob" / "summary.json")["fusion"] == "prob"
+    with pytest.raises(ValueError, match="unknown fusion"):
+        write_cam_store(net, entries, paths, tmp_path / "bad", fusion="mean", **kw)
+    with pytest.raises(ValueError, match="weights do not match"):
+        paste_and_fuse(np.ones((2, 4, 4)), [[0, 0, 5, 5], [1, 1, 6, 6]], (10, 10), weights=[1.0])
+
+
 def _contents(store: CamStore):
     out = {}
     for cid in store.click_ids():
@@ -255,6 +289,9 @@ def test_store_content_equals_direct_computation(tmp_path, toy_data):
                 np.testing.assert_allclose(crop_maps, maps.numpy(), rtol=2e-3, atol=2e-3 * float(maps.max()))
             else:
                 assert crop_maps is None
+            with torch.no_grad():
+                probs = torch.softmax(net(extract_crops(img, e.crops, 32, net.mean, net.std)), 1)[:, meta["class_index"]]
+            np.testing.assert_allclose(meta["crop_probs"], probs.numpy(), rtol=1e-4, atol=1e-6)
     with h5py.File(tmp_path / "cams" / "cams-00000.h5") as f:
         ds = f["0"]["map"]
         assert ds.dtype == np.float16 and ds.compression == "gzip" and ds.chunks is not None
