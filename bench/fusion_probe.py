@@ -9,8 +9,8 @@ README (what does and does not move the pseudo-box quality); it has no target an
 Fusions: ``sum`` (the paper's Eq. 4, ``--cam-fusion sum``), ``prob`` (each crop's map weighted by the
 classifier's probability of the click's class; the pipeline's default ``--cam-fusion prob``), ``maxnorm`` (each crop's map scaled to max 1 first), ``top4`` (the 4
 nearest-centred crops only), ``inv-area`` (weighted by 1/crop area). Two per-click threshold choices on the
-``prob`` fusion: ``oracle T`` (the threshold whose box best fits the clicked object: a ceiling, it looks at the
-ground truth) and ``otsu`` (Otsu's threshold of the normalised map, per click). Also, per click, the box-size error
+``prob`` fusion: ``oracle T`` (the one of ``--thresholds`` whose box best fits the clicked object: the ceiling of
+choosing among them per click; it looks at the ground truth) and ``otsu`` (Otsu's threshold of the normalised map, per click). Also, per click, the box-size error
 against the clicked object by object size. Uses the library's functions (extract_crops, make_cam, paste_and_fuse,
 box_from_cam, pseudo_box_metrics) and writes ``outputs/bench/fusion_probe/<method>_<layer>_<size>.csv``.
 """
@@ -90,9 +90,8 @@ def main(argv=None) -> int:
             boxes = by_click[cid]
             x = extract_crops(image, boxes, size, model.mean, model.std)
             target = classes.index(r["class"])
-            with torch.no_grad():
-                prob = torch.softmax(model(x).float(), 1)[:, target].numpy()
             maps = cam(x, [target] * len(x)).numpy()
+            prob = torch.softmax(cam.outputs.float(), 1)[:, target].numpy()  # the CAM pass's own forward
             for name, weights in FUSIONS.items():
                 w = torch.as_tensor(weights(maps, boxes, prob), dtype=torch.float32)
                 fused = paste_and_fuse(torch.as_tensor(maps) * w[:, None, None], boxes, image.shape[:2])
