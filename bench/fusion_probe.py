@@ -6,13 +6,14 @@ README (what does and does not move the pseudo-box quality); it has no target an
     .venv/bin/python bench/fusion_probe.py --model outputs/TrainClassifier/<hash>/model.pt --crop-size 224
     .venv/bin/python bench/fusion_probe.py --method gradcam --layer stage5 --clicks 500
 
-Fusions: ``sum`` (the paper's Eq. 4, ``--cam-fusion sum``), ``prob`` (each crop's map weighted by the
-classifier's probability of the click's class; the pipeline's default ``--cam-fusion prob``), ``maxnorm`` (each crop's map scaled to max 1 first), ``top4`` (the 4
-nearest-centred crops only), ``inv-area`` (weighted by 1/crop area). Two per-click threshold choices on the
-``prob`` fusion: ``oracle T`` (the one of ``--thresholds`` whose box best fits the clicked object: the ceiling of
-choosing among them per click; it looks at the ground truth) and ``otsu`` (Otsu's threshold of the normalised map, per click). Also, per click, the box-size error
-against the clicked object by object size. Uses the library's functions (extract_crops, make_cam, paste_and_fuse,
-box_from_cam, pseudo_box_metrics) and writes ``outputs/bench/fusion_probe/<method>_<layer>_<size>.csv``.
+Fusions: ``sum`` (the paper's Eq. 4, ``--cam-fusion sum``), ``prob`` (each crop's map weighted by the classifier's
+probability of the click's class; the pipeline's default ``--cam-fusion prob``), ``maxnorm`` (each crop's map
+scaled to max 1 first), ``top4`` (the 4 nearest-centred crops only), ``inv-area`` (weighted by 1/crop area). Two
+per-click threshold choices on the ``prob`` fusion: ``oracle T`` (the one of ``--thresholds`` whose box best fits
+the clicked object: the ceiling of choosing among them per click; it looks at the ground truth) and ``otsu``
+(Otsu's threshold of the normalised map, per click). Also, per click, the box-size error against the clicked object
+by object size. Uses the library's functions (extract_crops, make_cam, paste_and_fuse, box_from_cam,
+pseudo_box_metrics) and writes ``outputs/bench/fusion_probe/<method>_<layer>_<size>.csv``.
 """
 from __future__ import annotations
 
@@ -25,15 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cv2  # noqa: E402
-
 from pipeline.boxes import BoxParams, box_from_cam, normalize_map  # noqa: E402
-from pipeline.cam import extract_crops, fusion_weights, make_cam, paste_and_fuse  # noqa: E402
+from pipeline.cam import extract_crops, make_cam, paste_and_fuse  # noqa: E402
 from pipeline.classifier import load_classifier  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
 from pipeline.io import write_csv  # noqa: E402
@@ -42,7 +42,7 @@ from pipeline.metrics import clicked_iou, pseudo_box_metrics  # noqa: E402
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 FUSIONS = {
     "sum": lambda maps, boxes, prob: np.ones(len(maps)),
-    "prob": lambda maps, boxes, prob: fusion_weights("prob", torch.as_tensor(prob)).numpy(),
+    "prob": lambda maps, boxes, prob: prob,  # pipeline.cam.fusion_weights("prob", ...)
     "maxnorm": lambda maps, boxes, prob: 1.0 / np.maximum(maps.reshape(len(maps), -1).max(1), 1e-6),
     "top4": lambda maps, boxes, prob: (np.arange(len(maps)) < 4).astype(float),
     "inv-area": lambda maps, boxes, prob: 1.0 / ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])),
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
             maps = cam(x, [target] * len(x)).numpy()
             prob = torch.softmax(cam.outputs.float(), 1)[:, target].numpy()  # the CAM pass's own forward
             for name, weights in FUSIONS.items():
-                w = torch.as_tensor(weights(maps, boxes, prob), dtype=torch.float32)
-                fused = paste_and_fuse(torch.as_tensor(maps) * w[:, None, None], boxes, image.shape[:2])
+                fused = paste_and_fuse(maps, boxes, image.shape[:2], weights=weights(maps, boxes, prob))
                 for t in thresholds:
                     res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", t))
                     box = res.box or tuple(boxes[0])
@@ -124,8 +123,8 @@ def main(argv=None) -> int:
     print("box-CorLoc (%) by fusion and T_cam (T -1: a threshold chosen per click):")
     print(table.pivot(index="fusion", columns="T", values="box_corloc").round(1).to_string())
 
-    # box size error of the default (sum, T=60) by the clicked object's size relative to the image
-    g = df[(df.fusion == "sum") & (df["T"] == 60.0)].reset_index(drop=True) if 60.0 in thresholds else None
+    # box size error of the default (prob, T=60) by the clicked object's size relative to the image
+    g = df[(df.fusion == "prob") & (df["T"] == 60.0)].reset_index(drop=True) if 60.0 in thresholds else None
     if g is not None:
         gt = objects.set_index(["image_id", "object_index"]).loc[list(zip(g.image_id, g.object_index))]
         sizes = trainval.set_index("image_id").loc[g.image_id]
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
         ratio = np.log2(((g.x2 - g.x1) * (g.y2 - g.y1)).to_numpy()
                         / ((gt.x2 - gt.x1) * (gt.y2 - gt.y1)).to_numpy())
         ok = clicked_iou(g, objects).to_numpy() >= 0.5
-        print("sum, T_cam 60, by object size (sqrt of area / image area): clicks, IoU>=0.5 with the clicked "
+        print("prob, T_cam 60, by object size (sqrt of area / image area): clicks, IoU>=0.5 with the clicked "
               "object, median log2(box area / object area)")
         for lo, hi in ((0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 1.01)):
             m = (rel >= lo) & (rel < hi)

@@ -776,10 +776,11 @@ class CamStore:
     def load(self, entry_id: int) -> tuple[np.ndarray, dict]:
         g = self._group(entry_id)
         a = g.attrs
+        crops = g["crops"][()]
+        probs = g["crop_probs"][()] if "crop_probs" in g else np.full(len(crops), np.nan, np.float32)
         meta = {"entry_id": int(entry_id), "kind": str(a["kind"]), "image_id": str(a["image_id"]),
                 "class": str(a["class"]), "class_index": int(a["class_index"]), "x": float(a["x"]),
-                "y": float(a["y"]), "crops": g["crops"][()],
-                "crop_probs": g["crop_probs"][()] if "crop_probs" in g else np.full(len(g["crops"]), np.nan, np.float32)}
+                "y": float(a["y"]), "crops": crops, "crop_probs": probs}
         return self._read_map(g["map"]), meta
 
     def load_crop_maps(self, entry_id: int) -> np.ndarray | None:

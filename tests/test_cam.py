@@ -290,8 +290,9 @@ def test_store_content_equals_direct_computation(tmp_path, toy_data):
             else:
                 assert crop_maps is None
             with torch.no_grad():
-                probs = torch.softmax(net(extract_crops(img, e.crops, 32, net.mean, net.std)), 1)[:, meta["class_index"]]
-            np.testing.assert_allclose(meta["crop_probs"], probs.numpy(), rtol=1e-4, atol=1e-6)
+                logits = net(extract_crops(img, e.crops, 32, net.mean, net.std))
+            probs = torch.softmax(logits, 1)[:, meta["class_index"]].numpy()
+            np.testing.assert_allclose(meta["crop_probs"], probs, rtol=1e-4, atol=1e-6)
     with h5py.File(tmp_path / "cams" / "cams-00000.h5") as f:
         ds = f["0"]["map"]
         assert ds.dtype == np.float16 and ds.compression == "gzip" and ds.chunks is not None
