@@ -485,8 +485,7 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     crop_size = int(crop_size or getattr(model, "input_size", 224))
     mean, std = model.mean, model.std
     batch_size = max(1, int(batch_size))
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+    fusion_weights(fusion, torch.ones(1))  # an unknown fusion fails here, before any work
     settings = {"method": method, "layer": layer, "crop_size": crop_size, "batch_size": batch_size, "fusion": fusion,
                 "inspect_images": inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
     plan = _plan(entries, images_per_part)
@@ -634,9 +633,8 @@ def merge_cam_stores(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.
         raise ValueError(f"CAM shards hold {len(index)} entries, the plan has {ref['entries']}")
     write_csv(index, out_dir / "index.csv")
     batch_sizes = sorted({int(p["batch_size"]) for p in plans})
-    settings = {k: ref[k] for k in ("method", "layer", "crop_size", "fusion") if k in ref}
+    settings = {k: ref[k] for k in _SHARED_SETTINGS if k in ref}
     settings["batch_size"] = batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes
-    settings.update({k: ref[k] for k in ("inspect_images", "backbone") if k in ref})
     write_json(out_dir / "plan.json", {
         "digest": _plan_digest(ref["partition"], settings, (0, 1)), "partition": ref["partition"],
         "parts": ref["parts"], "entries": ref["entries"], "images_per_part": ref.get("images_per_part"),
