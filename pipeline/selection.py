@@ -4,6 +4,11 @@ For each click: keep the proposals that contain it (``x1 <= x <= x2 and y1 <= y 
 Euclidean distance from their center to the click (ties: store order, which is lexicographic), walk the ranking
 and drop a proposal whose IoU with an already kept one exceeds ``iou`` (greedy NMS with the ranking as score), and
 keep the first ``n``. A click inside no proposal gets :func:`fallback_windows` instead (flagged ``fallback``).
+
+``exclusive`` (default on, an addition to the paper): before ranking, drop the proposals that also contain another
+click of the same class in the image: such a crop shows two instances, and its CAM lights both, which merges them
+in the fused map of either click. When that would leave a click no proposal, its proposals are kept as they are
+(counted as ``exclusion_waived`` in the report). Measured on voc07-sample by ``bench/quality.py`` (README).
 """
 from __future__ import annotations
 
@@ -71,12 +76,30 @@ def fallback_windows(x: float, y: float, width: int, height: int,
     return np.asarray(out, np.float32).reshape(-1, 4)
 
 
+def exclude_other_clicks(boxes: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(kept boxes, waived)``: the boxes that contain none of the points ``others`` (``(K, 2)`` x, y); all of them,
+    with ``waived=True``, when every box contains one."""
+    b = np.asarray(boxes).reshape(-1, 4)
+    pts = np.asarray(others, np.float64).reshape(-1, 2)
+    if len(b) == 0 or len(pts) == 0:
+        return b, False
+    hit = np.zeros(len(b), bool)
+    for ox, oy in pts:
+        hit |= contains_click(b, ox, oy)
+    if hit.all():
+        return b, True
+    return b[~hit], False
+
+
 def select_for_click(boxes: np.ndarray, x: float, y: float, width: int, height: int, n: int = 8,
                      iou: float = 0.7, fallback_scales: Sequence[float] = DEFAULT_FALLBACK_SCALES,
-                     ) -> tuple[np.ndarray, bool]:
-    """``(selected boxes (m, 4) float32 in rank order, fallback used)`` for one click, m <= n."""
+                     exclude: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """``(selected boxes (m, 4) float32 in rank order, fallback used)`` for one click, m <= n. ``exclude``: other
+    clicks ``(K, 2)`` whose proposals to drop first (:func:`exclude_other_clicks`)."""
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     cand = b[contains_click(b, x, y)]
+    if exclude is not None:
+        cand, _ = exclude_other_clicks(cand, exclude)
     if len(cand) == 0:
         return fallback_windows(x, y, width, height, fallback_scales)[:n], True
     order, _ = rank_by_center_distance(cand, x, y)
@@ -86,8 +109,8 @@ def select_for_click(boxes: np.ndarray, x: float, y: float, width: int, height: 
 
 def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[int, int]] | Callable | None = None,
                      n: int = 8, iou: float = 0.7, fallback_scales: Sequence[float] = DEFAULT_FALLBACK_SCALES,
-                     progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Select up to ``n`` proposals per click.
+                     exclusive: bool = True, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Select up to ``n`` proposals per click (``exclusive``: see the module docstring).
 
     ``clicks``: columns ``click_id, image_id, class, x, y``. ``proposals``: ``proposals[image_id] -> (K, 4)``
     (a dict or a :class:`pipeline.proposals.ProposalStore`). ``sizes``: ``image_id -> (width, height)`` as a
@@ -108,6 +131,7 @@ def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[
     rows: list[tuple] = []
     fallbacks = 0
     candidates: list[int] = []
+    shared, waived = 0, 0  # clicks with another same-class click in their image; of them, exclusion waived
     clicks = clicks.sort_values(["image_id", "click_id"], kind="mergesort")
     groups = clicks.groupby("image_id", sort=False)
     for image_id, group in tqdm(groups, total=groups.ngroups, desc="select proposals", unit="img",
@@ -121,8 +145,16 @@ def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[
             if not (0 <= x <= width and 0 <= y <= height):
                 raise ValueError(f"click {click_id} ({x:g}, {y:g}) lies outside image {image_id} "
                                  f"({width}x{height})")
-            candidates.append(int(contains_click(boxes, x, y).sum()))
-            sel, fb = select_for_click(boxes, x, y, width, height, n, iou, fallback_scales)
+            inside = contains_click(boxes, x, y)
+            candidates.append(int(inside.sum()))
+            others = None
+            if exclusive:
+                same = (group["class"] == cls).to_numpy() & (group.click_id != click_id).to_numpy()
+                if same.any():
+                    others = group.loc[same, ["x", "y"]].to_numpy(float)
+                    shared += 1
+                    waived += int(inside.any() and exclude_other_clicks(boxes[inside], others)[1])
+            sel, fb = select_for_click(boxes, x, y, width, height, n, iou, fallback_scales, exclude=others)
             fallbacks += fb
             for r, (x1, y1, x2, y2) in enumerate(sel):
                 rows.append((int(click_id), str(image_id), cls, x, y, r,
@@ -141,6 +173,7 @@ def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[
         "clicks_with_fewer_than_n": int((per_click < n).sum()),
         "mean_candidates_per_click": float(np.mean(candidates)) if candidates else 0.0,
         "n": int(n), "iou": float(iou), "fallback_scales": [float(s) for s in fallback_scales],
+        "exclusive": bool(exclusive), "clicks_sharing_class": int(shared), "exclusion_waived": int(waived),
     }
     log.info("selected %d crops for %d clicks (%d fallbacks, %.2f crops/click)", report["crops"],
              report["clicks"], report["fallbacks"], report["mean_crops_per_click"])

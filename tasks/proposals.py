@@ -156,11 +156,16 @@ class SelectiveSearch(_ImagesOnly, _SelectiveSearchParams, StageTask):
 
 @inherits(SelectiveSearch)
 class SelectProposals(StageTask):
-    """Per click, up to ``n`` proposals containing it, nearest center first, overlaps above ``iou`` removed.
-    Output: ``selected.parquet`` (:data:`pipeline.selection.SELECTED_COLUMNS`) and ``report.json``."""
+    """Per click, up to ``n`` proposals containing it, nearest center first, overlaps above ``iou`` removed;
+    ``exclusive``: proposals that also contain another click of the same class are dropped first
+    (:mod:`pipeline.selection`). Output: ``selected.parquet`` (:data:`pipeline.selection.SELECTED_COLUMNS`) and
+    ``report.json``."""
 
     n = luigi.IntParameter(default=8, description="proposals kept per click")
     iou = luigi.FloatParameter(default=0.7, description="drop a proposal overlapping a kept one above this IoU")
+    exclusive = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                    description="drop proposals that also contain another click of the same class "
+                                                "(kept when nothing else contains the click)")
 
     def requires(self):
         # the dataset directly as well: the proposals may come from another click file's run (their hash leaves
@@ -172,7 +177,8 @@ class SelectProposals(StageTask):
             raise ValueError("SelectProposals needs trainval proposals: add trainval to --splits")
         clicks = self.manifest().clicks
         with ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5") as store:
-            table, report = select_proposals(clicks, store, n=self.n, iou=self.iou)
+            table, report = select_proposals(clicks, store, n=self.n, iou=self.iou,
+                                             exclusive=self.exclusive)
         with atomic_path(work / "selected.parquet") as tmp:
             table.to_parquet(tmp, index=False)
         write_json(work / "report.json", report)

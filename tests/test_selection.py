@@ -106,7 +106,8 @@ def test_select_proposals_table_and_report(tmp_path):
     np.testing.assert_array_equal(c5[["x1", "y1", "x2", "y2"]].to_numpy(), np.array([E, K, D]))
     assert report == {"clicks": 3, "images": 2, "crops": 14, "fallbacks": 1, "mean_crops_per_click": 14 / 3,
                       "clicks_with_fewer_than_n": 3, "mean_candidates_per_click": (8 + 0 + 3) / 3,
-                      "n": 8, "iou": 0.7, "fallback_scales": [1.0, 0.75, 0.5, 0.25]}
+                      "n": 8, "iou": 0.7, "fallback_scales": [1.0, 0.75, 0.5, 0.25],
+                      "exclusive": True, "clicks_sharing_class": 0, "exclusion_waived": 0}  # cat and cow differ
     # a dict of boxes plus sizes gives the same table
     t2, _ = select_proposals(clicks, {"img1": PROPOSALS, "img2": np.array([E])},
                              {"img1": (200, 200), "img2": (200, 100)}, progress=False)
@@ -121,3 +122,26 @@ def test_select_proposals_errors_name_the_problem():
         select_proposals(clicks.assign(x=500.0), {"x": PROPOSALS}, {"x": (200, 200)}, progress=False)
     with pytest.raises(ValueError, match="lacks columns"):
         select_proposals(clicks.drop(columns="class"), {}, {}, progress=False)
+
+
+def test_exclusive_selection_drops_proposals_holding_another_click_of_the_class(tmp_path):
+    # img1: two cat clicks, (50, 50) and (75, 75); D, E, K contain (75, 75); D and K (corner) also (50, 50).
+    # img3: two cat clicks that every proposal contains: the exclusion is waived, nothing changes.
+    store = ProposalStore(write_proposal_store(tmp_path / "p.h5", [
+        ("img1", PROPOSALS, (200, 200)), ("img3", np.array([D, A], np.float32), (200, 200))]))
+    clicks = pd.DataFrame({"click_id": [1, 2, 3, 4, 5], "image_id": ["img1", "img1", "img1", "img3", "img3"],
+                           "class": ["cat", "cat", "dog", "cat", "cat"], "x": [50.0, 75.0, 52.0, 50.0, 55.0],
+                           "y": [50.0, 75.0, 52.0, 50.0, 55.0]})
+    table, report = select_proposals(clicks, store, n=8, iou=0.7, progress=False)
+    boxes = {c: g[["x1", "y1", "x2", "y2"]].to_numpy() for c, g in table.groupby("click_id")}
+    np.testing.assert_array_equal(boxes[1], np.array([A, B, H, G, F]))  # D and K hold the other cat's click
+    np.testing.assert_array_equal(boxes[2], np.array([E]))              # D and K hold click 1
+    # the dog click is not affected by the cats (its own ranking, with D and K)
+    plain, plain_report = select_proposals(clicks, store, n=8, iou=0.7, exclusive=False, progress=False)
+    np.testing.assert_array_equal(boxes[3], plain[plain.click_id == 3][["x1", "y1", "x2", "y2"]].to_numpy())
+    assert len(plain[plain.click_id == 1]) == 7 and len(plain[plain.click_id == 2]) == 3
+    for c in (4, 5):  # waived: the plain selection
+        np.testing.assert_array_equal(boxes[c], np.array([D, A]))
+    assert not table.fallback.any()
+    assert (report["exclusive"], report["clicks_sharing_class"], report["exclusion_waived"]) == (True, 4, 2)
+    assert (plain_report["exclusive"], plain_report["clicks_sharing_class"]) == (False, 0)
