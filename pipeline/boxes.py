@@ -2,6 +2,10 @@
 
 Per click:
 
+0. **partition** (an addition to the paper; ``partition``): with several clicks of the click's class in the image
+   (``"same_class"``, default; ``"all"``: clicks of any class), the map is kept only on the pixels nearer to this
+   click than to any other (its Voronoi cell) and set to the map's minimum elsewhere, so that the region of one
+   instance cannot run into a neighbour's. ``"none"`` uses the whole map (the paper).
 1. **normalise** the fused map (float, image-sized ``HxW``) to 0..255 by min-max scaling. A map with a non-finite
    value (``"nonfinite"``) or with no contrast / no positive value (``"empty"``) cannot give a box.
 2. **threshold** it at ``T`` (``pixel >= T``): rule ``"paper"`` takes ``T_cam = 80`` when the image has fewer than
@@ -40,6 +44,7 @@ import pandas as pd
 THRESHOLD_RULES = ("paper", "fixed", "fraction")
 SYMMETRY_MODES = ("max", "mean", "min", "none")
 SCORE_MODES = ("box_mean", "region_mean", "raw_peak")
+PARTITION_MODES = ("same_class", "all", "none")
 #: statuses a click can end in; everything but "ok" means the box is the fallback proposal
 STATUSES = ("ok", "empty", "nonfinite", "degenerate", "missing")
 PAPER_T_SINGLE, PAPER_T_MULTI = 80.0, 120.0
@@ -56,6 +61,7 @@ class BoxParams:
     symmetry: str = "max"
     score: str = "box_mean"
     min_side: float = 2.0
+    partition: str = "same_class"
 
     def __post_init__(self) -> None:
         if self.threshold_rule not in THRESHOLD_RULES:
@@ -72,6 +78,8 @@ class BoxParams:
             raise ValueError(f"symmetry must be one of {SYMMETRY_MODES}, got {self.symmetry!r}")
         if self.score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+        if self.partition not in PARTITION_MODES:
+            raise ValueError(f"partition must be one of {PARTITION_MODES}, got {self.partition!r}")
         if not self.min_side > 0:
             raise ValueError(f"min_side must be > 0, got {self.min_side!r}")
 
@@ -148,6 +156,19 @@ def click_region(labels: np.ndarray, x: float, y: float) -> int:
     return int(labels[rows[i], cols[i]])
 
 
+def voronoi_cell(shape: tuple[int, int], x: float, y: float, others: np.ndarray) -> np.ndarray:
+    """Boolean ``HxW`` mask of the pixels whose centre is at least as near to ``(x, y)`` as to every point of
+    ``others`` (``(K, 2)`` x, y; all True when K = 0)."""
+    h, w = shape
+    cols = np.arange(w, dtype=np.float32) + 0.5
+    rows = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    own = (cols - np.float32(x)) ** 2 + (rows - np.float32(y)) ** 2
+    cell = np.ones((h, w), bool)
+    for ox, oy in np.asarray(others, np.float32).reshape(-1, 2):
+        cell &= own <= (cols - ox) ** 2 + (rows - oy) ** 2
+    return cell
+
+
 def symmetric_extent(lo: float, hi: float, c: float, mode: str) -> float:
     """Half-extent about ``c`` of an interval ``[lo, hi)``: ``mode`` of the two sides (each at least 0)."""
     a, b = max(c - lo, 0.0), max(hi - c, 0.0)
@@ -202,10 +223,17 @@ def _score(mode: str, cam: np.ndarray, norm: np.ndarray, region: np.ndarray,
 
 # -- one click ---------------------------------------------------------------------------------------------
 def box_from_cam(cam: np.ndarray, x: float, y: float, n_image_classes: int = 1,
-                 params: BoxParams | None = None) -> BoxResult:
-    """One click's pseudo box from its fused map (``HxW``, the image's size). See the module docstring."""
+                 params: BoxParams | None = None, others: np.ndarray | None = None) -> BoxResult:
+    """One click's pseudo box from its fused map (``HxW``, the image's size). See the module docstring.
+
+    ``others``: the other clicks ``(K, 2)`` to partition the map against (the caller picks them by
+    ``params.partition``; ignored when it is ``"none"``)."""
     params = params or BoxParams()
     t = cam_threshold(params.threshold_rule, params.threshold_value, n_image_classes)
+    if others is not None and len(others) and params.partition != "none":
+        cam = np.asarray(cam, dtype=np.float32)
+        if cam.ndim == 2 and cam.size and np.isfinite(cam).all():
+            cam = np.where(voronoi_cell(cam.shape, x, y, others), cam, cam.min())
     norm, status = normalize_map(cam)
     if norm is None:
         return BoxResult(None, 0.0, status, t)
@@ -256,10 +284,29 @@ def classes_per_image(clicks: pd.DataFrame) -> dict[str, int]:
     return clicks.groupby("image_id")["class"].nunique().to_dict()
 
 
+def _clicks_by_image(clicks: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    missing = {"click_id", "image_id", "class", "x", "y"} - set(clicks.columns)
+    if missing:
+        raise ValueError(f"clicks table lacks columns {sorted(missing)}")
+    return {str(k): g for k, g in clicks.groupby(clicks["image_id"].astype(str), sort=False)}
+
+
+def other_clicks(image_clicks: pd.DataFrame | None, click_id: int, cls: str, partition: str) -> np.ndarray | None:
+    """``(K, 2)`` x, y of the clicks of an image (``image_clicks``) other than ``click_id``: those of class ``cls``
+    (``partition="same_class"``), all (``"all"``), or None (``"none"``, or no table)."""
+    if image_clicks is None or partition == "none":
+        return None
+    keep = (image_clicks["click_id"] != click_id).to_numpy()
+    if partition == "same_class":
+        keep = keep & (image_clicks["class"] == cls).to_numpy()
+    return image_clicks.loc[keep, ["x", "y"]].to_numpy(np.float64)
+
+
 def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping]],
                            fallback_boxes: pd.DataFrame, n_image_classes: Mapping[str, int],
                            params: BoxParams | None = None,
-                           image_sizes: Mapping[str, tuple[int, int]] | None = None) -> pd.DataFrame:
+                           image_sizes: Mapping[str, tuple[int, int]] | None = None,
+                           clicks: pd.DataFrame | None = None) -> pd.DataFrame:
     """Pseudo boxes for many CAM entries.
 
     ``items`` yields ``(entry_id, fused map or None, meta)`` (as :meth:`pipeline.cam.CamStore.load` gives) with
@@ -274,9 +321,12 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
 
     ``n_image_classes`` maps image id -> number of labelled classes (paper's threshold rule; 1 when absent).
     ``image_sizes`` (image id -> (width, height)), when given, is checked against each map's shape (ValueError).
+    ``clicks`` (``click_id, image_id, class, x, y``): all clicks of the images, for ``params.partition`` (see
+    :func:`other_clicks`); without it no map is partitioned.
     Returns :data:`PSEUDO_COLUMNS` plus ``threshold``.
     """
     params = params or BoxParams()
+    by_image = _clicks_by_image(clicks) if clicks is not None and params.partition != "none" else {}
     rows = []
     for entry_id, cam, meta in items:
         image_id, cls = str(meta["image_id"]), meta["class"]
@@ -292,7 +342,8 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
         elif kind == "image":
             res = box_from_image_cam(cam, n_cls, params)
         else:
-            res = box_from_cam(cam, float(meta["x"]), float(meta["y"]), n_cls, params)
+            others = other_clicks(by_image.get(image_id), int(entry_id), cls, params.partition)
+            res = box_from_cam(cam, float(meta["x"]), float(meta["y"]), n_cls, params, others)
         box, score = res.box, res.score
         if box is None:
             if kind == "image":

@@ -12,7 +12,7 @@ import pandas as pd
 from luigi.util import inherits
 from tqdm import tqdm
 
-from pipeline.boxes import (SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams, classes_per_image,
+from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams, classes_per_image,
                             pseudo_boxes_from_cams, rank1_proposals)
 from pipeline.cam import CamStore
 from pipeline.export import export_pseudo_labels
@@ -44,6 +44,10 @@ class FusePseudoBoxes(StageTask):
     box_score = luigi.ChoiceParameter(choices=list(SCORE_MODES), default="box_mean",
                                       description="confidence of a pseudo box")
     min_box_side = luigi.FloatParameter(default=2.0, description="narrower boxes fall back to the proposal (px)")
+    partition = luigi.ChoiceParameter(choices=list(PARTITION_MODES), default="same_class",
+                                      description="keep each click's map on the pixels nearer to it than to the "
+                                                  "image's other clicks of its class (same_class), of any class "
+                                                  "(all), or not at all (none, the paper)")
     difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
                                       description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
@@ -61,7 +65,7 @@ class FusePseudoBoxes(StageTask):
 
     def box_params(self) -> BoxParams:
         return BoxParams(self.cam_threshold_rule, self.cam_threshold, self.symmetry, self.box_score,
-                         self.min_box_side)
+                         self.min_box_side, self.partition)
 
     def run_stage(self, work: Path) -> None:
         params = self.box_params()
@@ -95,7 +99,7 @@ class FusePseudoBoxes(StageTask):
 
                 items, total = items_gen(), len(meta)
             boxes = pseudo_boxes_from_cams(tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback,
-                                           classes_per_image(clicks), params, image_sizes=sizes)
+                                           classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks)
             images = trainval[trainval["image_id"].isin(set(boxes["image_id"]))]
             objects = manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))]
             result = export_pseudo_labels(

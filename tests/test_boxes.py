@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline.boxes import (BoxParams, box_from_cam, box_from_image_cam, cam_threshold, classes_per_image,
-                            fallback_counts, normalize_map, pseudo_boxes_from_cams, rank1_proposals)
+                            fallback_counts, normalize_map, other_clicks, pseudo_boxes_from_cams, rank1_proposals,
+                            voronoi_cell)
 
 
 def block_map(h=40, w=60, blocks=((10, 20, 20, 40, 1.0),)):
@@ -186,3 +187,56 @@ def test_image_label_only_entries():
     assert df.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == [2.0, 5.0, 30.0, 35.0]  # largest region
     assert df.loc[1, ["x1", "y1", "x2", "y2"]].tolist() == [0.0, 0.0, 60.0, 40.0]  # fallback: whole image
     assert df["fallback"].tolist() == [False, True] and df["click_id"].tolist() == [-1, -1]
+
+
+def test_voronoi_cell_by_pixel_centres():
+    # 1 x 6 row, clicks at x = 1 and x = 4: pixel centres 0.5 .. 5.5; the tie at 2.5 (1.5 from both) stays in
+    cell = voronoi_cell((1, 6), 1.0, 0.5, np.array([[4.0, 0.5]]))
+    assert cell.tolist() == [[True, True, True, False, False, False]]
+    other = voronoi_cell((1, 6), 4.0, 0.5, np.array([[1.0, 0.5]]))
+    assert other.tolist() == [[False, False, True, True, True, True]]
+    assert voronoi_cell((2, 3), 1.0, 1.0, np.zeros((0, 2))).all()
+
+
+def test_partition_keeps_a_click_off_its_neighbours_region():
+    # two same-class instances whose maps touch: one block over columns 10..49, clicks at x = 15 and x = 45.
+    # The cell of (15, 15) ends at x = 30 (pixel centres <= 30), so the region is [10, 30) x [10, 20).
+    m = block_map(blocks=((10, 20, 10, 50, 1.0),))
+    others = np.array([[45.0, 15.0]])
+    merged = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none", partition="none"), others=others)
+    assert merged.box == pytest.approx((10.0, 10.0, 50.0, 20.0))
+    own = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none"), others=others)
+    assert own.box == pytest.approx((10.0, 10.0, 30.0, 20.0))
+    sym = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="max"), others=others)
+    assert sym.box == pytest.approx((0.0, 10.0, 30.0, 20.0))  # L = 5, R = 15 -> hw 15, clipped at 0
+    # a weak instance next to a strong one: the whole-map normalisation puts it under T = 60 (0.2 -> 51) and the
+    # click's nearest region is the neighbour; inside its own cell it is normalised to 255 and found
+    m = block_map(blocks=((10, 20, 5, 20, 0.2), (10, 20, 40, 55, 1.0)))
+    params = BoxParams("fixed", 60.0, symmetry="none")
+    assert box_from_cam(m, 12.0, 15.0, params=params).box == pytest.approx((40.0, 10.0, 55.0, 20.0))
+    assert box_from_cam(m, 12.0, 15.0, params=params, others=np.array([[47.0, 15.0]])).box == \
+        pytest.approx((5.0, 10.0, 20.0, 20.0))
+
+
+@pytest.mark.parametrize("partition,expected_x2", [("same_class", 30.0), ("all", 20.0), ("none", 50.0)])
+def test_partition_modes_pick_the_other_clicks(partition, expected_x2):
+    clicks = pd.DataFrame({"click_id": [1, 2, 3, 4], "image_id": ["a", "a", "a", "b"],
+                           "class": ["cat", "cat", "dog", "cat"], "x": [15.0, 45.0, 25.0, 45.0],
+                           "y": [15.0, 15.0, 15.0, 15.0]})
+    by_image = {k: g for k, g in clicks.groupby("image_id")}
+    o = other_clicks(by_image["a"], 1, "cat", partition)
+    expected = {"same_class": [[45.0, 15.0]], "all": [[45.0, 15.0], [25.0, 15.0]], "none": None}[partition]
+    assert (o is None and expected is None) or sorted(o.tolist()) == sorted(expected)
+    m = block_map(blocks=((10, 20, 10, 50, 1.0),))
+    items = [(1, m, {"image_id": "a", "class": "cat", "x": 15.0, "y": 15.0})]
+    df = pseudo_boxes_from_cams(items, rank1_proposals(pd.DataFrame(columns=["click_id", "rank", "x1", "y1", "x2",
+                                                                              "y2"])),
+                                {}, BoxParams(symmetry="none", partition=partition), clicks=clicks)
+    # same_class: cut at x = 30 (cat at 45); all: also the dog at 25 -> cut at 20; none: the whole block
+    assert df.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == [10.0, 10.0, expected_x2, 20.0]
+    assert not df.loc[0, "fallback"]
+
+
+def test_partition_param_is_validated():
+    with pytest.raises(ValueError, match="partition"):
+        BoxParams(partition="voronoi")

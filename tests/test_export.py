@@ -224,7 +224,8 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     with CamStore(cam_task.stage_dir) as store:
         items = [(i, *store.load(i)) for i in manifest.clicks.click_id]
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams("fixed", 60.0, symmetry="mean"))  # the stage defaults
+                                      BoxParams("fixed", 60.0, symmetry="mean"),  # the stage defaults
+                                      clicks=manifest.clicks)  # --partition same_class
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     assert len(labels) == len(manifest.clicks)
     objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
@@ -234,7 +235,7 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     assert m["metrics"]["corloc"] == pytest.approx(summary["corloc"])
     assert m["metrics"]["box_accuracy"] == pytest.approx(summary["box_accuracy"])
     assert m["boxes"]["fallback"] == int(labels["fallback"].sum())
-    assert m["params"]["symmetry"] == "mean"
+    assert m["params"]["symmetry"] == "mean" and m["params"]["partition"] == "same_class"
     assert pd.read_csv(out / "per_class.csv")["class"].tolist() == list(manifest.classes)
     coco, _, classes = read_coco(out / "coco.json")
     assert classes == manifest.classes and len(coco) == len(labels)
