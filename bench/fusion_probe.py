@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.boxes import BoxParams, box_from_cam, normalize_map  # noqa: E402
+from pipeline.boxes import PARTITION_MODES, BoxParams, box_from_cam, normalize_map, other_clicks  # noqa: E402
 from pipeline.cam import extract_crops, make_cam, paste_and_fuse  # noqa: E402
 from pipeline.classifier import load_classifier  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crop-size", type=int, default=0, help="CAM crop size (default: the model's input size)")
     ap.add_argument("--clicks", type=int, default=500, help="seeded subset of the annotator-1 clicks")
     ap.add_argument("--thresholds", default="40,60,80,100,120")
+    ap.add_argument("--partition", default="same_class", choices=PARTITION_MODES,
+                    help="cut each click's map against the image's other clicks, as FusePseudoBoxes --partition")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from tasks import SelectProposals, TrainClassifier
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     paths = dict(zip(trainval.image_id, trainval.path))
     objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
     clicks = manifest.clicks.set_index("click_id")
+    by_image = {k: g for k, g in manifest.clicks.groupby("image_id")}
     selected = pd.read_parquet(Path(sel_task.output().path) / "selected.parquet").sort_values(["click_id", "rank"])
     by_click = {c: g[["x1", "y1", "x2", "y2"]].to_numpy(float) for c, g in selected.groupby("click_id")}
     rng = np.random.default_rng(args.seed)
@@ -92,17 +95,19 @@ def main(argv=None) -> int:
             target = classes.index(r["class"])
             maps = cam(x, [target] * len(x)).numpy()
             prob = torch.softmax(cam.outputs.float(), 1)[:, target].numpy()  # the CAM pass's own forward
+            others = other_clicks(by_image[r.image_id], int(cid), r["class"], args.partition)
             for name, weights in FUSIONS.items():
                 fused = paste_and_fuse(maps, boxes, image.shape[:2], weights=weights(maps, boxes, prob))
                 for t in thresholds:
-                    res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", t))
+                    res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", t), others=others)
                     box = res.box or tuple(boxes[0])
                     rows.append((name, t, r.image_id, r["class"], *box, 1.0, int(cid), int(r.object_index)))
                 if name == "prob":
                     norm, _ = normalize_map(fused)
                     t_otsu = 60.0 if norm is None else cv2.threshold(
                         norm.astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
-                    res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", max(t_otsu, 1.0)))
+                    res = box_from_cam(fused, float(r.x), float(r.y), params=BoxParams("fixed", max(t_otsu, 1.0)),
+                                      others=others)
                     rows.append(("prob, otsu T", -1.0, r.image_id, r["class"], *(res.box or tuple(boxes[0])), 1.0,
                                  int(cid), int(r.object_index)))
     df = pd.DataFrame(rows, columns=["fusion", "T", "image_id", "class", "x1", "y1", "x2", "y2", "score", "click_id",

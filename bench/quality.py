@@ -1,5 +1,6 @@
 """Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM and SA-CAM
-with clicks, SA-CAM at the ablation layers, and the effect of the symmetry rule and of T_cam.
+with clicks, SA-CAM at the ablation layers, and the effect of the symmetry rule, of T_cam, of the crop-map fusion and
+of the same-class exclusion (stage 2 ``--exclusive``, stage 5 ``--partition``).
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, ~40-60 min on 2 cores)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
@@ -170,9 +171,14 @@ def main(argv=None) -> int:
     variants.update({f"T_cam fixed {v}": dict(cam_threshold_rule="fixed", cam_threshold=float(v))
                      for v in (40, 60, 80, 100, 120, 160)})
     variants["fusion=sum (the paper's Eq. 4; default prob)"] = dict(cam_fusion="sum")
+    variants["partition=all (map cut against the other clicks of any class)"] = dict(partition="all")
+    variants["partition=none (stage 5 as in the paper)"] = dict(partition="none")
+    variants["exclusive=False (stage 2 as in the paper; own classifier and CAMs)"] = dict(exclusive=False)
+    variants["exclusive=False, partition=none (no same-class exclusion at all)"] = dict(exclusive=False,
+                                                                                       partition="none")
     variant_tasks = {k: FusePseudoBoxes(**common, cam_method="sacam", report_images=0, report_worst=0, **v)
                      for k, v in variants.items()}
-    timed("symmetry / T_cam / fusion variants", list(variant_tasks.values()))
+    timed("symmetry / T_cam / fusion / exclusion variants", list(variant_tasks.values()))
     ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in variant_tasks.items()])
 
     out = REPO / args.out
@@ -182,8 +188,8 @@ def main(argv=None) -> int:
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, efficientnet_lite0, "
               f"{args.device}; classifier {args.epochs} epochs on <= {args.max_crops_per_class} crops/class at "
               f"{args.input_size}px; total {time.time() - t0:.0f}s")
-    caption = ("Symmetry rule (at the default T_cam), T_cam and crop-map fusion (SA-CAM + clicks, default layer; "
-               "one setting changed at a time):")
+    caption = ("Symmetry rule (at the default T_cam), T_cam, crop-map fusion and the same-class exclusion of stages 2 "
+               "and 5 (SA-CAM + clicks, default layer; one setting changed at a time):")
     md = "\n\n".join([header, markdown(table), caption,
                       markdown(ablation), "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())])
     write_text(out / "quality.md", md + "\n")
