@@ -32,8 +32,8 @@ class FusePseudoBoxes(StageTask):
     (with ground truth), ``summary.md`` and ``report/index.html``.
     """
 
-    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0): a fixed T_cam of 60 on the 0..255
-    # normalised map beat the paper's 80/120 rule (46.1 vs 41.2 box-CorLoc); "max" symmetry beat mean/min/none
+    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; numbers in the README): a fixed T_cam
+    # of 60 on the 0..255 normalised map, "max" symmetry, and the same-class partition of the map
     cam_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default="fixed",
                                                description="fixed: --cam-threshold on 0..255 (default 60); paper: "
                                                            "T_cam 80 (<2 image classes) / 120; fraction: of the max")
