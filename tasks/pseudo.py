@@ -12,8 +12,8 @@ import pandas as pd
 from luigi.util import inherits
 from tqdm import tqdm
 
-from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams, classes_per_image,
-                            pseudo_boxes_from_cams, rank1_proposals)
+from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
+                            classes_per_image, pseudo_boxes_from_cams, rank1_proposals)
 from pipeline.cam import CamStore
 from pipeline.export import export_pseudo_labels
 
