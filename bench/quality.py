@@ -2,7 +2,7 @@
 with clicks, SA-CAM at the ablation layers, and the effect of the symmetry rule, of T_cam, of the crop-map fusion and
 of the same-class exclusion (stage 2 ``--exclusive``, stage 5 ``--partition``).
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, ~36 min on 2 cores from scratch, estimated)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, ~36 min from scratch on 2 cores)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
