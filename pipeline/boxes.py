@@ -232,7 +232,7 @@ def box_from_cam(cam: np.ndarray, x: float, y: float, n_image_classes: int = 1,
     t = cam_threshold(params.threshold_rule, params.threshold_value, n_image_classes)
     if others is not None and len(others) and params.partition != "none":
         cam = np.asarray(cam, dtype=np.float32)
-        if cam.ndim == 2 and cam.size and np.isfinite(cam).all():
+        if cam.ndim == 2 and cam.size and np.isfinite(cam).all():  # else: reported "nonfinite" below, not cut away
             cam = np.where(voronoi_cell(cam.shape, x, y, others), cam, cam.min())
     norm, status = normalize_map(cam)
     if norm is None:

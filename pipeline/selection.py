@@ -93,13 +93,10 @@ def exclude_other_clicks(boxes: np.ndarray, others: np.ndarray) -> tuple[np.ndar
 
 def select_for_click(boxes: np.ndarray, x: float, y: float, width: int, height: int, n: int = 8,
                      iou: float = 0.7, fallback_scales: Sequence[float] = DEFAULT_FALLBACK_SCALES,
-                     exclude: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
-    """``(selected boxes (m, 4) float32 in rank order, fallback used)`` for one click, m <= n. ``exclude``: other
-    clicks ``(K, 2)`` whose proposals to drop first (:func:`exclude_other_clicks`)."""
+                     ) -> tuple[np.ndarray, bool]:
+    """``(selected boxes (m, 4) float32 in rank order, fallback used)`` for one click, m <= n."""
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     cand = b[contains_click(b, x, y)]
-    if exclude is not None:
-        cand, _ = exclude_other_clicks(cand, exclude)
     if len(cand) == 0:
         return fallback_windows(x, y, width, height, fallback_scales)[:n], True
     order, _ = rank_by_center_distance(cand, x, y)
@@ -145,16 +142,15 @@ def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[
             if not (0 <= x <= width and 0 <= y <= height):
                 raise ValueError(f"click {click_id} ({x:g}, {y:g}) lies outside image {image_id} "
                                  f"({width}x{height})")
-            inside = contains_click(boxes, x, y)
-            candidates.append(int(inside.sum()))
-            others = None
+            cand = boxes[contains_click(boxes, x, y)]
+            candidates.append(len(cand))
             if exclusive:
                 same = (group["class"] == cls).to_numpy() & (group.click_id != click_id).to_numpy()
                 if same.any():
-                    others = group.loc[same, ["x", "y"]].to_numpy(float)
+                    cand, w = exclude_other_clicks(cand, group.loc[same, ["x", "y"]].to_numpy(float))
                     shared += 1
-                    waived += int(inside.any() and exclude_other_clicks(boxes[inside], others)[1])
-            sel, fb = select_for_click(boxes, x, y, width, height, n, iou, fallback_scales, exclude=others)
+                    waived += w
+            sel, fb = select_for_click(cand, x, y, width, height, n, iou, fallback_scales)
             fallbacks += fb
             for r, (x1, y1, x2, y2) in enumerate(sel):
                 rows.append((int(click_id), str(image_id), cls, x, y, r,

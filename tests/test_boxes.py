@@ -207,6 +207,9 @@ def test_partition_keeps_a_click_off_its_neighbours_region():
     assert merged.box == pytest.approx((10.0, 10.0, 50.0, 20.0))
     own = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none"), others=others)
     assert own.box == pytest.approx((10.0, 10.0, 30.0, 20.0))
+    broken = m.copy()
+    broken[15, 45] = np.inf  # in the neighbour's cell: still a broken map, not cut away
+    assert box_from_cam(broken, 15.0, 15.0, params=BoxParams(), others=others).status == "nonfinite"
     sym = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="max"), others=others)
     assert sym.box == pytest.approx((0.0, 10.0, 30.0, 20.0))  # L = 5, R = 15 -> hw 15, clipped at 0
     # a weak instance next to a strong one: the whole-map normalisation puts it under T = 60 (0.2 -> 51) and the
