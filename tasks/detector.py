@@ -178,6 +178,13 @@ class EvaluateVOC07(_OwnHash, StageTask):
                                  description="also detect on trainval and report the detector's CorLoc")
     eval_batch = luigi.IntParameter(default=1, significant=False, description="images per forward pass")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # fail before the (long) detector training, not after it, when the test split gets no proposals
+        if self.test_split not in self.splits:
+            raise ValueError(f"EvaluateVOC07: --test-split {self.test_split!r} is not among the splits that get "
+                             f"proposals (--splits {list(self.splits)}); add it to --splits")
+
     def requires(self):
         return {"detector": self.clone(TrainFastRCNN), "proposals": self.clone(SelectiveSearch)}
 
