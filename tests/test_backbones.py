@@ -1,4 +1,4 @@
-"""Backbone interface, weight loading and its errors, and the efficientnet_lite0 ImageNet weights on real images."""
+"""Backbone interface, weight loading and its errors, and the efficientnet-lite ImageNet weights on real images."""
 import urllib.error
 
 import pytest
@@ -135,10 +135,21 @@ DOG = range(151, 269)
 DOMESTIC_CAT = range(281, 286)
 
 
+def test_efficientnet_lite_variants_layers():
+    """lite1 has lite0's widths (deeper stages), lite2 wider ones; the layer table follows the built network."""
+    widths = {"efficientnet_lite1": (40, 80, 112, 192, 320), "efficientnet_lite2": (48, 88, 120, 208, 352)}
+    for name, chans in widths.items():
+        net = build_backbone(name, 3, "random")
+        assert net.name == name and net.default_cam_layer == "stage6"
+        assert tuple(net.layers[f"stage{i}"].channels for i in range(2, 7)) == chans
+        assert net.layers["conv_head"].channels == net.head.in_features == 1280
+
+
 @pytest.mark.realdata
-def test_efficientnet_lite0_imagenet_weights_classify_real_images(sample_root):
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_weights_classify_real_images(sample_root, name):
     """The shipped weights, loaded in order into timm's architecture, recognise VOC test dogs and cats."""
-    net = build_backbone("efficientnet_lite0", 20, "imagenet", keep_imagenet_head=True).eval()
+    net = build_backbone(name, 20, "imagenet", keep_imagenet_head=True).eval()
     voc = sample_root / "VOC2007"
     crops, wanted = [], []
     for image_id in (voc / "ImageSets" / "Main" / "test.txt").read_text().split():

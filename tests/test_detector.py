@@ -129,8 +129,9 @@ def test_config_resolution_and_errors():
         DetectorConfig(backbone="resnet").resolved()
 
 
-def test_efficientnet_trunk_is_dilated_to_stride_16():
-    model = build_detector(CLASSES, small_cfg())
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_trunk_is_dilated_to_stride_16(backbone):
+    model = build_detector(CLASSES, small_cfg(backbone=backbone))
     assert model.backbone.stride == 16
     feats = model.backbone(torch.rand(1, 3, 160, 224))["0"]
     assert feats.shape == (1, 128, 10, 14)
