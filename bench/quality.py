@@ -115,6 +115,8 @@ def main(argv=None) -> int:
                     help="comma-separated SA-CAM ablation layers besides the default one (empty: all of the "
                          "backbone's CAM layers; stage3 and stage4 add two CAM runs, ~5 min; they scored 9-11 "
                          "in the layer probe of pipeline.backbones.EFFNET_LAYER_MEASUREMENT)")
+    ap.add_argument("--backbone", default="efficientnet_lite0",
+                    help="classifier backbone (efficientnet_lite1 / _lite2: the README's backbone comparison)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     root, clicks = subset_root(args.limit) if args.limit else (SAMPLE / "VOC2007", SAMPLE / "clicks_trainval.csv")
     data = dict(voc_root=str(root), clicks=str(clicks), annotator=1,
                 ss_workers=args.workers)
-    common = dict(data, device=args.device, classifier_backbone="efficientnet_lite0",
+    common = dict(data, device=args.device, classifier_backbone=args.backbone,
                   classifier_epochs=args.epochs, classifier_max_crops_per_class=args.max_crops_per_class,
                   classifier_input_size=args.input_size)
     timings = {}
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     write_csv(table, out / "quality.csv")
     write_csv(ablation, out / "quality_ablation.csv")
     images = len(SelectProposals(**data).manifest().split("trainval"))
-    header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, efficientnet_lite0, "
+    header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
               f"{args.device}; classifier {args.epochs} epochs on <= {args.max_crops_per_class} crops/class at "
               f"{args.input_size}px; total {time.time() - t0:.0f}s")
     caption = ("Symmetry rule (at the default T_cam), T_cam, crop-map fusion and the same-class exclusion of stages 2 "
