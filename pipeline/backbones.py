@@ -318,7 +318,7 @@ def build_backbone(name: str, num_classes: int, weights: str | os.PathLike = "im
 def feature_trunk(name: str, weights: str | os.PathLike = "imagenet", layer: str | None = None) -> Trunk:
     """Convolutional trunk for a detector: ``(module, out_channels, stride)``.
 
-    Default layer: vgg16 ``conv5_3`` (stride 16, Fast R-CNN's RoI-pooling layer), efficientnet_lite0
+    Default layer: vgg16 ``conv5_3`` (stride 16, Fast R-CNN's RoI-pooling layer), the efficientnet-lites
     ``conv_head`` (stride 32). The module shares nothing with other calls.
     """
     layer = layer or ("conv5_3" if name == "vgg16" else "conv_head")
