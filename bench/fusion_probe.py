@@ -32,8 +32,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.boxes import PARTITION_MODES, BoxParams, box_from_cam, normalize_map, other_clicks  # noqa: E402
+from pipeline.boxes import PARTITION_MODES, BoxParams, box_from_cam, normalize_map  # noqa: E402
 from pipeline.cam import extract_crops, make_cam, paste_and_fuse  # noqa: E402
+from pipeline.clicks import other_clicks  # noqa: E402
 from pipeline.classifier import load_classifier  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
 from pipeline.io import write_csv  # noqa: E402

@@ -41,6 +41,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .clicks import other_clicks
+
 THRESHOLD_RULES = ("paper", "fixed", "fraction")
 SYMMETRY_MODES = ("max", "mean", "min", "none")
 SCORE_MODES = ("box_mean", "region_mean", "raw_peak")
@@ -289,17 +291,6 @@ def _clicks_by_image(clicks: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if missing:
         raise ValueError(f"clicks table lacks columns {sorted(missing)}")
     return {str(k): g for k, g in clicks.groupby(clicks["image_id"].astype(str), sort=False)}
-
-
-def other_clicks(image_clicks: pd.DataFrame | None, click_id: int, cls: str, partition: str) -> np.ndarray | None:
-    """``(K, 2)`` x, y of the clicks of an image (``image_clicks``) other than ``click_id``: those of class ``cls``
-    (``partition="same_class"``), all (``"all"``), or None (``"none"``, or no table)."""
-    if image_clicks is None or partition == "none":
-        return None
-    keep = (image_clicks["click_id"] != click_id).to_numpy()
-    if partition == "same_class":
-        keep = keep & (image_clicks["class"] == cls).to_numpy()
-    return image_clicks.loc[keep, ["x", "y"]].to_numpy(np.float64)
 
 
 def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping]],

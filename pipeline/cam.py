@@ -485,7 +485,8 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
     crop_size = int(crop_size or getattr(model, "input_size", 224))
     mean, std = model.mean, model.std
     batch_size = max(1, int(batch_size))
-    fusion_weights(fusion, torch.ones(1))  # an unknown fusion fails here, before any work
+    if fusion not in FUSIONS:  # before any work
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
     settings = {"method": method, "layer": layer, "crop_size": crop_size, "batch_size": batch_size, "fusion": fusion,
                 "inspect_images": inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
     plan = _plan(entries, images_per_part)

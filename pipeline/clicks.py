@@ -1,4 +1,5 @@
-"""Click files: read/validate, write, and simulate from ground-truth boxes.
+"""Click files: read/validate, write, and simulate from ground-truth boxes; :func:`other_clicks` (an image's
+other clicks, used by stage 2's exclusion and stage 5's partition).
 
 Format (docs/method.md): CSV with header ``image_id,class,x,y[,annotator][,object_index]``; one row per click;
 x/y are 0-based pixel coordinates of the original image (``0 <= x < width``).
@@ -143,3 +144,16 @@ def simulate_clicks(objects: pd.DataFrame, sigma: float = 0.08, annotators: int 
         out.append(pd.DataFrame({"image_id": objs.image_id, "class": objs["class"], "x": x, "y": y,
                                  "annotator": a, "object_index": objs.object_index.astype(int)}))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=CLICK_COLUMNS)
+
+
+def other_clicks(image_clicks: pd.DataFrame | None, click_id: int, cls: str, which: str = "same_class"
+                 ) -> np.ndarray | None:
+    """``(K, 2)`` x, y of the clicks of an image (``image_clicks``: ``click_id, class, x, y``) other than
+    ``click_id``: those of class ``cls`` (``which="same_class"``), all (``"all"``), or None (``"none"``, or no
+    table)."""
+    if image_clicks is None or which == "none":
+        return None
+    keep = (image_clicks["click_id"] != click_id).to_numpy()
+    if which == "same_class":
+        keep = keep & (image_clicks["class"] == cls).to_numpy()
+    return image_clicks.loc[keep, ["x", "y"]].to_numpy(np.float64)

@@ -57,6 +57,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, re
 from . import distributed as D
 from .device import resolve_device
 from .imageio import read_image
+from .backbones import EFFNET_PACKAGES
 from .io import atomic_path
 from .proposals import shard_bounds
 
@@ -72,7 +73,7 @@ BACKBONE_DEFAULTS = {
                   reduce_channels=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     **{name: dict(trunk_layer="stage6", trunk_stride=16, freeze_through="stage1", pooler="roi_align",
                   reduce_channels=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-       for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")},
+       for name in EFFNET_PACKAGES},
 }
 
 

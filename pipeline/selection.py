@@ -21,6 +21,8 @@ import torch
 from torchvision.ops import nms
 from tqdm import tqdm
 
+from .clicks import other_clicks
+
 log = logging.getLogger(__name__)
 
 SELECTED_COLUMNS = ["click_id", "image_id", "class", "x", "y", "rank", "x1", "y1", "x2", "y2", "fallback"]
@@ -144,12 +146,11 @@ def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[
                                  f"({width}x{height})")
             cand = boxes[contains_click(boxes, x, y)]
             candidates.append(len(cand))
-            if exclusive:
-                same = (group["class"] == cls).to_numpy() & (group.click_id != click_id).to_numpy()
-                if same.any():
-                    cand, w = exclude_other_clicks(cand, group.loc[same, ["x", "y"]].to_numpy(float))
-                    shared += 1
-                    waived += w
+            same = other_clicks(group, click_id, cls, "same_class") if exclusive else None
+            if same is not None and len(same):
+                cand, w = exclude_other_clicks(cand, same)
+                shared += 1
+                waived += w
             sel, fb = select_for_click(cand, x, y, width, height, n, iou, fallback_scales)
             fallbacks += fb
             for r, (x1, y1, x2, y2) in enumerate(sel):

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline.boxes import (BoxParams, box_from_cam, box_from_image_cam, cam_threshold, classes_per_image,
-                            fallback_counts, normalize_map, other_clicks, pseudo_boxes_from_cams, rank1_proposals,
-                            voronoi_cell)
+                            fallback_counts, normalize_map, pseudo_boxes_from_cams, rank1_proposals, voronoi_cell)
+from pipeline.clicks import other_clicks
 
 
 def block_map(h=40, w=60, blocks=((10, 20, 20, 40, 1.0),)):
