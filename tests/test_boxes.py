@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline.boxes import (BoxParams, box_from_cam, box_from_image_cam, cam_threshold, classes_per_image,
-                            fallback_counts, normalize_map, pseudo_boxes_from_cams, rank1_proposals, voronoi_cell)
+                            ensemble_map, fallback_counts, normalize_map, pseudo_boxes_from_cams, rank1_proposals,
+                            voronoi_cell)
 from pipeline.clicks import other_clicks
 
 
@@ -243,3 +244,29 @@ def test_partition_modes_pick_the_other_clicks(partition, expected_x2):
 def test_partition_param_is_validated():
     with pytest.raises(ValueError, match="partition"):
         BoxParams(partition="voronoi")
+
+
+# -- --cam-ensemble: the mean of several classifiers' maps -------------------------------------------------------
+def test_ensemble_map_scales_each_member_to_max_one():
+    a = block_map(blocks=((10, 20, 20, 40, 4.0), (10, 20, 40, 50, 2.0)))  # peak 4: scaled to 1 and 0.5
+    b = block_map(blocks=((10, 20, 40, 50, 0.01),))  # a tiny-magnitude member counts as much: 1 on [40, 50)
+    m = ensemble_map([a, b])
+    assert m.dtype == np.float32 and m.shape == a.shape
+    assert m[15, 30] == pytest.approx(0.5) and m[15, 45] == pytest.approx(0.75) and m[0, 0] == 0
+    # normalised, [20, 40) is 170 and [40, 50) 255: at 0.8 of the max only the block b agrees on is left, while
+    # a alone (255 and 127.5) keeps both blocks at 0.4
+    res = box_from_cam(m, 45.0, 15.0, params=BoxParams("fraction", 0.8, symmetry="none"))
+    assert res.box == (40.0, 10.0, 50.0, 20.0)
+    assert box_from_cam(a, 45.0, 15.0, params=BoxParams("fraction", 0.4, symmetry="none")).box == (20.0, 10.0, 50.0,
+                                                                                                   20.0)
+
+
+def test_ensemble_map_leaves_out_unusable_members():
+    a = block_map(blocks=((10, 20, 20, 40, 2.0),))
+    nan = a.copy()
+    nan[0, 0] = np.nan
+    np.testing.assert_allclose(ensemble_map([a, None, nan, np.zeros_like(a)]), a / 2)
+    assert ensemble_map([None, np.zeros_like(a)]) is None
+    assert ensemble_map([]) is None
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_map([a, a[:, :-1]])

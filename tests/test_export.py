@@ -187,11 +187,11 @@ def test_report_sampling_covers_classes(boxes):
 
 
 # -- the FusePseudoBoxes stage (tasks/pseudo.py) --------------------------------------------------------------
-def _tiny_classifier(num_classes: int):
+def _tiny_classifier(num_classes: int, seed: int = 0):
     sys.path.insert(0, str(Path(__file__).parent))
     from nets import tiny_classifier
 
-    return tiny_classifier(num_classes, seed=0, conv2_stride=1)
+    return tiny_classifier(num_classes, seed=seed, conv2_stride=1)
 
 
 def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
@@ -242,3 +242,76 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     voc = read_voc_annotations(out / "Annotations")
     assert len(voc) == len(labels) and set(voc.image_id) == set(labels.image_id)
     assert (out / "report" / "index.html").is_file() and (out / "report" / "grid.png").is_file()
+
+
+def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
+    """--cam-ensemble: one GenerateCAMs per backbone (different stage directories), and the boxes come from the mean
+    of the max-scaled maps (pipeline.boxes.ensemble_map); a click one member lacks is counted and uses the rest."""
+    import luigi
+
+    from pipeline.boxes import (BoxParams, classes_per_image, ensemble_map, pseudo_boxes_from_cams,
+                                rank1_proposals)
+    from pipeline.cam import CamStore, click_entries, write_cam_store
+    from pipeline.io import read_json
+    from tasks.pseudo import FusePseudoBoxes
+
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
+                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
+                           cam_ensemble="efficientnet_lite1", report_images=2, report_worst=1)
+    reqs = task.requires()
+    sel_task, main_cams, lite1_cams = reqs["selected"], reqs["cams"], reqs["cams:efficientnet_lite1"]
+    assert main_cams.classifier_backbone == "efficientnet_lite0"
+    assert lite1_cams.classifier_backbone == "efficientnet_lite1"
+    assert main_cams.stage_dir != lite1_cams.stage_dir
+    single = FusePseudoBoxes(**{k: v for k, v in task.param_kwargs.items() if k != "cam_ensemble"})
+    assert single.stage_hash != task.stage_hash
+    assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
+    manifest = sel_task.manifest()
+    selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
+    trainval = manifest.split("trainval")
+    paths = dict(zip(trainval.image_id, trainval.path))
+    entries = click_entries(selected, manifest.classes)
+    dropped = entries[0].entry_id
+    write_cam_store(_tiny_classifier(len(manifest.classes), seed=0), entries, paths, main_cams.stage_dir,
+                    progress=False)
+    write_cam_store(_tiny_classifier(len(manifest.classes), seed=1), entries[1:], paths, lite1_cams.stage_dir,
+                    progress=False)
+    res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert res.status.name == "SUCCESS", res.summary_text
+
+    labels = read_pseudo_labels(task.stage_dir / "pseudo_labels.csv")
+    with CamStore(main_cams.stage_dir) as a, CamStore(lite1_cams.stage_dir) as b:
+        items = []
+        for cid in manifest.clicks.click_id:
+            cam_a, meta = a.load(cid)
+            cam_b = b.load(cid)[0] if cid in b else None
+            assert (cam_b is None) == (cid == dropped)
+            items.append((cid, ensemble_map([cam_a, cam_b]), meta))
+    expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
+                                      BoxParams("fixed", 60.0), clicks=manifest.clicks)
+    pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
+    with CamStore(main_cams.stage_dir) as a:  # the ensemble changes boxes: not the main store's alone
+        alone = pseudo_boxes_from_cams([(cid, *a.load(cid)) for cid in manifest.clicks.click_id],
+                                       rank1_proposals(selected), classes_per_image(manifest.clicks),
+                                       BoxParams("fixed", 60.0), clicks=manifest.clicks)
+    assert not np.allclose(alone[["x1", "y1", "x2", "y2"]].to_numpy(), labels[["x1", "y1", "x2", "y2"]].to_numpy())
+    params = read_json(task.stage_dir / "metrics.json")["params"]
+    assert params["cam_ensemble"] == {"efficientnet_lite1": str(lite1_cams.stage_dir)}
+    assert params["ensemble_partial"] == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ("resnet_nope", "unknown backbone"),
+    ("efficientnet_lite0", "not the main"),
+    ("efficientnet_lite1,efficientnet_lite1", "each backbone once"),
+])
+def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
+    from tasks.pseudo import FusePseudoBoxes
+
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_ensemble=value)
+    with pytest.raises(ValueError, match=message):
+        task.requires()
+    image_task = FusePseudoBoxes(data_root=str(tmp_path / "data"), classifier_mode="image_labels",
+                                 cam_ensemble="efficientnet_lite1")
+    with pytest.raises(ValueError, match="image_labels"):
+        image_task.requires()
