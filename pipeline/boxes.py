@@ -116,12 +116,12 @@ def normalize_map(cam: np.ndarray) -> tuple[np.ndarray | None, str]:
     return (cam - lo) * np.float32(255.0 / (hi - lo)), "ok"
 
 
-def ensemble_map(maps: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """One click's fused maps from several classifiers (``--cam-ensemble``) -> their mean, each map scaled to a
-    maximum of 1 first so that every classifier counts alike whatever its CAM magnitudes.
+def ensemble_map(maps: Sequence[np.ndarray | None]) -> tuple[np.ndarray | None, int]:
+    """One click's fused maps from several classifiers (``--cam-ensemble``) -> ``(mean, members used)``: the mean of
+    the maps, each scaled to a maximum of 1 first so that every classifier counts alike whatever its CAM magnitudes.
 
-    A member whose map is missing (None), non-finite or has no positive value is left out of the mean; None when
-    no member is left. ValueError when the maps' shapes differ (they are all image-sized)."""
+    A member whose map is missing (None), non-finite or has no positive value is left out of the mean; the mean is
+    None when no member is left. ValueError when the maps' shapes differ (they are all image-sized)."""
     shapes = {np.shape(m) for m in maps if m is not None}
     if len(shapes) > 1:
         raise ValueError(f"ensemble maps differ in shape: {sorted(shapes)}")
@@ -134,8 +134,8 @@ def ensemble_map(maps: Sequence[np.ndarray | None]) -> np.ndarray | None:
         if np.isfinite(m).all() and hi > 0:
             kept.append(m / np.float32(hi))
     if not kept:
-        return None
-    return np.mean(kept, axis=0, dtype=np.float32)
+        return None, 0
+    return np.mean(kept, axis=0, dtype=np.float32), len(kept)
 
 
 def cam_threshold(rule: str = "paper", value: float | None = None, n_image_classes: int = 1) -> float:

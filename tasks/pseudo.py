@@ -105,7 +105,7 @@ class FusePseudoBoxes(StageTask):
         store = CamStore(self.input_dir("cams"))
         members = [CamStore(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()]
         kinds = set(store.index["kind"])
-        partial = 0  # clicks some ensemble member has no usable map of
+        partial = 0  # clicks some but not all ensemble members have a usable map of
 
         def load_map(cid):
             """The click's fused map: the main store's, or the ensemble mean of all stores' maps."""
@@ -113,8 +113,8 @@ class FusePseudoBoxes(StageTask):
                 return store.load(cid)[0] if cid in store else None
             nonlocal partial
             maps = [s.load(cid)[0] if cid in s else None for s in [store] + members]
-            fused = ensemble_map(maps)
-            partial += any(m is None for m in maps) and fused is not None
+            fused, used = ensemble_map(maps)
+            partial += 0 < used < len(maps)
             return fused
 
         with store:

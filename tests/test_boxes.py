@@ -250,8 +250,8 @@ def test_partition_param_is_validated():
 def test_ensemble_map_scales_each_member_to_max_one():
     a = block_map(blocks=((10, 20, 20, 40, 4.0), (10, 20, 40, 50, 2.0)))  # peak 4: scaled to 1 and 0.5
     b = block_map(blocks=((10, 20, 40, 50, 0.01),))  # a tiny-magnitude member counts as much: 1 on [40, 50)
-    m = ensemble_map([a, b])
-    assert m.dtype == np.float32 and m.shape == a.shape
+    m, used = ensemble_map([a, b])
+    assert used == 2 and m.dtype == np.float32 and m.shape == a.shape
     assert m[15, 30] == pytest.approx(0.5) and m[15, 45] == pytest.approx(0.75) and m[0, 0] == 0
     # normalised, [20, 40) is 170 and [40, 50) 255: at 0.8 of the max only the block b agrees on is left, while
     # a alone (255 and 127.5) keeps both blocks at 0.4
@@ -265,8 +265,10 @@ def test_ensemble_map_leaves_out_unusable_members():
     a = block_map(blocks=((10, 20, 20, 40, 2.0),))
     nan = a.copy()
     nan[0, 0] = np.nan
-    np.testing.assert_allclose(ensemble_map([a, None, nan, np.zeros_like(a)]), a / 2)
-    assert ensemble_map([None, np.zeros_like(a)]) is None
-    assert ensemble_map([]) is None
+    m, used = ensemble_map([a, None, nan, np.zeros_like(a)])
+    np.testing.assert_allclose(m, a / 2)
+    assert used == 1
+    assert ensemble_map([None, np.zeros_like(a)]) == (None, 0)
+    assert ensemble_map([]) == (None, 0)
     with pytest.raises(ValueError, match="shape"):
         ensemble_map([a, a[:, :-1]])

@@ -286,7 +286,9 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
             cam_a, meta = a.load(cid)
             cam_b = b.load(cid)[0] if cid in b else None
             assert (cam_b is None) == (cid == dropped)
-            items.append((cid, ensemble_map([cam_a, cam_b]), meta))
+            fused, used = ensemble_map([cam_a, cam_b])
+            assert used == (1 if cid == dropped else 2)
+            items.append((cid, fused, meta))
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
                                       BoxParams("fixed", 60.0), clicks=manifest.clicks)
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
@@ -298,6 +300,12 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
     params = read_json(task.stage_dir / "metrics.json")["params"]
     assert params["cam_ensemble"] == {"efficientnet_lite1": str(lite1_cams.stage_dir)}
     assert params["ensemble_partial"] == 1
+    from tasks.main import PseudoLabels  # its summary lists both CAM stages (and both classifiers)
+
+    chain = PseudoLabels(**task.param_kwargs)._chain()
+    assert chain["GenerateCAMs"] == str(main_cams.stage_dir.resolve())
+    assert chain[lite1_cams.stage_ref] == str(lite1_cams.stage_dir.resolve())
+    assert lite1_cams.requires()["classifier"].stage_ref in chain
 
 
 @pytest.mark.parametrize("value, message", [
