@@ -3,7 +3,7 @@ with clicks (one classifier, and the three-backbone ``--cam-ensemble``), SA-CAM 
 of the symmetry rule, of T_cam, of the crop-map fusion and of the same-class exclusion (stage 2 ``--exclusive``,
 stage 5 ``--partition``).
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, ~36 min from scratch on 2 cores)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, 51 min from scratch on 2 cores)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
@@ -33,6 +33,7 @@ os.chdir(REPO)  # luigi.cfg and outputs/ are relative to the repository root
 import luigi  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.backbones import EFFNET_PACKAGES  # noqa: E402
 from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
@@ -153,8 +154,7 @@ def main(argv=None) -> int:
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
     timed("image-label-only classifier + CAM", [image_only])
-    lites = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-    ensemble = ",".join(b for b in lites if b != args.backbone) if args.ensemble is None else args.ensemble
+    ensemble = ",".join(b for b in EFFNET_PACKAGES if b != args.backbone) if args.ensemble is None else args.ensemble
     ens_tasks = {}
     if ensemble:
         ens_tasks = {m: FusePseudoBoxes(**common, cam_method=m, cam_ensemble=ensemble) for m in ("sacam", "gradcam")}
