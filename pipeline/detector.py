@@ -55,9 +55,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, remove_small_boxes, roi_pool
 
 from . import distributed as D
+from .backbones import EFFNET_PACKAGES
 from .device import resolve_device
 from .imageio import read_image
-from .backbones import EFFNET_PACKAGES
 from .io import atomic_path
 from .proposals import shard_bounds
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -63,6 +64,10 @@ class FusePseudoBoxes(StageTask):
         """The paper's image-label-only baseline: whole-image CAMs, no clicks, no proposals to fall back to."""
         return getattr(self, "classifier_mode", "crops") == "image_labels"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ensemble_backbones()  # a bad --cam-ensemble fails here, at creation, before any stage runs
+
     def ensemble_backbones(self) -> list[str]:
         """The ``cam_ensemble`` backbones, checked: known, distinct, not the main one, click CAMs only."""
         names = [b.strip() for b in self.cam_ensemble.split(",") if b.strip()]
@@ -102,51 +107,47 @@ class FusePseudoBoxes(StageTask):
         clicks = manifest.clicks
         trainval = manifest.split("trainval")
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
-        store = CamStore(self.input_dir("cams"))
-        members = [CamStore(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()]
+        stores = [CamStore(self.input_dir("cams"))]  # the main one, then one per --cam-ensemble backbone
+        stores += [CamStore(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()]
+        store = stores[0]
         kinds = set(store.index["kind"])
+
+        def fused_map(cid) -> tuple:
+            """``(map or None, stores whose map it uses)``: the main store's map, or the ensemble mean of all."""
+            maps = [s.load(cid)[0] if cid in s else None for s in stores]
+            return ensemble_map(maps) if len(stores) > 1 else (maps[0], int(maps[0] is not None))
+
         partial = 0  # clicks some but not all ensemble members have a usable map of
-
-        def load_map(cid):
-            """The click's fused map: the main store's, or the ensemble mean of all stores' maps."""
-            if not members:
-                return store.load(cid)[0] if cid in store else None
-            nonlocal partial
-            maps = [s.load(cid)[0] if cid in s else None for s in [store] + members]
-            fused, used = ensemble_map(maps)
-            partial += 0 < used < len(maps)
-            return fused
-
-        with store:
+        with contextlib.ExitStack() as stack:
+            for s in stores:
+                stack.enter_context(s)
             if kinds == {"image"}:  # the image-label-only baseline: one whole-image CAM per image and class
                 ids = store.click_ids()
                 items = ((i, *store.load(i)) for i in ids)
                 total = len(ids)
             else:
-                meta = clicks.set_index("click_id")
-
                 def items_gen():
-                    for cid in meta.index:
-                        r = meta.loc[cid]  # a click with no map is counted as "missing" and gets its fallback
-                        yield int(cid), load_map(cid), {"image_id": r.image_id, "class": r["class"], "x": r.x,
-                                                        "y": r.y}
+                    nonlocal partial
+                    for cid, image_id, cls, x, y in clicks[["click_id", "image_id", "class", "x", "y"]].itertuples(
+                            index=False, name=None):
+                        fused, used = fused_map(cid)  # no map: counted as "missing", gets its fallback proposal
+                        partial += 0 < used < len(stores)
+                        yield int(cid), fused, {"image_id": image_id, "class": cls, "x": x, "y": y}
 
-                items, total = items_gen(), len(meta)
+                items, total = items_gen(), len(clicks)
             boxes = pseudo_boxes_from_cams(tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback,
                                            classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks)
             images = trainval[trainval["image_id"].isin(set(boxes["image_id"]))]
             objects = manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))]
+            ensemble = {b: str(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()}
             result = export_pseudo_labels(
                 work, boxes, images, manifest.classes, objects=objects, clicks=clicks,
                 params={**params.as_dict(), "difficult": self.difficult, "cams": str(self.input_dir("cams")),
                         "selected": str(selected_path) if selected_path else None,
-                        **({"cam_ensemble": {b: str(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()},
-                            "ensemble_partial": partial} if members else {})},
-                load_map=load_map,
+                        **({"cam_ensemble": ensemble, "ensemble_partial": partial} if ensemble else {})},
+                load_map=lambda cid: fused_map(cid)[0],
                 report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
                 difficult=self.difficult)
-        for member in members:
-            member.close()
         m = result.get("metrics")
         log.info("FusePseudoBoxes: %d boxes, %d fallbacks%s", len(boxes), result["boxes"]["fallback"],
                  f"; CorLoc {100 * m['corloc']:.1f}, box-CorLoc {100 * m['box_accuracy']:.1f}, "

@@ -316,10 +316,8 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
 def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
     from tasks.pseudo import FusePseudoBoxes
 
-    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_ensemble=value)
-    with pytest.raises(ValueError, match=message):
-        task.requires()
-    image_task = FusePseudoBoxes(data_root=str(tmp_path / "data"), classifier_mode="image_labels",
-                                 cam_ensemble="efficientnet_lite1")
+    with pytest.raises(ValueError, match=message):  # at creation, before anything runs
+        FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_ensemble=value)
     with pytest.raises(ValueError, match="image_labels"):
-        image_task.requires()
+        FusePseudoBoxes(data_root=str(tmp_path / "data"), classifier_mode="image_labels",
+                        cam_ensemble="efficientnet_lite1")
