@@ -141,10 +141,11 @@ def main(argv=None) -> int:
     timings = {}
 
     def timed(name, tasks):
+        cached = all(task.complete() for task in tasks)  # read back from outputs/, not computed by this run
         t = time.time()
         build(tasks)
-        timings[name] = time.time() - t
-        log.info("%s: %.0fs", name, timings[name])
+        timings[name] = "cached" if cached else f"{time.time() - t:.0f}"
+        log.info("%s: %s", name, timings[name])
 
     timed("proposals + selection", [SelectProposals(**data)])
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
@@ -211,11 +212,13 @@ def main(argv=None) -> int:
     images = len(SelectProposals(**data).manifest().split("trainval"))
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
               f"{args.device}; classifier {args.epochs} epochs on <= {args.max_crops_per_class} crops/class at "
-              f"{args.input_size}px; total {time.time() - t0:.0f}s")
+              f"{args.input_size}px; this run took {time.time() - t0:.0f}s")
     caption = ("Symmetry rule (at the default T_cam), T_cam, crop-map fusion and the same-class exclusion of stages 2 "
-               "and 5 (SA-CAM + clicks, default layer; one setting changed at a time), and T_cam for the ensemble:")
+               "and 5 (SA-CAM + clicks, default layer; one setting changed at a time)"
+               + (", and T_cam for the ensemble:" if ensemble else ":"))
     md = "\n\n".join([header, markdown(table), caption,
-                      markdown(ablation), "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())])
+                      markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
+                      + ", ".join(f"{k} {v}" for k, v in timings.items())])
     write_text(out / "quality.md", md + "\n")
     print(md)
 

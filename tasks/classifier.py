@@ -56,8 +56,8 @@ class TrainClassifier(StageTask):
     classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default="efficientnet_lite0")
     classifier_weights = luigi.Parameter(default="imagenet",
                                          description="imagenet, a path to a state dict, or random (tests only)")
-    # CPU-budget defaults (the ones bench/quality.py runs with); on a GPU use e.g. --classifier-epochs 5
-    # --classifier-input-size 224 --classifier-max-crops-per-class 0 (all crops)
+    # CPU-budget defaults (the ones bench/quality.py runs with). With more compute raise the crop size
+    # (--classifier-input-size 224: better pseudo boxes on voc07-sample); more crops or epochs did not help (README)
     classifier_epochs = luigi.IntParameter(default=3)
     classifier_batch_size = luigi.IntParameter(default=32)
     classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default="sgd")
