@@ -1,16 +1,18 @@
 """Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM and SA-CAM
-with clicks (one classifier, and the three-backbone ``--cam-ensemble``), SA-CAM at the ablation layers, and the effect
-of the symmetry rule, of T_cam, of the crop-map fusion and of the same-class exclusion (stage 2 ``--exclusive``,
-stage 5 ``--partition``).
+with clicks (one classifier, and the two-backbone ``--cam-ensemble``), SA-CAM at the ablation layers, and the effect
+of the symmetry rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also
+of the crop-map fusion and of stage 2's same-class exclusion (``--exclusive``), each one more CAM or classifier run.
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, 51 min from scratch on 2 cores)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, <60 min from scratch on 2 cores)
+    .venv/bin/python bench/quality.py --extended       # + the fusion and exclusion variants (~15 min more)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
-with its shipped ImageNet weights, CPU. Every row is a real run of the luigi stages (outputs/ caches them, so a
-rerun only computes what changed). Writes ``outputs/bench/quality/quality.csv`` and ``quality.md`` and exits
-non-zero when the better SA-CAM + clicks row (one classifier or the ensemble) is not the best method row or scores
-below 60 box-CorLoc.
+with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
+defaults (3 epochs on a seeded subsample of at most 50 crops per class, 224 px). Every row is a real run of the
+luigi stages (outputs/ caches them, so a rerun only computes what changed). Writes
+``outputs/bench/quality/quality.csv`` and ``quality.md`` and exits non-zero when the better SA-CAM + clicks row (one
+classifier or the ensemble) is not the best method row or scores below 60 box-CorLoc.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -33,7 +35,6 @@ os.chdir(REPO)  # luigi.cfg and outputs/ are relative to the repository root
 import luigi  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.backbones import EFFNET_PACKAGES  # noqa: E402
 from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
@@ -110,9 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N trainval images only (0: all 750)")
     # defaults = the pipeline's CPU-budget classifier defaults (tasks/classifier.py), so the table measures them
     ap.add_argument("--epochs", type=int, default=3, help="classifier epochs")
-    ap.add_argument("--max-crops-per-class", type=int, default=150,
+    ap.add_argument("--max-crops-per-class", type=int, default=50,
                     help="seeded subsample of the classifier's training crops (CPU budget)")
-    ap.add_argument("--input-size", type=int, default=128, help="classifier/CAM crop size (px)")
+    ap.add_argument("--input-size", type=int, default=224, help="classifier/CAM crop size (px)")
     ap.add_argument("--image-epochs", type=int, default=4, help="epochs of the image-label-only classifier")
     ap.add_argument("--layers", default="stage5,conv_head",
                     help="comma-separated SA-CAM ablation layers besides the default one (empty: all of the "
@@ -121,8 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default="efficientnet_lite0",
                     help="classifier backbone (efficientnet_lite1 / _lite2: the README's backbone comparison)")
     ap.add_argument("--ensemble", default=None,
-                    help="comma-separated --cam-ensemble backbones of the ensemble rows (default: the two other "
-                         "efficientnet lites; empty: no ensemble rows)")
+                    help="comma-separated --cam-ensemble backbones of the ensemble rows (default: efficientnet_lite1, "
+                         "or _lite0 when it is the --backbone; empty: no ensemble rows)")
+    ap.add_argument("--extended", action="store_true",
+                    help="also the crop-map fusion and stage 2 exclusion variants (one more CAM run and one more "
+                         "classifier + CAM run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -155,7 +159,9 @@ def main(argv=None) -> int:
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
     timed("image-label-only classifier + CAM", [image_only])
-    ensemble = ",".join(b for b in EFFNET_PACKAGES if b != args.backbone) if args.ensemble is None else args.ensemble
+    if args.ensemble is None:
+        args.ensemble = "efficientnet_lite1" if args.backbone != "efficientnet_lite1" else "efficientnet_lite0"
+    ensemble = args.ensemble
     ens_tasks = {}
     if ensemble:
         ens_tasks = {m: FusePseudoBoxes(**common, cam_method=m, cam_ensemble=ensemble) for m in ("sacam", "gradcam")}
@@ -192,18 +198,20 @@ def main(argv=None) -> int:
     variants["T_cam paper rule (80 / 120)"] = dict(cam_threshold_rule="paper")
     variants.update({f"T_cam fixed {v}": dict(cam_threshold_rule="fixed", cam_threshold=float(v))
                      for v in (40, 60, 80, 100, 120, 160)})
-    variants["fusion=sum (the paper's Eq. 4; default prob)"] = dict(cam_fusion="sum")
     variants["partition=all (map cut against the other clicks of any class)"] = dict(partition="all")
     variants["partition=none (stage 5 as in the paper)"] = dict(partition="none")
-    variants["exclusive=False (stage 2 as in the paper; own classifier and CAMs)"] = dict(exclusive=False)
-    variants["exclusive=False, partition=none (no same-class exclusion at all)"] = dict(exclusive=False,
-                                                                                       partition="none")
+    if args.extended:
+        variants["fusion=sum (the paper's Eq. 4; default prob)"] = dict(cam_fusion="sum")
+        variants["exclusive=False (stage 2 as in the paper; own classifier and CAMs)"] = dict(exclusive=False)
+        variants["exclusive=False, partition=none (no same-class exclusion at all)"] = dict(exclusive=False,
+                                                                                           partition="none")
     if ensemble:
         variants.update({f"ensemble {members}, T_cam fixed {v}": dict(cam_ensemble=ensemble, cam_threshold=float(v))
                          for v in (50, 70, 80)})
     variant_tasks = {k: FusePseudoBoxes(**common, cam_method="sacam", report_images=0, report_worst=0, **v)
                      for k, v in variants.items()}
-    timed("symmetry / T_cam / fusion / exclusion variants", list(variant_tasks.values()))
+    timed("symmetry / T_cam / partition" + (" / fusion / exclusion" if args.extended else "") + " variants",
+          list(variant_tasks.values()))
     ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in variant_tasks.items()])
 
     out = REPO / args.out
@@ -213,8 +221,10 @@ def main(argv=None) -> int:
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
               f"{args.device}; classifier {args.epochs} epochs on <= {args.max_crops_per_class} crops/class at "
               f"{args.input_size}px; this run took {time.time() - t0:.0f}s")
-    caption = ("Symmetry rule (at the default T_cam), T_cam, crop-map fusion and the same-class exclusion of stages 2 "
-               "and 5 (SA-CAM + clicks, default layer; one setting changed at a time)"
+    caption = ("Symmetry rule (at the default T_cam), T_cam, "
+               + ("crop-map fusion and the same-class exclusion of stages 2 and 5 " if args.extended
+                  else "the same-class partition of stage 5 ")
+               + "(SA-CAM + clicks, default layer; one setting changed at a time)"
                + (", and T_cam for the ensemble:" if ensemble else ":"))
     md = "\n\n".join([header, markdown(table), caption,
                       markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
