@@ -3,8 +3,8 @@ with clicks (one classifier, and the two-backbone ``--cam-ensemble``), SA-CAM at
 of the symmetry rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also
 of the crop-map fusion and of stage 2's same-class exclusion (``--exclusive``), each one more CAM or classifier run.
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, <60 min from scratch on 2 cores)
-    .venv/bin/python bench/quality.py --extended       # + the fusion and exclusion variants (~15 min more)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU; 63 min from scratch on 2 cores)
+    .venv/bin/python bench/quality.py --extended       # + the fusion and exclusion variants (~15 min more, est.)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
