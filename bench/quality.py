@@ -109,11 +109,11 @@ def markdown(df: pd.DataFrame) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=0, help="first N trainval images only (0: all 750)")
-    # defaults = the pipeline's CPU-budget classifier defaults (tasks/classifier.py), so the table measures them
-    ap.add_argument("--epochs", type=int, default=3, help="classifier epochs")
-    ap.add_argument("--max-crops-per-class", type=int, default=50,
-                    help="seeded subsample of the classifier's training crops (CPU budget)")
-    ap.add_argument("--input-size", type=int, default=224, help="classifier/CAM crop size (px)")
+    # unset: the pipeline's own classifier defaults (TrainClassifier's parameters), so the table measures them
+    ap.add_argument("--epochs", type=int, help="classifier epochs (default: the pipeline's)")
+    ap.add_argument("--max-crops-per-class", type=int,
+                    help="seeded subsample of the classifier's training crops (default: the pipeline's)")
+    ap.add_argument("--input-size", type=int, help="classifier/CAM crop size in px (default: the pipeline's)")
     ap.add_argument("--image-epochs", type=int, default=4, help="epochs of the image-label-only classifier")
     ap.add_argument("--layers", default="stage5,conv_head",
                     help="comma-separated SA-CAM ablation layers besides the default one (empty: all of the "
@@ -139,9 +139,10 @@ def main(argv=None) -> int:
     root, clicks = subset_root(args.limit) if args.limit else (SAMPLE / "VOC2007", SAMPLE / "clicks_trainval.csv")
     data = dict(voc_root=str(root), clicks=str(clicks), annotator=1,
                 ss_workers=args.workers)
+    overrides = {"classifier_epochs": args.epochs, "classifier_max_crops_per_class": args.max_crops_per_class,
+                 "classifier_input_size": args.input_size}
     common = dict(data, device=args.device, classifier_backbone=args.backbone,
-                  classifier_epochs=args.epochs, classifier_max_crops_per_class=args.max_crops_per_class,
-                  classifier_input_size=args.input_size)
+                  **{k: v for k, v in overrides.items() if v is not None})
     timings = {}
 
     def timed(name, tasks):
@@ -159,9 +160,9 @@ def main(argv=None) -> int:
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
     timed("image-label-only classifier + CAM", [image_only])
-    if args.ensemble is None:
-        args.ensemble = "efficientnet_lite1" if args.backbone != "efficientnet_lite1" else "efficientnet_lite0"
     ensemble = args.ensemble
+    if ensemble is None:  # the other of lite0 / lite1
+        ensemble = "efficientnet_lite1" if args.backbone != "efficientnet_lite1" else "efficientnet_lite0"
     ens_tasks = {}
     if ensemble:
         ens_tasks = {m: FusePseudoBoxes(**common, cam_method=m, cam_ensemble=ensemble) for m in ("sacam", "gradcam")}
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
 
     from pipeline.classifier import load_classifier
 
-    model_dir = Path(sacam.find_upstream("TrainClassifier").output().path)
+    classifier = sacam.find_upstream("TrainClassifier")
+    model_dir = Path(classifier.output().path)
     model = load_classifier(model_dir / "model.pt", "cpu")
     default_layer = model.default_cam_layer
     layers = [x for x in (args.layers.split(",") if args.layers else model.cam_layers) if x and x != default_layer]
@@ -219,8 +221,9 @@ def main(argv=None) -> int:
     write_csv(ablation, out / "quality_ablation.csv")
     images = len(SelectProposals(**data).manifest().split("trainval"))
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
-              f"{args.device}; classifier {args.epochs} epochs on <= {args.max_crops_per_class} crops/class at "
-              f"{args.input_size}px; this run took {time.time() - t0:.0f}s")
+              f"{args.device}; classifier {classifier.classifier_epochs} epochs on <= "
+              f"{classifier.classifier_max_crops_per_class} crops/class at {classifier.classifier_input_size}px; "
+              f"this run took {time.time() - t0:.0f}s")
     caption = ("Symmetry rule (at the default T_cam), T_cam, "
                + ("crop-map fusion and the same-class exclusion of stages 2 and 5 " if args.extended
                   else "the same-class partition of stage 5 ")
