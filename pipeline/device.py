@@ -1,5 +1,9 @@
-"""Device selection: ``--device auto`` uses CUDA when present, else the CPU."""
+"""Device selection (``--device auto`` uses CUDA when present, else the CPU) and the process's malloc settings."""
 from __future__ import annotations
+
+import ctypes
+import os
+import sys
 
 import torch
 
@@ -11,3 +15,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} asked for, but torch sees no CUDA device; use --device auto or cpu")
     return torch.device(name)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameter numbers (malloc.h)
+_malloc_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process (no ``mmap`` for large blocks, no trimming of the heap)
+    instead of handing it back to the kernel; True when applied (glibc on Linux), False elsewhere or when the
+    environment sets ``CLICKSCALE_MALLOC=default``. Idempotent; called by every stage before it runs.
+
+    Why: PyTorch's CPU allocator does not cache, and glibc serves each block over 32 MB (a batch of 64 crops at
+    224 px makes several per layer) with a fresh ``mmap`` that it unmaps on free, so every batch faults in and
+    zeroes its activations again. Measured on the 2-core CPU machine, 4 SA-CAM forward + backward passes of 64
+    crops of 224 px through efficientnet_lite0 (stage6): 5.5 M minor page faults, 12.7 s of kernel time and 11.1 s
+    wall by default; 79 k faults, 0.1 s and 3.4 s with this. The cost: the process keeps its peak heap until it
+    exits (the stages are batch jobs)."""
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if os.environ.get("CLICKSCALE_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _malloc_tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _malloc_tuned

@@ -20,6 +20,7 @@ from pathlib import Path
 import luigi
 from luigi.task import flatten
 
+from pipeline.device import keep_freed_memory
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger("clickscale")
@@ -135,6 +136,7 @@ class StageTask(luigi.Task):
         raise NotImplementedError
 
     def run(self) -> None:
+        keep_freed_memory()  # glibc: no mmap/munmap (and page faults) per large tensor (pipeline/device.py)
         work = self.work_dir
         work.mkdir(parents=True, exist_ok=True)
         for stale in sorted(work.rglob(".*.tmp*"), reverse=True):  # pipeline.io.atomic_path temporaries of a
