@@ -1,18 +1,19 @@
-"""Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM and SA-CAM
-with clicks (one classifier, and the two-backbone ``--cam-ensemble``), SA-CAM at the ablation layers, and the effect
-of the symmetry rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also
-of the crop-map fusion and of stage 2's same-class exclusion (``--exclusive``), each one more CAM or classifier run.
+"""Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM (at stage6, the
+last conv layer where Grad-CAM is usually taken, and at the default layers) and SA-CAM with clicks (the default:
+the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer alone, and the effect of the symmetry
+rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also of the
+crop-map fusion, of stage 2's same-class exclusion (``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU; 63 min from scratch on 2 cores)
-    .venv/bin/python bench/quality.py --extended       # + the fusion and exclusion variants (~15 min more, est.)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU; 41 min from scratch on 2 cores)
+    .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (~35 min more, est.)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
 with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
 defaults (3 epochs on a seeded subsample of at most 50 crops per class, 224 px). Every row is a real run of the
-luigi stages (outputs/ caches them, so a rerun only computes what changed). Writes
-``outputs/bench/quality/quality.csv`` and ``quality.md`` and exits non-zero when the better SA-CAM + clicks row (one
-classifier or the ensemble) is not the best method row or scores below 60 box-CorLoc.
+luigi stages (outputs/ caches them, so a rerun only computes what changed), each group of stages in its own fresh
+process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md`` and exits non-zero when the better SA-CAM +
+clicks row (one classifier or the ensemble) is not the best method row or scores below 60 box-CorLoc.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -71,6 +73,22 @@ def build(tasks, workers: int = 1) -> None:
         raise SystemExit("a stage failed: see the log above")
 
 
+def _build_specs(specs) -> None:
+    build([cls(**params) for cls, params in specs])
+
+
+def build_isolated(tasks) -> None:
+    """:func:`build` in a fresh (spawned) interpreter: one long process running every stage group in turn slowed
+    down (its CAM passes at 50-76 crops/s against 85-93 in a fresh process, a third of its CPU time in the kernel),
+    so each group gets its own process, as a ``luigi`` command line would."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_build_specs, args=([(type(t), t.param_kwargs) for t in tasks],))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"a stage failed (exit code {proc.exitcode}): see the log above")
+
+
 def metrics_of(task: FusePseudoBoxes) -> dict:
     m = read_json(Path(task.output().path) / "metrics.json")
     s = m.get("metrics") or {}
@@ -115,18 +133,18 @@ def main(argv=None) -> int:
                     help="seeded subsample of the classifier's training crops (default: the pipeline's)")
     ap.add_argument("--input-size", type=int, help="classifier/CAM crop size in px (default: the pipeline's)")
     ap.add_argument("--image-epochs", type=int, default=4, help="epochs of the image-label-only classifier")
-    ap.add_argument("--layers", default="stage5,conv_head",
-                    help="comma-separated SA-CAM ablation layers besides the default one (empty: all of the "
-                         "backbone's CAM layers; stage3 and stage4 add two CAM runs, ~5 min; they scored 9-11 "
-                         "in the layer probe of pipeline.backbones.EFFNET_LAYER_MEASUREMENT)")
+    ap.add_argument("--layers", default="stage6,stage5_expand,stage5,conv_head",
+                    help="comma-separated SA-CAM ablation layers, each alone (empty: all of the backbone's CAM "
+                         "layers; stage3 and stage4 add two CAM runs, ~5 min; they scored 9-11 in the layer probe "
+                         "of pipeline.backbones.EFFNET_LAYER_MEASUREMENT)")
     ap.add_argument("--backbone", default="efficientnet_lite0",
                     help="classifier backbone (efficientnet_lite1 / _lite2: the README's backbone comparison)")
     ap.add_argument("--ensemble", default=None,
-                    help="comma-separated --cam-ensemble backbones of the ensemble rows (default: efficientnet_lite1, "
-                         "or _lite0 when it is the --backbone; empty: no ensemble rows)")
+                    help="comma-separated --cam-ensemble backbones of the ensemble rows (default: none, and with "
+                         "--extended efficientnet_lite1, or _lite0 when it is the --backbone)")
     ap.add_argument("--extended", action="store_true",
                     help="also the crop-map fusion and stage 2 exclusion variants (one more CAM run and one more "
-                         "classifier + CAM run)")
+                         "classifier + CAM run) and the lite0 + lite1 ensemble rows (~20 min)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -148,19 +166,24 @@ def main(argv=None) -> int:
     def timed(name, tasks):
         cached = all(task.complete() for task in tasks)  # read back from outputs/, not computed by this run
         t = time.time()
-        build(tasks)
+        build_isolated(tasks)
         timings[name] = "cached" if cached else f"{time.time() - t:.0f}"
         log.info("%s: %s", name, timings[name])
 
     timed("proposals + selection", [SelectProposals(**data)])
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
+    fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (DEFAULT_FUSED_LAYERS)
+    last = "conv5_3" if args.backbone == "vgg16" else "stage6"  # Grad-CAM's layer in its paper and in ours
     gradcam = FusePseudoBoxes(**common, cam_method="gradcam")
-    timed("Grad-CAM", [gradcam])
+    gradcam_last = FusePseudoBoxes(**common, cam_method="gradcam", cam_layer=last)
+    timed("Grad-CAM", [gradcam, gradcam_last])
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
     timed("image-label-only classifier + CAM", [image_only])
     ensemble = args.ensemble
+    if ensemble is None and not args.extended:
+        ensemble = ""
     if ensemble is None:  # the other of lite0 / lite1
         ensemble = "efficientnet_lite1" if args.backbone != "efficientnet_lite1" else "efficientnet_lite0"
     ens_tasks = {}
@@ -173,15 +196,16 @@ def main(argv=None) -> int:
     classifier = sacam.find_upstream("TrainClassifier")
     model_dir = Path(classifier.output().path)
     model = load_classifier(model_dir / "model.pt", "cpu")
-    default_layer = model.default_cam_layer
-    layers = [x for x in (args.layers.split(",") if args.layers else model.cam_layers) if x and x != default_layer]
+    layers = [x for x in (args.layers.split(",") if args.layers else model.cam_layers) if x]
     layer_tasks = {layer: FusePseudoBoxes(**common, cam_method="sacam", cam_layer=layer) for layer in layers}
     timed("SA-CAM layer ablation", list(layer_tasks.values()))
 
     rows = floor_rows(data)
     rows.append({"method": "image labels only: full-image CAM, no clicks", **metrics_of(image_only)})
-    rows.append({"method": f"Grad-CAM + clicks ({default_layer})", **metrics_of(gradcam)})
-    rows.append({"method": f"SA-CAM + clicks ({default_layer}, default)", **metrics_of(sacam)})
+    layer_names = " + ".join(fused)
+    rows.append({"method": f"Grad-CAM + clicks ({last})", **metrics_of(gradcam_last)})
+    rows.append({"method": f"Grad-CAM + clicks ({layer_names})", **metrics_of(gradcam)})
+    rows.append({"method": f"SA-CAM + clicks ({layer_names}, default)", **metrics_of(sacam)})
     sa_rows = [len(rows) - 1]
     members = "+".join([args.backbone.replace("efficientnet_", "")]
                        + [b.replace("efficientnet_", "") for b in ensemble.split(",") if b])
@@ -192,14 +216,14 @@ def main(argv=None) -> int:
         sa_rows.append(len(rows) - 1)
     main_rows = len(rows)
     for layer, task in layer_tasks.items():
-        rows.append({"method": f"SA-CAM + clicks, layer {layer}", **metrics_of(task)})
+        rows.append({"method": f"SA-CAM + clicks, layer {layer} alone", **metrics_of(task)})
     table = pd.DataFrame(rows)
 
     # effect of the symmetry rule and of T_cam (only the last stage reruns)
     variants = {f"symmetry={s}": dict(symmetry=s) for s in ("max", "mean", "min", "none")}
     variants["T_cam paper rule (80 / 120)"] = dict(cam_threshold_rule="paper")
     variants.update({f"T_cam fixed {v}": dict(cam_threshold_rule="fixed", cam_threshold=float(v))
-                     for v in (40, 60, 80, 100, 120, 160)})
+                     for v in (30, 40, 60, 70, 80, 100, 120)})
     variants["partition=all (map cut against the other clicks of any class)"] = dict(partition="all")
     variants["partition=none (stage 5 as in the paper)"] = dict(partition="none")
     if args.extended:

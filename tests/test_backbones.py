@@ -24,12 +24,21 @@ def test_interface_split_and_layer_shapes(nets, name):
         assert y.shape == (2, 5) and net.num_classes == 5
         assert net.input_size == 224 and net.default_cam_layer in net.cam_layers
         for layer in net.cam_layers:
-            lower, upper = net.split(layer)
-            a = lower(x)
             info = net.layers[layer]
+            if info.sub:  # an activation inside a body module: hooked, not a cut point
+                seen = []
+                handle = net.layer_module(layer).register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+                assert torch.equal(net(x), y)
+                handle.remove()
+                a = seen[0]
+                with pytest.raises(ValueError, match="not a cut point"):
+                    net.split(layer)
+            else:
+                lower, upper = net.split(layer)
+                a = lower(x)
+                assert torch.equal(upper(a), y), layer
+                assert net.layer_module(layer) is lower[-1]
             assert a.shape == (2, info.channels, 64 // info.stride, 64 // info.stride), layer
-            assert torch.equal(upper(a), y), layer
-            assert net.layer_module(layer) is lower[-1]
     with pytest.raises(ValueError, match="no layer 'conv9'"):
         net.split("conv9")
 
@@ -44,6 +53,29 @@ def test_cam_layers_and_normalisation(nets):
     assert eff.mean == (0.5, 0.5, 0.5) and eff.std == (0.5, 0.5, 0.5)
     x = torch.tensor([0.0, 127.5, 255.0]).view(1, 3, 1, 1)
     assert eff.normalize(x).flatten().tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_stage5_expand_is_the_non_negative_stride16_expansion(nets):
+    """stage5_expand (a default fused layer, pipeline.backbones.DEFAULT_FUSED_LAYERS) is the ReLU6 output of stage5's
+    first 1x1 expansion: inside the stage5 block, stride 16, non-negative, unlike the linear stage outputs."""
+    from pipeline.backbones import DEFAULT_FUSED_LAYERS
+
+    eff = nets["efficientnet_lite0"]
+    assert eff.layer_module("stage5_expand") is eff.body.stage5[0].bn1
+    assert eff.layers["stage5_expand"] == (("stage5", 672, 16, "0.bn1"))
+    acts = {}
+    hooks = [eff.layer_module(k).register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o.clone()))
+             for k in ("stage5_expand", "stage5")]
+    with torch.no_grad():
+        eff(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    assert acts["stage5_expand"].shape == (2, 672, 14, 14) and acts["stage5_expand"].min() >= 0
+    assert acts["stage5"].shape == (2, 192, 7, 7) and acts["stage5"].min() < 0
+    assert DEFAULT_FUSED_LAYERS["efficientnet_lite0"] == ("stage5_expand", "stage6")
+    assert DEFAULT_FUSED_LAYERS["vgg16"] == ("conv5_2",)
+    for name, layers in DEFAULT_FUSED_LAYERS.items():
+        assert set(layers) <= set(nets[name].cam_layers), name
 
 
 def test_parameter_groups_partition_the_model(nets):

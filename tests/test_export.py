@@ -195,11 +195,12 @@ def _tiny_classifier(num_classes: int, seed: int = 0):
 
 
 def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
-    """Real stages 1-2 on tiny synthetic images, the CAM store written with a tiny random net in place of stages
-    3-4 (so no classifier is trained), then FusePseudoBoxes: its files agree with the pipeline functions."""
+    """Real stages 1-2 on tiny synthetic images, the CAM stores of the two default layers written with tiny random
+    nets in place of stages 3-4 (so no classifier is trained), then FusePseudoBoxes: its files agree with the
+    pipeline functions on the mean of the two layers' max-scaled maps."""
     import luigi
 
-    from pipeline.boxes import BoxParams, classes_per_image, pseudo_boxes_from_cams, rank1_proposals
+    from pipeline.boxes import BoxParams, classes_per_image, ensemble_map, pseudo_boxes_from_cams, rank1_proposals
     from pipeline.cam import CamStore, click_entries, write_cam_store
     from pipeline.io import read_json
     from pipeline.metrics import pseudo_box_metrics
@@ -208,23 +209,28 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
                            max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
                            symmetry="mean", report_images=4, report_worst=1)
-    sel_task, cam_task = task.requires()["selected"], task.requires()["cams"]
+    reqs = task.requires()
+    sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
+    assert set(reqs) == {"selected", "cams", "cams@stage6"}  # pipeline.backbones.DEFAULT_FUSED_LAYERS
+    assert (cam_task.cam_layer, cam6_task.cam_layer) == ("stage5_expand", "stage6")
+    assert cam_task.requires()["classifier"].stage_dir == cam6_task.requires()["classifier"].stage_dir
     assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
     manifest = sel_task.manifest()
     selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
     trainval = manifest.split("trainval")
-    write_cam_store(_tiny_classifier(len(manifest.classes)), click_entries(selected, manifest.classes),
-                    dict(zip(trainval.image_id, trainval.path)), cam_task.stage_dir, progress=False)
+    for seed, t in enumerate((cam_task, cam6_task)):
+        write_cam_store(_tiny_classifier(len(manifest.classes), seed=seed), click_entries(selected, manifest.classes),
+                        dict(zip(trainval.image_id, trainval.path)), t.stage_dir, progress=False)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text
-    assert not cam_task.requires()["classifier"].stage_dir.exists()  # the stand-in store was used
+    assert not cam_task.requires()["classifier"].stage_dir.exists()  # the stand-in stores were used
 
     out = task.stage_dir
     labels = read_pseudo_labels(out / "pseudo_labels.csv")
-    with CamStore(cam_task.stage_dir) as store:
-        items = [(i, *store.load(i)) for i in manifest.clicks.click_id]
+    with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
+        items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in manifest.clicks.click_id]
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams("fixed", 60.0, symmetry="mean"),  # the stage defaults
+                                      BoxParams("fixed", 50.0, symmetry="mean"),  # the stage defaults
                                       clicks=manifest.clicks)  # --partition same_class
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     assert len(labels) == len(manifest.clicks)
@@ -257,8 +263,9 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
 
     task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
                            max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
-                           cam_ensemble="efficientnet_lite1", report_images=2, report_worst=1)
+                           cam_ensemble="efficientnet_lite1", cam_layer="stage6", report_images=2, report_worst=1)
     reqs = task.requires()
+    assert set(reqs) == {"selected", "cams", "cams:efficientnet_lite1"}  # one layer per member
     sel_task, main_cams, lite1_cams = reqs["selected"], reqs["cams"], reqs["cams:efficientnet_lite1"]
     assert main_cams.classifier_backbone == "efficientnet_lite0"
     assert lite1_cams.classifier_backbone == "efficientnet_lite1"
@@ -290,16 +297,17 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
             assert used == (1 if cid == dropped else 2)
             items.append((cid, fused, meta))
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams("fixed", 60.0), clicks=manifest.clicks)
+                                      BoxParams("fixed", 50.0), clicks=manifest.clicks)
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     with CamStore(main_cams.stage_dir) as a:  # the ensemble changes boxes: not the main store's alone
         alone = pseudo_boxes_from_cams([(cid, *a.load(cid)) for cid in manifest.clicks.click_id],
                                        rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                       BoxParams("fixed", 60.0), clicks=manifest.clicks)
+                                       BoxParams("fixed", 50.0), clicks=manifest.clicks)
     assert not np.allclose(alone[["x1", "y1", "x2", "y2"]].to_numpy(), labels[["x1", "y1", "x2", "y2"]].to_numpy())
     params = read_json(task.stage_dir / "metrics.json")["params"]
-    assert params["cam_ensemble"] == {"efficientnet_lite1": str(lite1_cams.stage_dir)}
-    assert params["ensemble_partial"] == 1
+    assert params["cam_stores"] == {"cams": str(main_cams.stage_dir),
+                                    "cams:efficientnet_lite1": str(lite1_cams.stage_dir)}
+    assert params["stores_partial"] == 1
     from tasks.main import PseudoLabels  # its summary lists both CAM stages (and both classifiers)
 
     chain = PseudoLabels(**task.param_kwargs)._chain()
@@ -321,3 +329,5 @@ def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
     with pytest.raises(ValueError, match="image_labels"):
         FusePseudoBoxes(data_root=str(tmp_path / "data"), classifier_mode="image_labels",
                         cam_ensemble="efficientnet_lite1")
+    with pytest.raises(ValueError, match="each layer once"):
+        FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_layer="stage6,stage6")
