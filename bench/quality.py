@@ -78,9 +78,9 @@ def _build_specs(specs) -> None:
 
 
 def build_isolated(tasks) -> None:
-    """:func:`build` in a fresh (spawned) interpreter: one long process running every stage group in turn slowed
-    down (its CAM passes at 50-76 crops/s against 85-93 in a fresh process, a third of its CPU time in the kernel),
-    so each group gets its own process, as a ``luigi`` command line would."""
+    """:func:`build` in a fresh (spawned) interpreter, as a ``luigi`` command line would run it: the stage groups
+    share nothing but outputs/, and one group's memory (kept by :func:`pipeline.device.keep_freed_memory`) is
+    returned before the next starts."""
     proc = multiprocessing.get_context("spawn").Process(
         target=_build_specs, args=([(type(t), t.param_kwargs) for t in tasks],))
     proc.start()

@@ -19,8 +19,8 @@ Backbones:
   per click (pipeline.selection), the fused SA-CAM at each layer, thresholded at the paper's T_cam (80 / 120 of
   255), the region connected to the click made centro-symmetric about it (max side): the percentage of pseudo
   boxes with IoU >= 0.5 to the clicked object. Grad-CAM ranked the layers the same way.
-  ``stage5_expand``: the ReLU6 activation of stage5's first 1x1 expansion conv (``stage5[0].bn1``, 672 channels,
-  stride 16, hooked inside the block, so not a ``split()`` point). The stage outputs are linear bottlenecks
+  ``stage5_expand``: the ReLU6 activation of stage5's first 1x1 expansion conv (``stage5[0].bn1``, 672 channels in
+  lite0, stride 16, hooked inside the block, so not a ``split()`` point). The stage outputs are linear bottlenecks
   (signed); this is the deepest non-negative stride-16 activation, the counterpart of VGG16's post-ReLU conv5_2
   that SA-CAM was designed for. Stage 5 averages its map with stage6's by default (:data:`DEFAULT_FUSED_LAYERS`).
 - ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family, deeper (lite1) and wider (lite2), weights from
@@ -65,8 +65,8 @@ EFFNET_LAYER_MEASUREMENT: dict[str, float] = {"stage3": 11.3, "stage4": 9.2, "st
 #: The CAM layers whose fused maps stage 5 averages by default (``FusePseudoBoxes --cam-layer``, each click's map
 #: scaled to a maximum of 1 first, :func:`pipeline.boxes.ensemble_map`). efficientnet: the stride-16 expansion
 #: activation at the start of stage5 (14x14 maps of a 224 px crop) with stage6 (7x7): on voc07-sample (SA-CAM,
-#: lite0, 224 px, seed 0) 61.2 box-CorLoc at T_cam 50, against 59.7 (T_cam 60) for stage6 alone and 60.3 (T_cam 40)
-#: for stage5_expand alone (the README's quality benchmark). vgg16: the paper's conv5_2.
+#: lite0, 224 px, seed 0, bench/quality.py) 61.2 box-CorLoc at T_cam 50, against 59.8 for stage6 alone and 59.1
+#: for stage5_expand alone at that T_cam (60.3 at its best, T_cam 40; stage6's best is this one). vgg16: conv5_2.
 DEFAULT_FUSED_LAYERS: dict[str, tuple[str, ...]] = {"vgg16": ("conv5_2",),
                                                    **{n: ("stage5_expand", "stage6") for n in EFFNET_PACKAGES}}
 
