@@ -133,10 +133,12 @@ class FusePseudoBoxes(StageTask):
         kinds = set(store.index["kind"])
 
         def fused_map(cid) -> tuple:
-            """``(map or None, stores whose map it uses)``: the one store's map, or the mean of all, each scaled to
-            a maximum of 1 (several layers and / or ensemble members)."""
-            maps = [s.load(cid)[0] if cid in s else None for s in stores]
-            return ensemble_map(maps) if len(stores) > 1 else (maps[0], int(maps[0] is not None))
+            """``(map or None, stores whose map it uses, the main store's metadata or None)``: the one store's map,
+            or the mean of all, each scaled to a maximum of 1 (several layers and / or ensemble members)."""
+            loaded = [s.load(cid) if cid in s else (None, None) for s in stores]
+            maps = [m for m, _ in loaded]
+            fused, used = ensemble_map(maps) if len(stores) > 1 else (maps[0], int(maps[0] is not None))
+            return fused, used, loaded[0][1]
 
         partial = 0  # clicks some but not all of the stores (layers, ensemble members) have a usable map of
         with contextlib.ExitStack() as stack:
@@ -144,14 +146,14 @@ class FusePseudoBoxes(StageTask):
                 stack.enter_context(s)
             if kinds == {"image"}:  # the image-label-only baseline: one whole-image CAM per image and class
                 ids = store.click_ids()
-                items = ((i, fused_map(i)[0], store.load(i)[1]) for i in ids)
+                items = ((i, fused, meta) for i in ids for fused, _, meta in [fused_map(i)])
                 total = len(ids)
             else:
                 def items_gen():
                     nonlocal partial
                     for cid, image_id, cls, x, y in clicks[["click_id", "image_id", "class", "x", "y"]].itertuples(
                             index=False, name=None):
-                        fused, used = fused_map(cid)  # no map: counted as "missing", gets its fallback proposal
+                        fused, used, _ = fused_map(cid)  # no map: counted as "missing", gets its fallback proposal
                         partial += 0 < used < len(stores)
                         yield int(cid), fused, {"image_id": image_id, "class": cls, "x": x, "y": y}
 

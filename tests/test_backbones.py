@@ -62,7 +62,7 @@ def test_stage5_expand_is_the_non_negative_stride16_expansion(nets):
 
     eff = nets["efficientnet_lite0"]
     assert eff.layer_module("stage5_expand") is eff.body.stage5[0].bn1
-    assert eff.layers["stage5_expand"] == (("stage5", 672, 16, "0.bn1"))
+    assert eff.layers["stage5_expand"] == ("stage5", 672, 16, "0.bn1")
     acts = {}
     hooks = [eff.layer_module(k).register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o.clone()))
              for k in ("stage5_expand", "stage5")]
