@@ -89,6 +89,17 @@ def _target_scores(logits: torch.Tensor, targets) -> torch.Tensor:
     return torch.stack([t(row) for t, row in zip(targets, logits)])
 
 
+def _n_targets(targets) -> int:
+    return targets.numel() if isinstance(targets, torch.Tensor) else len(targets)
+
+
+def _repeat_targets(targets):
+    """``targets`` of a one-sample batch for the same sample twice."""
+    if isinstance(targets, torch.Tensor):
+        return targets.reshape(-1).repeat(2)
+    return list(targets) * 2
+
+
 # -- hooks --------------------------------------------------------------------------------------------------
 class ActivationsAndGradients:
     """A forward hook on one module that keeps its output ``activations`` for a later ``autograd.grad``.
@@ -157,6 +168,14 @@ class BaseCAM:
         return self.forward(x, targets)
 
     def forward(self, x: torch.Tensor, targets) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[0] == 1 and _n_targets(targets) == 1:
+            # a pass of ONE crop runs as two copies of it: on a CPU, oneDNN's batch-1 kernels (with several
+            # threads) round differently from the batched ones, and where that flips a ReLU6 gate the map moves by
+            # up to ~1% of its maximum, so a crop's map would depend on the size of the pass it lands in (the
+            # last pass of a part, --cam-batch-size 1). Batches of 2 and more take the batched kernels.
+            maps = self.forward(torch.cat([x, x]), _repeat_targets(targets))
+            self.outputs = self.outputs[:1]
+            return maps[:1]
         if self.model.training:
             raise RuntimeError("CAMs need the model in eval mode (batch norm in train mode mixes the samples of a "
                                "batch); call model.eval() first")

@@ -23,6 +23,15 @@ def outputs(tmp_path, monkeypatch) -> Path:
     return root
 
 
+def pytest_configure(config):
+    """``CLICKSCALE_TEST_ONEDNN=0`` runs the suite with PyTorch's oneDNN (mkldnn) CPU kernels off, to check that
+    nothing depends on which CPU kernels compute it (with ``OMP_NUM_THREADS`` and ``ONEDNN_MAX_CPU_ISA``)."""
+    if os.environ.get("CLICKSCALE_TEST_ONEDNN", "1") == "0":
+        import torch
+
+        torch.backends.mkldnn.enabled = False
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     os.environ.setdefault("OMP_NUM_THREADS", "2")

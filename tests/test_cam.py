@@ -1,5 +1,6 @@
 """CAM methods against closed forms (Eq. 1-3), batching, crops, paste/fuse (Eq. 4), and the resumable CAM store."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,6 +128,76 @@ def test_batched_equals_per_crop_and_full_backprop(effnet, cls):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6 * float(batched.abs().max()))
     torch.testing.assert_close(batched, full, rtol=1e-4, atol=1e-6 * float(batched.abs().max()))
     assert not any(m._forward_hooks for m in effnet.modules())
+
+
+#: how far the CAM map of one crop may move, relative to the map's maximum, when another convolution kernel computes
+#: it (CPU kernels are chosen by batch size and thread count: PyTorch computes 1x1 convolutions natively with one
+#: thread and fewer than 16 crops, with oneDNN otherwise). Rounding differs by ~1e-7; where that flips a ReLU6 gate
+#: of efficientnet_lite0 the gradient, and so the map, moves further. Largest measured: 7.2e-3 (random weights,
+#: stage5, AMD AVX-512, 1 vs 2 threads), 3.1e-3 (ImageNet weights, real crops, stage5_expand), 1.3e-2 on an Intel
+#: AVX-512 Xeon through oneDNN's batch-1 kernels (issue 28), which BaseCAM no longer uses.
+KERNEL_TOLERANCE = 2e-2
+
+
+@pytest.mark.parametrize("cls", [SACAM, GradCAM])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maps_do_not_depend_on_batch_size_or_threads(effnet, cls, channels_last):
+    """The same 24 crops in passes of 1, 7 and 64 crops, with 1 and 2 CPU threads: every crop's map agrees within
+    KERNEL_TOLERANCE x max|map|; with 2 threads and oneDNN (its batched kernels for every pass size, a single crop
+    included) the maps are identical whatever the pass size."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = effnet.to(memory_format=fmt)
+    x = torch.randn(24, 3, 112, 112, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=fmt)
+    t = [i % 6 for i in range(24)]
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with cls(net, "stage5_expand") as cam:  # the lower of the default fused layers
+                for bs in (1, 7, 64):
+                    results[threads, bs] = torch.cat([cam(x[i:i + bs], t[i:i + bs]) for i in range(0, 24, bs)])
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        effnet.to(memory_format=torch.contiguous_format)
+    ref = results[2, 64]
+    assert ref.shape == (24, 7, 7) and ref.abs().max() > 0
+    for key, maps in results.items():
+        torch.testing.assert_close(maps, ref, rtol=0, atol=KERNEL_TOLERANCE * float(ref.abs().max()),
+                                   msg=lambda m, key=key: f"(threads, pass size) {key}: {m}")
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        for bs in (1, 7):
+            assert torch.equal(results[2, bs], ref), f"2 threads, pass size {bs}"
+
+
+def test_pseudo_boxes_do_not_depend_on_cam_batch_size(tmp_path, toy_data, effnet):
+    """write_cam_store with --cam-batch-size 1, 7 and 64 (2 threads, channels-last as the stage runs
+    efficientnet_lite0): the same stored maps and the same pseudo boxes."""
+    from pipeline.boxes import BoxParams, pseudo_boxes_from_cams, rank1_proposals
+
+    paths, selected, sizes = toy_data
+    entries = click_entries(selected, ("a", "b", "c"))
+    clicks = selected.drop_duplicates("click_id")[["click_id", "image_id", "class", "x", "y"]]
+    boxes, maps = {}, {}
+    try:
+        torch.set_num_threads(2)
+        for bs in (1, 7, 64):
+            store = write_cam_store(effnet, entries, paths, tmp_path / f"b{bs}", layer="stage5_expand", crop_size=64,
+                                    images_per_part=2, batch_size=bs, progress=False)
+            with store:
+                maps[bs] = {cid: store.load(cid)[0] for cid in store.click_ids()}
+                items = [(cid, m, {"image_id": e.image_id, "class": e.cls, "x": e.x, "y": e.y})
+                         for e in entries for cid, m in [(e.entry_id, maps[bs][e.entry_id])]]
+            boxes[bs] = pseudo_boxes_from_cams(items, rank1_proposals(selected), {}, BoxParams(), image_sizes=sizes,
+                                               clicks=clicks)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        effnet.to(memory_format=torch.contiguous_format)
+    assert len(boxes[64]) == len(entries) and not boxes[64].fallback.all()
+    for bs in (1, 7):
+        assert maps[bs].keys() == maps[64].keys()
+        for cid in maps[64]:
+            np.testing.assert_array_equal(maps[bs][cid], maps[64][cid], err_msg=f"batch size {bs}, click {cid}")
+        pd.testing.assert_frame_equal(boxes[bs], boxes[64])
 
 
 def test_vgg16_default_layer_batched(tmp_path):
