@@ -1,12 +1,12 @@
-"""Click files: read/validate, write, and simulate from ground-truth boxes; :func:`other_clicks` (an image's
-other clicks, used by stage 2's exclusion and stage 5's partition).
+"""Click files: read/validate (CSV, COCO, CVAT, Label Studio; :mod:`pipeline.pointformats`), write, and
+simulate from ground-truth boxes; :func:`other_clicks` (an image's other clicks, used by stage 2's exclusion and
+stage 5's partition).
 
-Format (docs/method.md): CSV with header ``image_id,class,x,y[,annotator][,object_index]``; one row per click;
-x/y are 0-based pixel coordinates of the original image (``0 <= x < width``).
+The pipeline's own format (docs/method.md): CSV with header ``image_id,class,x,y[,annotator][,object_index]``;
+one row per click; x/y are 0-based pixel coordinates of the original image (``0 <= x < width``).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections import Counter
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .io import write_csv
+from .pointformats import AmbiguousImageRef, ClickFileError, read_points, resolve_image_refs
 
 log = logging.getLogger(__name__)
 
@@ -26,88 +27,98 @@ CLICK_COLUMNS = list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 BAD_CLICK_POLICIES = ("error", "skip")
 
 
-class ClickFileError(ValueError):
-    """A click file is malformed or disagrees with the dataset; the message names file, line and problem."""
+def read_clicks(path: str | os.PathLike, image_sizes: Mapping[str, tuple[int, int]],
+                classes: Sequence[str] | None, on_bad: str = "error", fmt: str = "auto",
+                split_of: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Read a click file of any :data:`pipeline.pointformats.POINT_FORMATS` (``fmt="auto"`` detects it) and
+    validate it against a dataset.
 
+    ``image_sizes`` maps image id -> (width, height) of the images clicks may be on; the file's image names are
+    matched to these ids by :func:`pipeline.pointformats.resolve_image_refs`. ``classes=None`` leaves classes
+    unchecked. ``split_of`` (optional) maps the dataset's other image ids to their split, so a click on one of
+    them is reported as such rather than as an unknown image.
 
-def read_clicks(path: str | os.PathLike, image_sizes: Mapping[str, tuple[int, int]], classes: Sequence[str],
-                on_bad: str = "error") -> tuple[pd.DataFrame, dict]:
-    """Read and validate a click file against a dataset.
+    Problems of a click (unknown image, image in another split, image size in the file differing from the
+    dataset's, unknown class, non-numeric or non-finite coordinates, click outside the image, wrong field count)
+    raise :class:`ClickFileError` ``"<file>:<where>: <problem>"`` (CSV: ``"<file>:<line>: <problem>"``) with
+    ``on_bad="error"``; with ``on_bad="skip"`` the click is dropped and counted in the returned report. A
+    malformed file (bad header, broken JSON/XML) or an image name matching several images is always an error.
 
-    ``image_sizes`` maps image id -> (width, height). Problems (unknown image, unknown class, non-numeric or
-    non-finite coordinates, click outside the image, wrong field count) raise :class:`ClickFileError`
-    ``"<file>:<line>: <problem>"`` with ``on_bad="error"``; with ``on_bad="skip"`` the row is dropped and counted
-    in the returned report. A bad header is always an error.
-
-    Returns ``(clicks, report)``; ``clicks`` has :data:`CLICK_COLUMNS` (annotator defaults to 1, object_index to -1).
+    Returns ``(clicks, report)``; ``clicks`` has :data:`CLICK_COLUMNS` (``image_id`` the dataset id; annotator
+    defaults to 1, object_index to -1). ``report`` has ``file, format, rows, kept, skipped, skipped_by_reason,
+    examples`` and ``ignored`` (annotations that are not clicks, by reason) and ``multi_point_shapes``.
     """
     if on_bad not in BAD_CLICK_POLICIES:
         raise ValueError(f"on_bad must be one of {BAD_CLICK_POLICIES}, got {on_bad!r}")
     path = Path(path)
-    if not path.is_file():
-        raise ClickFileError(f"{path}: click file not found")
-    class_set = set(classes)
+    points = read_points(path, fmt)
+    split_of = dict(split_of or {})
+    refs = list(dict.fromkeys(r for r in points.image_ref if r is not None))
+    try:
+        resolved = resolve_image_refs(refs, set(image_sizes) | set(split_of))
+    except AmbiguousImageRef as e:
+        where = points.loc[points.image_ref == e.ref, "where"].iloc[0]
+        raise ClickFileError(f"{path}:{_location(where)}: {e}") from e
+    class_set = None if classes is None else set(classes)
     rows, skipped, examples = [], Counter(), []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ClickFileError(f"{path}:1: empty file, expected header {','.join(REQUIRED_COLUMNS)}[,annotator][,object_index]")
-        header = [h.strip() for h in header]
-        if tuple(header[:4]) != REQUIRED_COLUMNS or any(h not in OPTIONAL_COLUMNS for h in header[4:]) \
-                or len(set(header)) != len(header):
-            raise ClickFileError(
-                f"{path}:1: bad header {','.join(header)!r}; expected image_id,class,x,y[,annotator][,object_index]")
-        col = {h: i for i, h in enumerate(header)}
-        for lineno, fields in enumerate(reader, start=2):
-            if not fields or all(not s.strip() for s in fields):
-                continue
-            problem, row = _check_row(fields, col, image_sizes, class_set)
-            if problem is None:
-                rows.append(row)
-                continue
-            message = f"{path}:{lineno}: {problem}"
-            if on_bad == "error":
-                raise ClickFileError(message)
-            skipped[problem.split(":")[0]] += 1
-            if len(examples) < 20:
-                examples.append(message)
+    for p in points.itertuples(index=False):
+        image_id = resolved.get(p.image_ref)
+        reason, problem, row = _check_click(p, image_id, image_sizes, split_of, class_set)
+        if reason is None:
+            rows.append(row)
+            continue
+        message = f"{path}:{_location(p.where)}: {problem}"
+        if on_bad == "error":
+            raise ClickFileError(message)
+        skipped[reason] += 1
+        if len(examples) < 20:
+            examples.append(message)
     clicks = pd.DataFrame(rows, columns=CLICK_COLUMNS)
-    clicks = clicks.astype({"x": float, "y": float, "annotator": int, "object_index": int})
-    report = {"file": str(path), "rows": len(rows) + sum(skipped.values()), "kept": len(rows),
-              "skipped": sum(skipped.values()), "skipped_by_reason": dict(skipped), "examples": examples}
+    clicks = clicks.astype({"image_id": str, "x": float, "y": float, "annotator": int, "object_index": int})
+    report = {"file": str(path), "format": points.attrs["format"], "rows": len(rows) + sum(skipped.values()),
+              "kept": len(rows), "skipped": sum(skipped.values()), "skipped_by_reason": dict(skipped),
+              "examples": examples, "ignored": points.attrs["ignored"],
+              "multi_point_shapes": points.attrs["multi_point_shapes"]}
     if skipped:
         log.warning("%s: skipped %d bad click rows (%s)", path, report["skipped"], dict(skipped))
+    if report["ignored"]:
+        log.info("%s: ignored annotations that are not clicks: %s", path, report["ignored"])
     return clicks, report
 
 
-def _check_row(fields, col, image_sizes, class_set):
-    if len(fields) != len(col):
-        return f"wrong number of fields: {len(fields)} instead of {len(col)}", None
-    image_id = fields[col["image_id"]].strip()
-    cls = fields[col["class"]].strip()
+def _location(where: str) -> str:
+    """``line 5`` -> ``5`` (CSV messages read ``file:5: ...``); other locations as they are."""
+    return where[5:] if where.startswith("line ") else where
+
+
+def _check_click(p, image_id, image_sizes, split_of, class_set):
+    """``(reason, problem, None)`` for a bad click (``reason`` counts it under ``on_bad="skip"``), else
+    ``(None, None, row)`` with ``row`` in :data:`CLICK_COLUMNS` order."""
+    if p.problem is not None:
+        return p.problem.split(":")[0], p.problem, None
+    if image_id is None:
+        return "unknown image", f"unknown image: {p.image_ref!r} is not in the dataset", None
     if image_id not in image_sizes:
-        return f"unknown image: {image_id!r} is not in the dataset", None
-    if cls not in class_set:
-        return f"unknown class: {cls!r} (image {image_id})", None
-    try:
-        x, y = float(fields[col["x"]]), float(fields[col["y"]])
-    except ValueError:
-        return f"non-numeric coordinates: x={fields[col['x']]!r} y={fields[col['y']]!r}", None
-    if not (np.isfinite(x) and np.isfinite(y)):
-        return f"non-numeric coordinates: x={x} y={y}", None
+        split = split_of.get(image_id, "another")
+        return ("image in another split", f"image {image_id!r} is in the {split} split; clicks are read for "
+                f"trainval images only", None)
     w, h = image_sizes[image_id]
-    if not (0 <= x < w and 0 <= y < h):
-        return f"click outside the image: ({x:g}, {y:g}) not in the {w}x{h} image {image_id}", None
-    annotator, object_index = 1, -1
+    if not (np.isnan(p.width) or np.isnan(p.height)) and (p.width, p.height) != (w, h):
+        return ("image size mismatch", f"image size mismatch: the file says {p.width:g}x{p.height:g} for "
+                f"{p.image_ref!r}, the dataset's image {image_id} is {w}x{h}", None)
+    cls = p[1]  # "class" is a keyword: not an attribute name
+    if class_set is not None and cls not in class_set:
+        return "unknown class", f"unknown class: {cls!r} (image {image_id})", None
     try:
-        if "annotator" in col:
-            annotator = int(fields[col["annotator"]])
-        if "object_index" in col and fields[col["object_index"]].strip() != "":
-            object_index = int(fields[col["object_index"]])
-    except ValueError:
-        return "non-numeric annotator/object_index", None
-    return None, (image_id, cls, x, y, annotator, object_index)
+        x, y = float(p.x), float(p.y)
+    except (TypeError, ValueError):
+        return "non-numeric coordinates", f"non-numeric coordinates: x={p.x!r} y={p.y!r}", None
+    if not (np.isfinite(x) and np.isfinite(y)):
+        return "non-numeric coordinates", f"non-numeric coordinates: x={x} y={y}", None
+    if not (0 <= x < w and 0 <= y < h):
+        return ("click outside the image",
+                f"click outside the image: ({x:g}, {y:g}) not in the {w}x{h} image {image_id}", None)
+    return None, None, (image_id, cls, x, y, int(p.annotator), int(p.object_index))
 
 
 def write_clicks(clicks: pd.DataFrame, path: str | os.PathLike) -> Path:
