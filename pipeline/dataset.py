@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import clicks as clicks_mod
-from .imageio import ImageReadError, read_image
+from .imageio import ImageReadError, exif_orientation, read_image
 from .io import read_json, write_csv, write_json
 from .voc import VOC_CLASSES, load_voc
 
@@ -89,15 +89,18 @@ def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike |
     report: dict = {"voc_root": str(voc_root), "splits": list(splits)}
 
     bad_images: list[str] = []
+    rotated: list[str] = []  # EXIF orientation != 1: the stored pixels are used (the annotations' frame)
     if check_images:
         unique = images.drop_duplicates("image_id")
         for image_id, path, w, h in tqdm(unique[["image_id", "path", "width", "height"]].itertuples(index=False),
                                          total=len(unique), desc="check images", leave=False):
             try:
-                img = read_image(path, bgr=True)
+                img = read_image(path, bgr=True, verify=True)
                 if img.shape[:2] != (h, w):
                     raise ImageReadError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its annotation "
                                          f"says {w}x{h}")
+                if (orientation := exif_orientation(path)) != 1:
+                    rotated.append(f"{path}: EXIF orientation {orientation}")
             except ImageReadError as e:
                 if on_bad_image == "error":
                     raise
@@ -108,6 +111,11 @@ def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike |
             images = images[~images.image_id.isin(bad_ids)].reset_index(drop=True)
             objects = objects[~objects.image_id.isin(bad_ids)].reset_index(drop=True)
     report["bad_images"] = {"count": len(bad_images), "examples": bad_images[:20]}
+    if check_images:
+        report["exif_rotated"] = {"count": len(rotated), "examples": rotated[:20]}
+        if rotated:
+            log.warning("%d image(s) carry an EXIF orientation tag (e.g. %s); their stored pixels are used, "
+                        "unrotated: annotations and clicks are in the stored frame", len(rotated), rotated[0])
 
     trainval = images[images.split == "trainval"]
     if clicks_path:

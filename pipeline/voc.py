@@ -46,12 +46,28 @@ class VOCAnnotation:
     objects: list[VOCObject] = field(default_factory=list)
 
 
+#: the flags a split list line may carry after its image id (the per-class lists' -1 / 0 / 1)
+SPLIT_FLAGS = ("-1", "0", "1")
+
+
 def read_split(voc_root: str | os.PathLike, split: str) -> list[str]:
-    """Image ids of ``ImageSets/Main/<split>.txt``."""
+    """Image ids of ``ImageSets/Main/<split>.txt``: one id a line, optionally followed by a flag -1, 0 or 1.
+
+    Raises :class:`AnnotationError` naming the file, the line number and the line when a line has anything else
+    (image ids cannot contain spaces).
+    """
     path = Path(voc_root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split list not found (is {voc_root} a VOC<year> root?)")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2 or (len(fields) == 2 and fields[1] not in SPLIT_FLAGS):
+            raise AnnotationError(f"{path}:{lineno}: {line!r} is not an image id optionally followed by a flag "
+                                  f"-1, 0 or 1 (image ids cannot contain spaces)")
+        ids.append(fields[0])
     return ids
 
 
@@ -68,6 +84,29 @@ def _number(node: ET.Element, tag: str, path: Path, what: str) -> float:
         return float(text)
     except ValueError:
         raise AnnotationError(f"{path}: {what} <{tag}> is not a number: {text!r}") from None
+
+
+_TRUE = {"1", "true", "yes"}
+_FALSE = {"0", "false", "no"}
+
+
+def _flag(node: ET.Element, tag: str, path: Path, what: str) -> bool:
+    """An optional 0/1 element (``<difficult>``, ``<truncated>``): absent or empty is False; 1/0, true/false,
+    yes/no (any case) and numbers equal to 1 or 0 (``1.0``) are accepted."""
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        return False
+    text = child.text.strip()
+    low = text.lower()
+    if low in _TRUE or low in _FALSE:
+        return low in _TRUE
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value in (0.0, 1.0):
+        return value == 1.0
+    raise AnnotationError(f"{path}: {what} <{tag}> is not a flag (0/1, true/false or yes/no): {text!r}")
 
 
 def parse_annotation(path: str | os.PathLike, classes: Sequence[str] | None = None) -> VOCAnnotation:
@@ -110,13 +149,8 @@ def parse_annotation(path: str | os.PathLike, classes: Sequence[str] | None = No
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
             raise AnnotationError(
                 f"{path}: {what} box {xmin:g},{ymin:g},{xmax:g},{ymax:g} lies outside the {width}x{height} image")
-        diff = obj.find("difficult")
-        trunc = obj.find("truncated")
-        objects.append(VOCObject(
-            name, x1, y1, x2, y2,
-            difficult=bool(int(diff.text)) if diff is not None and diff.text else False,
-            truncated=bool(int(trunc.text)) if trunc is not None and trunc.text else False,
-        ))
+        objects.append(VOCObject(name, x1, y1, x2, y2, difficult=_flag(obj, "difficult", path, what),
+                                 truncated=_flag(obj, "truncated", path, what)))
     return VOCAnnotation(image_id, width, height, filename, objects)
 
 

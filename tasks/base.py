@@ -5,9 +5,14 @@ parameters and the hashes of the stages it requires, so any upstream change give
 parameters reuse the old one. ``run()`` works in ``<hash>.partial/`` (kept across kills, so a stage can resume from
 checkpoints or finished parts it wrote there), writes ``params.json``, calls :meth:`StageTask.run_stage`, and renames
 the work directory to ``<hash>/`` only when the stage finished: a directory named by a bare hash is always complete.
+The whole run holds an exclusive ``flock`` on ``<hash>.lock`` (:func:`stage_lock`), so processes that run the same
+stage on one outputs root take turns on the work directory; one that gets the lock after the output was published
+does nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,6 +21,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
 import luigi
 from luigi.task import flatten
@@ -135,15 +141,27 @@ class StageTask(luigi.Task):
     def run_stage(self, work: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def lock_path(self) -> Path:
+        """``<hash>.lock`` beside the output: held (``flock``) by the process that runs the stage."""
+        return self.stage_dir.with_name(self.stage_hash + ".lock")
+
     def run(self) -> None:
+        """Run the stage under its lock: one process at a time works in ``<hash>.partial/``; a process that finds
+        the output published once it holds the lock does nothing."""
         keep_freed_memory()  # glibc: no mmap/munmap (and page faults) per large tensor (pipeline/device.py)
+        with stage_lock(self.lock_path, self.stage_ref):
+            if self.stage_dir.exists():
+                log.warning("%s: already done by another process -> %s", self.stage_ref, self.stage_dir)
+                return
+            self._run_locked()
+
+    def _run_locked(self) -> None:
         work = self.work_dir
         work.mkdir(parents=True, exist_ok=True)
-        for stale in sorted(work.rglob(".*.tmp*"), reverse=True):  # pipeline.io.atomic_path temporaries of a
-            if stale.is_dir():                                       # killed run: never part of the product
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+        stale = remove_temporaries(work)  # pipeline.io.atomic_path temporaries of a killed run
+        if stale:
+            log.info("%s: removed %d temporary file(s) of an interrupted run", self.stage_ref, stale)
         resumed = any(p.name != "params.json" for p in work.iterdir())
         params = {"stage": self.task_family, "hash": self.stage_hash, "task_id": self.task_id,
                   "params": self.significant_params(),
@@ -154,12 +172,59 @@ class StageTask(luigi.Task):
         self.run_stage(work)
         write_json(work / "params.json", {**params, "seconds": round(time.time() - t0, 3),
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        if self.stage_dir.exists():  # another worker published it meanwhile: keep the first
+        left = remove_temporaries(work)  # never part of the product
+        if left:
+            log.warning("%s: removed %d temporary file(s) the stage left behind", self.stage_ref, left)
+        if self.stage_dir.exists():  # published by a process that does not take the lock: keep the first
             log.warning("%s already exists; discarding this run's copy", self.stage_dir)
             shutil.rmtree(work)
             return
         os.replace(work, self.stage_dir)
         log.info("%s: done in %.1fs -> %s", self.stage_ref, time.time() - t0, self.stage_dir)
+
+
+def remove_temporaries(directory: Path) -> int:
+    """Delete the :func:`pipeline.io.atomic_path` temporaries (``.*.tmp*``) under ``directory``; how many."""
+    n = 0
+    for tmp in sorted(directory.rglob(".*.tmp*"), reverse=True):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent); blocks, saying so, while another process holds
+    it. The kernel releases the lock when its holder dies, so a killed run never leaves a stuck lock (its file stays
+    behind, unlocked). The holder deletes the file when it leaves; a waiter that then gets the lock of the deleted
+    file sees that ``path`` is no longer that file and locks ``path`` anew, so only one process at a time holds the
+    lock of the file that ``path`` names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("%s: another process is running it; waiting for its lock %s", what, path)
+                t0 = time.time()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                log.info("%s: got the lock after %.1fs", what, time.time() - t0)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                try:
+                    yield
+                finally:
+                    os.unlink(path)
+                return
+        finally:
+            os.close(fd)  # releases the lock
 
 
 # -- invalidation (make rerun) -----------------------------------------------------------------------------

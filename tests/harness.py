@@ -297,6 +297,7 @@ def kill_in_stage(cmd: list[str], env: dict, outputs: Path, stage: str, delay: f
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(cmd[:6])}... did not reach {stage} within {timeout} s")
             new = set((outputs / stage).iterdir()) - before if (outputs / stage).is_dir() else set()
+            new = {w for w in new if w.suffix != ".lock"}  # the stage's lock (tasks.base.stage_lock) comes first
             if new:
                 time.sleep(delay)
                 res["in_stage"] = any(w.name.endswith(".partial") and w.exists() for w in new)

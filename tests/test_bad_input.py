@@ -95,6 +95,36 @@ def test_truncated_jpeg(voc, outputs):
     failed_cleanly(task, outputs)
 
 
+def test_truncated_jpeg_with_an_end_marker_appended(voc, outputs):
+    """Cut short, then given an end-of-image marker: it decodes (grey where data is missing) but the decoder warns;
+    the dataset check rejects it (or skips and counts it)."""
+    img = voc / "VOC2007" / "JPEGImages" / "000003.jpg"
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    task = prepare(voc)
+    ok, msg = build(task)
+    assert not ok and msg.startswith(f"ImageReadError: {img}: corrupt JPEG: the decoder reports 'Corrupt JPEG data: "
+                                     f"premature end of data segment'"), msg
+    failed_cleanly(task, outputs)
+    skip = prepare(voc, on_bad_image="skip", on_bad_click="skip")
+    ok, msg = build(skip)
+    assert ok, msg
+    report = read_json(skip.stage_dir / "manifest.json")["report"]
+    assert report["bad_images"]["count"] == 1 and "000003.jpg: corrupt JPEG" in report["bad_images"]["examples"][0]
+
+
+def test_split_list_id_with_a_space(voc, outputs):
+    split = voc / "VOC2007" / "ImageSets" / "Main" / "trainval.txt"
+    lines = split.read_text().splitlines()
+    lines[1] = f"{lines[1]} copy"
+    split.write_text("\n".join(lines) + "\n")
+    task = prepare(voc)
+    ok, msg = build(task)
+    assert not ok and msg == (f"AnnotationError: {split}:2: {lines[1]!r} is not an image id optionally followed by "
+                              f"a flag -1, 0 or 1 (image ids cannot contain spaces)"), msg
+    failed_cleanly(task, outputs)
+
+
 def test_malformed_and_missing_annotation_xml(voc, outputs):
     xml = voc / "VOC2007" / "Annotations" / "000001.xml"
     xml.write_text(xml.read_text()[:200])

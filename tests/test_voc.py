@@ -1,5 +1,6 @@
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,53 @@ def test_bad_annotations_name_file_and_problem(tmp_path, body, problem):
 def test_missing_annotation(tmp_path):
     with pytest.raises(AnnotationError, match="annotation file not found"):
         parse_annotation(tmp_path / "nope.xml")
+
+
+# -- <difficult> / <truncated> values --------------------------------------------------------------------------
+def xml_with(tmp_path: Path, difficult: str, truncated: str = "0") -> Path:
+    p = tmp_path / "000001.xml"
+    text = annotation_xml("000001", 100, 80, [VOCObject("dog", 9.0, 9.0, 50.0, 40.0)])
+    text = text.replace("<difficult>0</difficult>", f"<difficult>{difficult}</difficult>")
+    text = text.replace("<truncated>0</truncated>", f"<truncated>{truncated}</truncated>")
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1", True), ("0", False), ("true", True), ("False", False), (" TRUE ", True), ("yes", True), ("No", False),
+    ("1.0", True), ("0.0", False), ("\n  1\n ", True), ("", False),
+])
+def test_difficult_and_truncated_flag_spellings(tmp_path, text, value):
+    ann = parse_annotation(xml_with(tmp_path, text, text))
+    assert ann.objects[0].difficult is value and ann.objects[0].truncated is value
+
+
+@pytest.mark.parametrize("tag", ["difficult", "truncated"])
+@pytest.mark.parametrize("text", ["maybe", "2", "0.5", "-1", "nan"])
+def test_bad_flag_names_file_object_and_value(tmp_path, tag, text):
+    p = xml_with(tmp_path, text if tag == "difficult" else "0", text if tag == "truncated" else "0")
+    with pytest.raises(AnnotationError) as e:
+        parse_annotation(p)
+    assert str(e.value) == f"{p}: object 0 (dog) <{tag}> is not a flag (0/1, true/false or yes/no): {text!r}"
+
+
+# -- split lists -----------------------------------------------------------------------------------------------
+def split_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "ImageSets" / "Main" / "trainval.txt"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_split_lines_with_flags(tmp_path):
+    split_file(tmp_path, "000001\n000002  1\n000003 -1\n\n000004\t0\n")
+    assert read_split(tmp_path, "trainval") == ["000001", "000002", "000003", "000004"]
+
+
+@pytest.mark.parametrize("line", ["my image", "000002 1 extra", "000002 +1", "000002 2"])
+def test_split_line_with_a_space_in_the_id_names_file_line_and_text(tmp_path, line):
+    p = split_file(tmp_path, f"000001\n{line}\n000003\n")
+    with pytest.raises(AnnotationError) as e:
+        read_split(tmp_path, "trainval")
+    assert str(e.value) == (f"{p}:2: {line!r} is not an image id optionally followed by a flag -1, 0 or 1 "
+                            f"(image ids cannot contain spaces)")

@@ -6,7 +6,7 @@ from pathlib import Path
 import luigi
 from luigi.util import inherits
 
-from pipeline.io import write_text
+from pipeline.io import atomic_path, write_text
 from tasks.base import StageTask
 
 
@@ -44,3 +44,24 @@ class ToyB(StageTask):
             raise RuntimeError("ToyB asked to fail")
         a = int((self.input_dir() / "part2.txt").read_text())
         write_text(work / "b.txt", f"{a * self.scale}\n")
+
+
+class ToyParts(StageTask):
+    """Writes ``parts`` files of ``part_kb`` KiB one after the other, each slowly (``pause`` seconds inside its
+    atomic write, as a large file is written): a stage whose work directory is busy for a while (the concurrent-run
+    tests, tests/test_concurrent_stage.py). ``TOY_READY``, when set, is touched when the stage starts writing."""
+    parts = luigi.IntParameter(default=40)
+    part_kb = luigi.IntParameter(default=16)
+    pause = luigi.FloatParameter(default=0.005, significant=False)
+
+    def requires(self):
+        return []
+
+    def run_stage(self, work: Path) -> None:
+        if "TOY_READY" in os.environ:
+            Path(os.environ["TOY_READY"]).touch()
+        for i in range(self.parts):
+            line = f"part {i} of {self.parts}\n"
+            with atomic_path(work / f"part{i:03d}.txt") as tmp:
+                tmp.write_text(line * (self.part_kb * 1024 // len(line)))
+                time.sleep(self.pause)
