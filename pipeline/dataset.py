@@ -1,8 +1,9 @@
 """The dataset manifest: images, objects and clicks of one run, as tables later stages read.
 
 ``build_manifest`` reads a VOC<year> root (the embedded synthetic one or a real VOCdevkit), validates it and the
-click file (or simulates clicks from ground truth), and returns a :class:`Manifest`; ``Manifest.save/load`` keep it
-as CSV tables plus ``manifest.json``.
+click file (or simulates clicks from ground truth); ``build_image_manifest`` reads a folder of images and a click
+file, ground truth optional. Both return a :class:`Manifest`; ``Manifest.save/load`` keep it as CSV tables plus
+``manifest.json``.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from . import clicks as clicks_mod
 from .imageio import ImageReadError, exif_orientation, read_image
 from .io import read_json, write_csv, write_json
-from .voc import VOC_CLASSES, load_voc
+from .voc import OBJECT_COLUMNS, VOC_CLASSES, load_voc, parse_annotation
 
 log = logging.getLogger(__name__)
 
@@ -61,85 +63,292 @@ class Manifest:
         return cls(images, objects, clicks, tuple(meta["classes"]), meta.get("voc_root", ""), meta.get("report", {}))
 
 
-def infer_classes(objects: pd.DataFrame) -> tuple[str, ...]:
-    """VOC's 20 classes when every object class is one of them, else the sorted classes found."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: how the manifest's images and ground truth were given
+SOURCES = ("voc", "images")
+
+
+class DatasetError(ValueError):
+    """A dataset folder, ground-truth file or class list is unusable; the message names the file and problem."""
+
+
+def infer_classes(objects: pd.DataFrame, voc_root: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """VOC's 20 classes when every object class is one of them; the sorted classes found when none is (a dataset
+    of its own classes in the VOC layout). A mix (some VOC names and some others, e.g. one misspelt ``persn``) is
+    a :class:`DatasetError` naming the XML file and object of the first unknown name: pass the class list
+    explicitly (``--classes``) if the names are meant."""
     found = set(objects["class"])
     if found <= set(VOC_CLASSES):
         return VOC_CLASSES
+    if found & set(VOC_CLASSES):
+        odd = objects[~objects["class"].isin(VOC_CLASSES)].iloc[0]
+        where = Path(voc_root) / "Annotations" / f"{odd.image_id}.xml" if voc_root else odd.image_id
+        unknown = sorted(found - set(VOC_CLASSES))
+        raise DatasetError(f"{where}: object {int(odd.object_index)} has class {odd['class']!r}, not a VOC class, "
+                           f"while the other objects use VOC's class names ({len(unknown)} unknown name(s): "
+                           f"{unknown[:10]}); fix the name, or give the full class list with --classes")
     return tuple(sorted(found))
+
+
+def scan_images(images_dir: str | os.PathLike) -> pd.DataFrame:
+    """The images below ``images_dir`` (recursively; extensions :data:`IMAGE_EXTENSIONS`, any case), as
+    ``image_id, path`` sorted by id. The image id is the path relative to ``images_dir`` without its extension,
+    with ``/`` separators (``a/0001`` and ``b/0001`` are two images). Two files with one id (``x.jpg`` and
+    ``x.png``) are a :class:`DatasetError` naming both."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: image folder not found")
+    rows: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or path.name.startswith("."):
+            continue
+        image_id = path.relative_to(root).with_suffix("").as_posix()
+        if image_id in rows:
+            raise DatasetError(f"{root}: two images have the id {image_id!r}: {rows[image_id]} and {path}; "
+                               "rename one")
+        rows[image_id] = str(path.resolve())
+    if not rows:
+        raise DatasetError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    return pd.DataFrame(sorted(rows.items()), columns=["image_id", "path"])
+
+
+def read_ground_truth(gt: str | os.PathLike, images: pd.DataFrame) -> pd.DataFrame:
+    """Ground-truth objects (:data:`pipeline.voc.OBJECT_COLUMNS`) of ``images`` (``image_id, width, height``) from
+    ``gt``: a VOC ``Annotations/`` folder (``<gt>/<image_id>.xml``) or a COCO JSON file with boxes (its
+    ``file_name`` matched to the image ids as click files are). Every image needs its annotation (a COCO image
+    entry may have no boxes); a missing one, or an annotation whose image size differs from the image's, is a
+    :class:`DatasetError` naming the file."""
+    from .pointformats import read_coco_boxes, resolve_image_refs
+
+    gt = Path(gt)
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in images.itertuples(index=False)}
+    rows = []
+    if gt.is_dir():
+        for image_id, (w, h) in sizes.items():
+            xml = gt / f"{image_id}.xml"
+            if not xml.is_file():
+                raise DatasetError(f"{xml}: ground-truth annotation of image {image_id} not found (--gt {gt} must "
+                                   "annotate every image)")
+            ann = parse_annotation(xml)
+            if (ann.width, ann.height) != (w, h):
+                raise DatasetError(f"{xml}: annotation says {ann.width}x{ann.height}, the image is {w}x{h}")
+            rows += [(image_id, j, o.cls, o.x1, o.y1, o.x2, o.y2, o.difficult, o.truncated)
+                     for j, o in enumerate(ann.objects)]
+        return pd.DataFrame(rows, columns=OBJECT_COLUMNS)
+    if not gt.is_file():
+        raise DatasetError(f"{gt}: ground truth not found (a VOC Annotations/ folder or a COCO JSON file)")
+    coco_images, coco_objects = read_coco_boxes(gt)
+    refs = resolve_image_refs(list(coco_images.image_ref), list(sizes))
+    ids = {}
+    for ref, w, h in coco_images[["image_ref", "width", "height"]].itertuples(index=False):
+        image_id = refs.get(ref)
+        if image_id is None:
+            continue  # an annotated image that is not in the folder
+        if (int(w), int(h)) != sizes[image_id]:
+            raise DatasetError(f"{gt}: image {ref!r} is {int(w)}x{int(h)} in the file, the image is "
+                               f"{sizes[image_id][0]}x{sizes[image_id][1]}")
+        ids[ref] = image_id
+    missing = sorted(set(sizes) - set(ids.values()))
+    if missing:
+        raise DatasetError(f"{gt}: {len(missing)} image(s) of the folder have no entry in the COCO file "
+                           f"(e.g. {missing[:5]}); --gt must annotate every image")
+    objects = coco_objects[coco_objects.image_ref.isin(ids)].copy()
+    objects.insert(0, "image_id", objects.pop("image_ref").map(ids))
+    return objects[OBJECT_COLUMNS].sort_values(["image_id", "object_index"], kind="mergesort").reset_index(drop=True)
+
+
+def verify_images(images: pd.DataFrame, on_bad_image: str = "error") -> tuple[pd.DataFrame, dict]:
+    """Decode every image once (``read_image(verify=True)``). ``images`` has ``image_id, path`` and optionally
+    ``width, height`` (what the annotation says); a missing ``width``/``height`` column is filled from the images.
+
+    A missing, corrupt or size-mismatched image raises :class:`ImageReadError` (``on_bad_image="error"``) or is
+    dropped and counted (``"skip"``). Images with an EXIF orientation tag are counted: their stored pixels are used
+    (the frame annotation tools and the VOC devkit use). Returns ``(images kept, report)``."""
+    images = images.copy()
+    has_size = "width" in images.columns
+    bad, rotated, sizes = {}, [], {}
+    unique = images.drop_duplicates("image_id")
+    for row in tqdm(unique.itertuples(index=False), total=len(unique), desc="check images", leave=False):
+        try:
+            img = read_image(row.path, bgr=True, verify=True)
+            if has_size and img.shape[:2] != (row.height, row.width):
+                raise ImageReadError(f"{row.path}: image is {img.shape[1]}x{img.shape[0]} but its annotation "
+                                     f"says {row.width}x{row.height}")
+            sizes[row.image_id] = (img.shape[1], img.shape[0])
+            if (orientation := exif_orientation(row.path)) != 1:
+                rotated.append(f"{row.path}: EXIF orientation {orientation}")
+        except ImageReadError as e:
+            if on_bad_image == "error":
+                raise
+            log.warning("skipping image: %s", e)
+            bad[row.image_id] = str(e)
+    images = images[~images.image_id.isin(bad)].reset_index(drop=True)
+    if not has_size:
+        images["width"] = [sizes[i][0] for i in images.image_id]
+        images["height"] = [sizes[i][1] for i in images.image_id]
+    if rotated:
+        log.warning("%d image(s) carry an EXIF orientation tag (e.g. %s); their stored pixels are used, "
+                    "unrotated: annotations and clicks are in the stored frame", len(rotated), rotated[0])
+    report = {"bad_images": {"count": len(bad), "examples": list(bad.values())[:20]},
+              "exif_rotated": {"count": len(rotated), "examples": rotated[:20]}}
+    return images, report
+
+
+def header_sizes(images: pd.DataFrame) -> pd.DataFrame:
+    """``images`` with ``width, height`` read from each file's header (no decoding; stored frame)."""
+    from PIL import Image
+
+    sizes = []
+    for path in images.path:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except (OSError, ValueError) as e:
+            raise ImageReadError(f"{path}: cannot read the image size ({e})") from None
+    return images.assign(width=[w for w, _ in sizes], height=[h for _, h in sizes])
 
 
 def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike | None = None,
                    splits: Sequence[str] = ("trainval", "test"), classes: Sequence[str] | None = None,
                    annotator: int = 1, on_bad_click: str = "error", on_bad_image: str = "error",
-                   check_images: bool = True, click_sigma: float = 0.08, seed: int = 0) -> Manifest:
+                   check_images: bool = True, click_sigma: float = 0.08, seed: int = 0,
+                   clicks_format: str = "auto") -> Manifest:
     """Read and validate a VOC root and its clicks.
 
+    - The first split's list must exist; a later one whose list is missing (a trainval-only root) is left out.
     - Annotation problems raise :class:`pipeline.voc.AnnotationError` naming the XML file and object.
-    - With ``check_images`` every image is decoded once: a missing or corrupt image, or one whose size
-      disagrees with its XML, raises :class:`ImageReadError` (``on_bad_image="error"``) or drops the image and
-      counts it (``"skip"``).
-    - Clicks come from ``clicks_path`` (validated by :func:`pipeline.clicks.read_clicks`, ``on_bad_click``
-      policy; only rows of ``annotator`` are kept when the file has several annotators), or are simulated from
-      the trainval ground truth with ``click_sigma`` and ``seed`` when no file is given.
+    - With ``check_images`` every image is decoded once (:func:`verify_images`).
+    - Clicks come from ``clicks_path`` (any :data:`pipeline.pointformats.POINT_FORMATS`, validated by
+      :func:`pipeline.clicks.read_clicks` and :func:`check_clicks`), or are simulated from the trainval ground
+      truth with ``click_sigma`` and ``seed`` when no file is given.
     """
     voc_root = Path(voc_root)
     images, objects = load_voc(voc_root, splits, classes)
-    classes = tuple(classes) if classes else infer_classes(objects)
-    report: dict = {"voc_root": str(voc_root), "splits": list(splits)}
-
-    bad_images: list[str] = []
-    rotated: list[str] = []  # EXIF orientation != 1: the stored pixels are used (the annotations' frame)
+    classes = tuple(classes) if classes else infer_classes(objects, voc_root)
+    report: dict = {"source": "voc", "voc_root": str(voc_root), "splits": sorted(set(images.split))}
     if check_images:
-        unique = images.drop_duplicates("image_id")
-        for image_id, path, w, h in tqdm(unique[["image_id", "path", "width", "height"]].itertuples(index=False),
-                                         total=len(unique), desc="check images", leave=False):
-            try:
-                img = read_image(path, bgr=True, verify=True)
-                if img.shape[:2] != (h, w):
-                    raise ImageReadError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its annotation "
-                                         f"says {w}x{h}")
-                if (orientation := exif_orientation(path)) != 1:
-                    rotated.append(f"{path}: EXIF orientation {orientation}")
-            except ImageReadError as e:
-                if on_bad_image == "error":
-                    raise
-                log.warning("skipping image: %s", e)
-                bad_images.append(str(e))
-        if bad_images:
-            bad_ids = {Path(m.split(":")[0]).stem for m in bad_images}
-            images = images[~images.image_id.isin(bad_ids)].reset_index(drop=True)
-            objects = objects[~objects.image_id.isin(bad_ids)].reset_index(drop=True)
-    report["bad_images"] = {"count": len(bad_images), "examples": bad_images[:20]}
-    if check_images:
-        report["exif_rotated"] = {"count": len(rotated), "examples": rotated[:20]}
-        if rotated:
-            log.warning("%d image(s) carry an EXIF orientation tag (e.g. %s); their stored pixels are used, "
-                        "unrotated: annotations and clicks are in the stored frame", len(rotated), rotated[0])
-
+        images, image_report = verify_images(images, on_bad_image)
+        objects = objects[objects.image_id.isin(set(images.image_id))].reset_index(drop=True)
+        report.update(image_report)
     trainval = images[images.split == "trainval"]
     if clicks_path:
-        sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
-        clicks, click_report = clicks_mod.read_clicks(clicks_path, sizes, classes, on_bad=on_bad_click)
-        if clicks.annotator.nunique() > 1:
-            clicks = clicks[clicks.annotator == annotator]
-        click_report["source"] = "file"
+        clicks, click_report = _read_clicks(clicks_path, images, classes, objects, annotator, on_bad_click,
+                                            clicks_format)
     else:
         tv_objects = objects[objects.image_id.isin(set(trainval.image_id))]
         clicks = clicks_mod.simulate_clicks(tv_objects, sigma=click_sigma, annotators=1, seed=seed)
-        click_report = {"source": "simulated", "sigma": click_sigma, "seed": seed, "kept": len(clicks)}
+        click_report = {"source": "simulated", "sigma": click_sigma, "seed": seed, "kept": len(clicks),
+                        "annotator": annotator}
+    return _manifest(images, objects, clicks, classes, click_report, report, str(voc_root.resolve()))
+
+
+def build_image_manifest(images_dir: str | os.PathLike, clicks_path: str | os.PathLike,
+                         gt: str | os.PathLike | None = None, classes: Sequence[str] | None = None,
+                         annotator: int = 1, on_bad_click: str = "error", on_bad_image: str = "error",
+                         check_images: bool = True, clicks_format: str = "auto") -> Manifest:
+    """A folder of images (:func:`scan_images`) and a click file, ground truth optional (:func:`read_ground_truth`,
+    used for metrics only).
+
+    Image sizes are read from the images. The images with at least one usable click form the ``trainval`` split
+    (the images the pseudo boxes are for); the others get split ``unclicked`` and are counted, never processed.
+    Classes are ``classes`` when given (a click or ground-truth object of another class is an error naming the
+    file and row/object), else the sorted classes of the clicks.
+    """
+    images = scan_images(images_dir)
+    images.insert(1, "split", "trainval")
+    report: dict = {"source": "images", "images_dir": str(Path(images_dir).resolve()),
+                    "gt": str(gt) if gt else None}
+    if check_images:
+        images, image_report = verify_images(images, on_bad_image)
+        report.update(image_report)
+    else:
+        images = header_sizes(images)
+    images = images[["image_id", "split", "width", "height", "path"]]
+    objects = read_ground_truth(gt, images) if gt else pd.DataFrame(columns=OBJECT_COLUMNS)
+    clicks, click_report = _read_clicks(clicks_path, images, classes, objects if gt else None, annotator,
+                                        on_bad_click, clicks_format)
+    classes_given = bool(classes)
+    classes = tuple(classes) if classes else tuple(sorted(set(clicks["class"])))
+    if gt:
+        odd = objects[~objects["class"].isin(classes)]
+        if len(odd):
+            o = odd.iloc[0]
+            raise DatasetError(f"{gt}: image {o.image_id} object {int(o.object_index)} has class {o['class']!r}, "
+                               f"which is not among the classes {list(classes)[:20]} (from "
+                               f"{'--classes' if classes_given else 'the clicks'}); give the full class list "
+                               "with --classes")
+    clicked = set(clicks.image_id)
+    images = images.assign(split=["trainval" if i in clicked else "unclicked" for i in images.image_id])
+    return _manifest(images, objects, clicks, classes, click_report, report, "")
+
+
+def _read_clicks(path, images, classes, objects, annotator, on_bad, fmt) -> tuple[pd.DataFrame, dict]:
+    """Read the click file against the trainval images, keep ``annotator``'s clicks (an error listing the
+    annotators present when it has none) and cross-check them against the ground truth (:func:`check_clicks`)."""
+    trainval = images[images.split == "trainval"]
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+    split_of = dict(zip(images.image_id[images.split != "trainval"], images.split[images.split != "trainval"]))
+    clicks, report = clicks_mod.read_clicks(path, sizes, classes, on_bad=on_bad, fmt=fmt, split_of=split_of)
+    present = sorted(int(a) for a in clicks.annotator.unique())
+    if not present:
+        raise clicks_mod.ClickFileError(f"{path}: no usable click in the file ({report['rows']} rows, "
+                                        f"{report['skipped']} skipped: {report['skipped_by_reason']})")
+    if annotator not in present:
+        raise clicks_mod.ClickFileError(f"{path}: no click of annotator {annotator}; annotators present: {present} "
+                                        "(choose one with --annotator)")
+    clicks = clicks[clicks.annotator == annotator].reset_index(drop=True)
+    clicks, checked = check_clicks(clicks, objects, path, on_bad)
+    report.update({"source": "file", "annotator": annotator, "annotators_in_file": present, **checked})
+    return clicks, report
+
+
+def check_clicks(clicks: pd.DataFrame, objects: pd.DataFrame | None, path, on_bad: str = "error"
+                 ) -> tuple[pd.DataFrame, dict]:
+    """Cross-checks of one annotator's clicks: the same click twice (image, class, x, y), and, with ground truth
+    (``objects``), an ``object_index`` that names no object of the image or an object of another class. Under
+    ``on_bad="error"`` a :class:`pipeline.clicks.ClickFileError` naming the file, image and problem; under
+    ``"skip"`` the click is dropped and counted (``duplicates``, ``bad_object_index``)."""
+    dup = clicks.duplicated(["image_id", "class", "x", "y"], keep="first").to_numpy()
+    bad_obj = np.zeros(len(clicks), dtype=bool)
+    if objects is not None and len(clicks):
+        known = {(i, int(j)): c for i, j, c in objects[["image_id", "object_index", "class"]].itertuples(index=False)}
+        for k, (image_id, cls, idx) in enumerate(clicks[["image_id", "class", "object_index"]].itertuples(
+                index=False)):
+            if idx >= 0 and known.get((image_id, int(idx))) != cls:
+                bad_obj[k] = True
+                if on_bad == "error":
+                    what = (f"object {idx} of image {image_id} is a {known[(image_id, int(idx))]!r}"
+                            if (image_id, int(idx)) in known else f"image {image_id} has no object {idx}")
+                    raise clicks_mod.ClickFileError(f"{path}: a {cls!r} click names object_index {idx}, but {what} "
+                                                    "in the ground truth")
+    if dup.any() and on_bad == "error":
+        r = clicks[dup].iloc[0]
+        raise clicks_mod.ClickFileError(f"{path}: duplicate click: image {r.image_id}, class {r['class']!r} at "
+                                        f"({r.x:g}, {r.y:g}) appears twice ({int(dup.sum())} duplicate(s) in all)")
+    if dup.any() or bad_obj.any():
+        log.warning("%s: dropped %d duplicate click(s) and %d click(s) naming a wrong object", path, int(dup.sum()),
+                    int(bad_obj.sum()))
+    keep = ~(dup | bad_obj)
+    return clicks[keep].reset_index(drop=True), {"duplicates": int(dup.sum()), "bad_object_index": int(bad_obj.sum())}
+
+
+def _manifest(images, objects, clicks, classes, click_report, report, voc_root) -> Manifest:
+    """Sort and number the clicks (``click_id``) and count what the manifest holds."""
+    if clicks.empty:
+        raise clicks_mod.ClickFileError(f"{click_report.get('file', 'simulated clicks')}: no usable click")
     clicks = clicks.sort_values(["image_id", "object_index", "class", "x", "y"], kind="mergesort")
     clicks = clicks.reset_index(drop=True)
     clicks.insert(0, "click_id", range(len(clicks)))
-    no_clicks = sorted(set(trainval.image_id) - set(clicks.image_id))
-    click_report["images_without_clicks"] = len(no_clicks)
-    click_report["annotator"] = annotator
+    trainval = images[images.split == "trainval"]
+    click_report["images_without_clicks"] = len(set(trainval.image_id) - set(clicks.image_id))
     report["clicks"] = click_report
+    report["ground_truth"] = bool(len(objects)) or report.get("source") == "voc"
     report["counts"] = {
-        "images": {s: int((images.split == s).sum()) for s in splits},
+        "images": {s: int((images.split == s).sum()) for s in sorted(set(images.split))},
         "objects": int(len(objects)),
         "clicks": int(len(clicks)),
         "classes": len(classes),
     }
     log.info("manifest: %s", report["counts"])
-    return Manifest(images, objects, clicks, classes, str(voc_root.resolve()), report)
+    return Manifest(images.reset_index(drop=True), objects.reset_index(drop=True), clicks, tuple(classes), voc_root,
+                    report)

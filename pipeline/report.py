@@ -79,6 +79,30 @@ def plot_per_class(per_class: pd.DataFrame, path: str | os.PathLike) -> Path:
     return _save(fig, Path(path), dpi=90)
 
 
+def class_counts(boxes: pd.DataFrame) -> pd.DataFrame:
+    """Per class: boxes, images, fallbacks and the mean score (no ground truth needed)."""
+    b = boxes.assign(fallback=boxes["fallback"].astype(bool) if "fallback" in boxes.columns else False)
+    g = b.groupby("class", sort=True)
+    return pd.DataFrame({"boxes": g.size(), "images": g["image_id"].nunique(), "fallbacks": g["fallback"].sum(),
+                         "mean_score": g["score"].mean().round(3)}).reset_index()
+
+
+def plot_box_histograms(boxes: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Histograms of the pseudo boxes' size (the square root of box area / image area: a box's side relative to
+    the image's) and of their scores. ``boxes`` needs ``x1..y2, width, height, score``."""
+    side = np.sqrt((boxes.x2 - boxes.x1) * (boxes.y2 - boxes.y1) / (boxes.width * boxes.height)).to_numpy(float)
+    fig = Figure(figsize=(8.0, 3.0))
+    for k, (vals, label) in enumerate(((side, "box size: sqrt(box area / image area)"),
+                                       (boxes["score"].to_numpy(float), "score"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        vals = vals[np.isfinite(vals)]
+        ax.hist(vals, bins=20, range=(0.0, max(1.0, float(vals.max())) if len(vals) else 1.0), color="#1f77b4")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("boxes", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path), dpi=90)
+
+
 def _overlay(img: np.ndarray, cam: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
     """The image with the min-max normalised map blended over it as a jet heat map (same size as ``img``)."""
     if cam is None or not np.isfinite(cam).all() or not cam.max() > cam.min():
@@ -230,6 +254,9 @@ def write_report(out_dir: str | os.PathLike, boxes: pd.DataFrame, images: pd.Dat
         parts.append('<h2>Per class</h2><img src="per_class.png" alt="per-class bars">')
         parts.append(pc.to_html(index=False, na_rep="-", border=0))
     if len(b):
+        plot_box_histograms(b, out_dir / "histograms.png")
+        parts.append("<h2>Boxes per class</h2>" + class_counts(b).to_html(index=False, border=0))
+        parts.append('<h2>Box sizes and scores</h2><img src="histograms.png" alt="box size and score histograms">')
         grid = sample_rows(b, n_grid, seed)
         plot_panels(grid, out_dir / "grid.png", paths, objects, load_map, display_side=display_side)
         parts.append(f'<h2>Sample of {len(grid)} of {len(b)} pseudo boxes (seed {seed})</h2>'

@@ -164,7 +164,9 @@ def load_voc(voc_root: str | os.PathLike, splits: Iterable[str] = ("trainval", "
     voc_root = Path(voc_root)
     img_rows, obj_rows = [], []
     seen: dict[str, VOCAnnotation] = {}
-    for split in splits:
+    for k, split in enumerate(splits):
+        if k > 0 and not (voc_root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            continue
         for image_id in read_split(voc_root, split):
             ann = seen.get(image_id)
             if ann is None:

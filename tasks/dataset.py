@@ -1,5 +1,5 @@
-"""PrepareDataset: the first stage. Generates the embedded synthetic dataset (default) or validates a real
-VOC<year> root and its click file, and writes the manifest tables every later stage reads."""
+"""PrepareDataset: the first stage. Reads a folder of images and a click file, or a VOC<year> root, or generates the
+embedded synthetic dataset (default); validates them and writes the manifest tables every later stage reads."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.dataset import build_manifest
+from pipeline.dataset import build_image_manifest, build_manifest
+from pipeline.pointformats import POINT_FORMATS
 from pipeline.io import write_csv
 
 from .base import StageTask
@@ -20,12 +21,24 @@ log = logging.getLogger("clickscale")
 class PrepareDataset(StageTask):
     """Dataset manifest: ``images.csv``, ``objects.csv``, ``clicks.csv``, ``manifest.json``, ``summary.csv``.
 
-    With no ``--voc-root`` the embedded synthetic dataset is generated under ``data/`` (once) and used.
+    Three sources: ``--images DIR --clicks FILE`` (a folder of images and a click file; ``--gt`` optional), a VOC
+    root (``--voc-root``; its ``Annotations/`` are the ground truth, the test split optional), or, with neither, the
+    embedded synthetic dataset, generated under ``data/`` once.
     """
 
-    voc_root = luigi.Parameter(default="", description="VOC<year> root; empty: the embedded synthetic dataset")
-    clicks = luigi.Parameter(default="", description="click CSV; empty: the dataset's clicks_trainval.csv "
-                                                     "beside the VOC root if present, else simulated from GT")
+    voc_root = luigi.Parameter(default="", description="VOC<year> root; empty: --images, else the embedded "
+                                                       "synthetic dataset")
+    images = luigi.Parameter(default="", description="folder of images (searched recursively; image id = path "
+                                                     "relative to it without extension); needs --clicks")
+    gt = luigi.Parameter(default="", description="with --images: ground truth for the metrics only (a VOC "
+                                                 "Annotations/ folder or a COCO JSON with boxes)")
+    clicks = luigi.Parameter(default="", description="click file (CSV, COCO, CVAT XML, Label Studio JSON); empty: "
+                                                     "clicks_trainval.csv beside the VOC root if present, else "
+                                                     "simulated from the ground truth")
+    clicks_format = luigi.ChoiceParameter(choices=["auto", *POINT_FORMATS], default="auto",
+                                          description="format of --clicks (auto: by extension and content)")
+    classes = luigi.Parameter(default="", description="comma-separated class list and order; empty: VOC's classes "
+                                                      "(VOC root) or the sorted classes of the clicks (--images)")
     annotator = luigi.IntParameter(default=1, description="which annotator's clicks to use")
     on_bad_click = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
     on_bad_image = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
@@ -37,8 +50,17 @@ class PrepareDataset(StageTask):
     data_root = luigi.Parameter(default="data", significant=False)
 
     #: parameters that change the clicks only, never the images (the synthetic images depend on the seed and the
-    #: synth_* sizes, not on click_sigma)
-    CLICK_PARAMS = ("clicks", "annotator", "on_bad_click", "click_sigma")
+    #: synth_* sizes, not on click_sigma); ``gt`` is read for the metrics only
+    CLICK_PARAMS = ("clicks", "clicks_format", "annotator", "on_bad_click", "click_sigma", "gt", "classes")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.images and self.voc_root:
+            raise ValueError("PrepareDataset: give --images or --voc-root, not both")
+        if self.images and not self.clicks:
+            raise ValueError("PrepareDataset --images needs --clicks (a click file)")
+        if self.gt and not self.images:
+            raise ValueError("PrepareDataset --gt goes with --images (a VOC root's ground truth is its Annotations/)")
 
     def requires(self):
         return []
@@ -47,18 +69,27 @@ class PrepareDataset(StageTask):
     def images_ref(self) -> str:
         """Identity of the image set alone: every significant parameter but :attr:`CLICK_PARAMS`. Stages that read
         only the images (selective search) hash this instead of ``stage_ref``, so another click file or annotator
-        reuses their outputs."""
-        params = {k: v for k, v in self.significant_params().items() if k not in self.CLICK_PARAMS}
+        reuses their outputs. With ``--images`` the trainval split is the images that have clicks, so there the
+        click parameters (not ``gt``) stay in."""
+        keep = ("clicks", "clicks_format", "annotator", "on_bad_click", "classes") if self.images else ()
+        params = {k: v for k, v in self.significant_params().items() if k not in self.CLICK_PARAMS or k in keep}
         blob = json.dumps({"stage": self.task_family, "version": self.stage_version, "images": params},
                           sort_keys=True)
         return f"{self.task_family}/images-{hashlib.md5(blob.encode()).hexdigest()[:12]}"
+
+    def class_list(self) -> list[str] | None:
+        names = [c.strip() for c in self.classes.split(",") if c.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--classes {self.classes!r}: each class once")
+        return names or None
 
     def resolve_dataset(self) -> tuple[Path, Path | None]:
         """(voc_root, clicks file or None), generating the synthetic dataset when no root is given."""
         if self.voc_root:
             root = Path(self.voc_root)
             if not (root / "Annotations").is_dir():
-                raise FileNotFoundError(f"{root}: not a VOC<year> root (no Annotations/ folder)")
+                raise FileNotFoundError(f"{root}: not a VOC<year> root (no Annotations/ folder); for a folder of "
+                                        "images without annotations use --images DIR --clicks FILE")
             clicks = Path(self.clicks) if self.clicks else None
             if clicks is None and (root.parent / "clicks_trainval.csv").is_file():
                 clicks = root.parent / "clicks_trainval.csv"
@@ -72,28 +103,34 @@ class PrepareDataset(StageTask):
         return root, Path(self.clicks) if self.clicks else out / "clicks_trainval.csv"
 
     def run_stage(self, work: Path) -> None:
-        root, clicks = self.resolve_dataset()
-        classes = None
-        if not self.voc_root:
-            from pipeline.synthetic import SYNTH_CLASSES
+        common = dict(classes=self.class_list(), annotator=self.annotator, on_bad_click=self.on_bad_click,
+                      on_bad_image=self.on_bad_image, clicks_format=self.clicks_format)
+        if self.images:
+            manifest = build_image_manifest(self.images, self.clicks, gt=self.gt or None, **common)
+        else:
+            root, clicks = self.resolve_dataset()
+            if not self.voc_root and not common["classes"]:
+                from pipeline.synthetic import SYNTH_CLASSES
 
-            classes = SYNTH_CLASSES
-        manifest = build_manifest(root, clicks, classes=classes, annotator=self.annotator, on_bad_click=self.on_bad_click,
-                                  on_bad_image=self.on_bad_image, click_sigma=self.click_sigma, seed=self.seed)
+                common["classes"] = SYNTH_CLASSES
+            manifest = build_manifest(root, clicks, click_sigma=self.click_sigma, seed=self.seed, **common)
         manifest.save(work)
         write_csv(summary_table(manifest), work / "summary.csv")
 
 
 def summary_table(manifest):
-    """Per split and class: images, objects, difficult objects, clicks."""
+    """Per split and class: images holding the class (by ground truth, else by clicks), objects, difficult
+    objects (0 without ground truth), clicks."""
     import pandas as pd
 
     objs = manifest.objects.merge(manifest.images[["image_id", "split"]], on="image_id")
     rows = []
-    for split, sub in objs.groupby("split"):
+    for split in sorted(set(manifest.images.split)):
+        sub = objs[objs.split == split]
         for cls in manifest.classes:
             o = sub[sub["class"] == cls]
-            c = manifest.clicks[(manifest.clicks["class"] == cls)] if split == "trainval" else []
-            rows.append({"split": split, "class": cls, "images": o.image_id.nunique(), "objects": len(o),
+            c = manifest.clicks[manifest.clicks["class"] == cls] if split == "trainval" else manifest.clicks[:0]
+            rows.append({"split": split, "class": cls,
+                         "images": o.image_id.nunique() if len(objs) else c.image_id.nunique(), "objects": len(o),
                          "difficult": int(o.difficult.astype(bool).sum()), "clicks": len(c)})
     return pd.DataFrame(rows)

@@ -180,13 +180,19 @@ class EvaluateVOC07(_OwnHash, StageTask):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # fail before the (long) detector training, not after it, when the test split gets no proposals
-        if self.test_split not in self.splits:
-            raise ValueError(f"EvaluateVOC07: --test-split {self.test_split!r} is not among the splits that get "
-                             f"proposals (--splits {list(self.splits)}); add it to --splits")
+        # fail before the (long) detector training, not after it, when there is nothing to evaluate on
+        if self.images:
+            raise ValueError("EvaluateVOC07: evaluation needs a test split with ground truth; an --images dataset "
+                             "has none (its pseudo boxes come from PseudoLabels). Evaluate on a VOC root with "
+                             "ImageSets/Main/test.txt")
+        if self.voc_root and not (Path(self.voc_root) / "ImageSets" / "Main" / f"{self.test_split}.txt").is_file():
+            raise ValueError(f"EvaluateVOC07: evaluation needs a test split with ground truth; "
+                             f"{Path(self.voc_root) / 'ImageSets' / 'Main' / f'{self.test_split}.txt'} not found")
 
     def requires(self):
-        return {"detector": self.clone(TrainFastRCNN), "proposals": self.clone(SelectiveSearch)}
+        # trainval proposals (the detector's CorLoc) and the test split's, which only evaluation computes
+        return {"detector": self.clone(TrainFastRCNN), "proposals": self.clone(SelectiveSearch),
+                "test_proposals": self.clone(SelectiveSearch, splits=[self.test_split])}
 
     def run_stage(self, work: Path) -> None:
         from pipeline.metrics import corloc
@@ -199,12 +205,7 @@ class EvaluateVOC07(_OwnHash, StageTask):
         test = manifest.split(self.test_split)
         if test.empty:
             raise ValueError(f"EvaluateVOC07: the dataset has no images in split {self.test_split!r}")
-        test_proposals = self.input_dir("proposals") / f"proposals_{self.test_split}.h5"
-        if not test_proposals.is_file():
-            have = sorted(p.stem[len("proposals_"):] for p in test_proposals.parent.glob("proposals_*.h5"))
-            raise FileNotFoundError(f"{test_proposals}: no proposals for the {self.test_split!r} split "
-                                    f"(SelectiveSearch computed {have}); run with --splits including "
-                                    f"{self.test_split!r}")
+        test_proposals = self.input_dir("test_proposals") / f"proposals_{self.test_split}.h5"
         with ProposalStore(test_proposals) as store:
             dets, stats = detect(model, DetectionDataset(test, store, classes), device, self.eval_batch)
         write_csv(dets, work / "detections_test.csv")

@@ -100,7 +100,9 @@ class SelectiveSearch(_ImagesOnly, _SelectiveSearchParams, StageTask):
     ``mat`` takes the Fast R-CNN release's ``<split>.mat`` or a directory of per-image ``.mat`` files).
     """
 
-    splits = luigi.ListParameter(default=["trainval", "test"])
+    splits = luigi.ListParameter(default=["trainval"], description="splits to compute proposals for: the pseudo "
+                                                                   "boxes need trainval; EvaluateVOC07 adds its "
+                                                                   "--test-split itself")
     n_shards = luigi.IntParameter(default=4, description="shards per split (luigi tasks)")
     source = luigi.ChoiceParameter(choices=list(SOURCES), default="selective_search")
     proposals_path = luigi.Parameter(default="", description="file or directory to import (source != "

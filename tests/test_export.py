@@ -177,6 +177,33 @@ def test_export_pseudo_labels_writes_everything(tmp_path, boxes, images):
     assert "CorLoc 66.7" in (out / "summary.md").read_text()
 
 
+def test_export_without_ground_truth_reports_counts_and_histograms(tmp_path, boxes, images):
+    """No ground truth (a folder of images and clicks): boxes, exports and a report with per-class counts, box-size
+    and score histograms and the sample grid; no metrics."""
+    import cv2
+
+    from pipeline.io import read_json
+    from pipeline.report import class_counts
+
+    paths = []
+    for image_id, w, h in (("000005", 500, 375), ("000007", 320, 240), ("000009", 400, 300)):
+        p = tmp_path / f"{image_id}.jpg"
+        cv2.imwrite(str(p), np.full((h, w, 3), 120, np.uint8))
+        paths.append(str(p))
+    imgs = images.drop_duplicates("image_id").assign(path=paths)
+    out = tmp_path / "stage"
+    export_pseudo_labels(out, boxes, imgs, CLASSES, objects=None, report_images=3, report_worst=1)
+    for name in ("pseudo_labels.csv", "coco.json", "metrics.json", "summary.md", "report/index.html",
+                 "report/grid.png", "report/histograms.png"):
+        assert (out / name).is_file(), name
+    assert "metrics" not in read_json(out / "metrics.json") and not (out / "per_class.csv").exists()
+    page = (out / "report" / "index.html").read_text()
+    assert "Boxes per class" in page and 'src="histograms.png"' in page and "worst_" not in page
+    counts = class_counts(boxes)
+    assert counts.boxes.sum() == len(boxes) and list(counts["class"]) == sorted(set(boxes["class"]))
+    assert counts.fallbacks.sum() == int(boxes.fallback.sum())
+
+
 def test_report_sampling_covers_classes(boxes):
     from pipeline.report import sample_rows
 
