@@ -9,11 +9,15 @@ STAMP := $(VENV)/.installed
 # operators: install with it unset so torch and torchvision come from the registry as a matching pair.
 PIP := env -u PIP_FIND_LINKS $(VENV)/bin/pip
 
-# real data (optional): make pseudo-labels VOC_ROOT=/path/VOCdevkit/VOC2007 CLICKS=/path/clicks.csv
+# your own data: make pseudo-labels IMAGES=/path/images CLICKS=/path/clicks.{csv,json,xml} [GT=...]
+# a VOC root:    make pseudo-labels VOC_ROOT=/path/VOCdevkit/VOC2007 CLICKS=/path/clicks.csv
+IMAGES ?=
 VOC_ROOT ?=
 CLICKS ?=
+GT ?=
 ARGS ?=
-DATA_ARGS := $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CLICKS),--clicks $(CLICKS))
+DATA_ARGS := $(if $(IMAGES),--images $(IMAGES)) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) \
+             $(if $(CLICKS),--clicks $(CLICKS)) $(if $(GT),--gt $(GT))
 TARGET ?= PseudoLabels
 STAGE ?=
 
@@ -23,7 +27,8 @@ STAGE ?=
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
 	@echo
-	@echo "  Real data: make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
+	@echo "  Own data:  make pseudo-labels IMAGES=<folder> CLICKS=<csv|coco json|cvat xml|label studio json> [GT=...]"
+	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
 	@echo "  Detector:  make evaluate ARGS='--box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
 	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
 
@@ -42,7 +47,7 @@ test: install ## run the test suite (the README's test command; CI runs it)
 test-fast: install ## the test suite without tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-pseudo-labels: install ## main job: stages 1-5 -> pseudo labels, metrics, HTML report (default: synthetic data)
+pseudo-labels: install ## main job: stages 1-5 -> pseudo boxes, report (IMAGES=+CLICKS=, VOC_ROOT=, or synthetic)
 	$(LUIGI) PseudoLabels $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show PseudoLabels $(DATA_ARGS) $(ARGS)
 
