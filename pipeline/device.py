@@ -46,3 +46,34 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _malloc_tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _malloc_tuned
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux ``VmHWM``, through ``/proc/self/clear_refs``), so that
+    :func:`peak_rss_mb` measures from now on; False where that is not possible (then it measures since start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory in MB: ``process`` (this process since :func:`reset_peak_rss`, or since it started) and
+    ``children`` (the largest child process this process waited for, e.g. DataLoader workers; since start)."""
+    import resource
+
+    process = None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    process = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if process is None:  # not Linux: ru_maxrss (kB on Linux, bytes on macOS)
+        scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024
+        process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    return {"process": round(process, 1), "children": round(children, 1)}

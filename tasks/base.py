@@ -26,7 +26,7 @@ from typing import Iterator
 import luigi
 from luigi.task import flatten
 
-from pipeline.device import keep_freed_memory
+from pipeline.device import keep_freed_memory, peak_rss_mb, reset_peak_rss
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger("clickscale")
@@ -169,8 +169,11 @@ class StageTask(luigi.Task):
         write_json(work / "params.json", params)
         log.info("%s: %s %s", self.stage_ref, "resuming in" if resumed else "running in", work)
         t0 = time.time()
+        reset_peak_rss()
         self.run_stage(work)
+        rss = peak_rss_mb()
         write_json(work / "params.json", {**params, "seconds": round(time.time() - t0, 3),
+                                          "peak_rss_mb": rss["process"], "peak_rss_children_mb": rss["children"],
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         left = remove_temporaries(work)  # never part of the product
         if left:

@@ -35,12 +35,14 @@ class PseudoLabels(StageTask):
         }
         files = {k: str(v) for k, v in files.items() if v.exists()}
         metrics = read_json(boxes_dir / "metrics.json") if (boxes_dir / "metrics.json").is_file() else {}
-        write_json(work / "summary.json", {"stage_dirs": self._chain(), "files": files, "metrics": metrics})
+        write_json(work / "summary.json", {"stage_dirs": self._chain(), "files": files, "metrics": metrics,
+                                           "stages": stage_rows(self._chain())})
         lines = ["# clickscale pseudo labels", ""]
         lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in files.items()]
         inner = boxes_dir / "summary.md"
         if inner.is_file():
             lines += ["", inner.read_text().strip()]
+        lines += ["", stage_table(self._chain())]
         write_text(work / "summary.md", "\n".join(lines) + "\n")
 
     def _chain(self) -> dict:
@@ -56,3 +58,26 @@ class PseudoLabels(StageTask):
                 chain[key] = path
                 todo.extend(t.upstream())
         return dict(reversed(list(chain.items())))
+
+
+def stage_rows(chain: dict) -> list[dict]:
+    """Per stage output of ``chain`` (name -> directory): seconds and peak resident memory from its params.json
+    (the run that computed it; an output reused from an earlier run keeps that run's numbers)."""
+    rows = []
+    for name, path in chain.items():
+        pj = Path(path) / "params.json"
+        meta = read_json(pj) if pj.is_file() else {}
+        rows.append({"stage": name, "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
+                     "peak_rss_children_mb": meta.get("peak_rss_children_mb"), "finished": meta.get("finished")})
+    return rows
+
+
+def stage_table(chain: dict) -> str:
+    """Markdown table of :func:`stage_rows`."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = ["| stage | seconds | peak RSS MB | peak RSS of child processes MB | finished |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} | "
+              f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |" for r in stage_rows(chain)]
+    return "\n".join(lines)

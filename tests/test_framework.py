@@ -104,3 +104,30 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_params_json_records_each_stage_peak_rss(outputs):
+    """A stage's params.json holds the peak resident memory of its run (a 400 MB stage raises it by 400 MB over
+    the process's memory before the stage)."""
+    from pipeline.device import peak_rss_mb, reset_peak_rss
+    from toy_tasks import ToyMemory
+
+    reset_peak_rss()
+    before = peak_rss_mb()["process"]
+    big = ToyMemory(mb=400)
+    assert luigi.build([big], local_scheduler=True, log_level="WARNING")
+    meta = read_json(big.stage_dir / "params.json")
+    assert meta["peak_rss_mb"] >= before + 390, (before, meta["peak_rss_mb"])
+    assert meta["peak_rss_children_mb"] >= 0
+
+
+def test_peak_rss_is_reset_when_a_stage_starts():
+    """After a 400 MB block is freed (returned to the kernel: default malloc) and the peak reset, the peak is the
+    memory held now, not the earlier 400 MB."""
+    code = ("import numpy as np; from pipeline.device import peak_rss_mb, reset_peak_rss\n"
+            "a = np.ones(400 * 2**20 // 8); high = peak_rss_mb()['process']; del a\n"
+            "assert reset_peak_rss(); low = peak_rss_mb()['process']\n"
+            "print(high, low); assert high > low + 350, (high, low)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, env={**os.environ, "CLICKSCALE_MALLOC": "default"}, timeout=60)
+    assert res.returncode == 0, res.stderr

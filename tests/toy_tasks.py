@@ -65,3 +65,18 @@ class ToyParts(StageTask):
             with atomic_path(work / f"part{i:03d}.txt") as tmp:
                 tmp.write_text(line * (self.part_kb * 1024 // len(line)))
                 time.sleep(self.pause)
+
+
+class ToyMemory(StageTask):
+    """Holds ``mb`` megabytes of touched memory for a moment (peak RSS bookkeeping)."""
+
+    mb = luigi.IntParameter(default=0)
+
+    def requires(self):
+        return []
+
+    def run_stage(self, work: Path) -> None:
+        import numpy as np
+
+        block = np.ones(self.mb * 2**20 // 8) if self.mb else None
+        write_text(work / "done.txt", f"{0 if block is None else block.nbytes}\n")
