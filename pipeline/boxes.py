@@ -152,8 +152,8 @@ def cam_threshold(rule: str = "paper", value: float | None = None, n_image_class
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
     """8-connected components of a boolean mask: ``(n labels including background 0, labels int32 HxW)``.
 
-    (``cv2.connectedComponents``; the ``WithStats`` variant is ~10x slower in OpenCV 5, so boxes and areas are
-    computed for the regions actually used.)
+    (``cv2.connectedComponents``; the ``WithStats`` variant is much slower in OpenCV 5 (docs/experiments.md), so
+    boxes and areas are computed for the regions actually used.)
     """
     n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     return n, labels

@@ -17,8 +17,8 @@ network to the input (``efficient=False`` keeps the graph below, for comparison)
 Click fusion: :func:`paste_and_fuse` resizes each crop's map to the crop's box in the image (bilinear) and sums
 the pasted maps into an image-sized map: the plain sum of Eq. 4 (``fusion="sum"``), or (``fusion="prob"``) each
 crop's map weighted by the classifier's softmax probability of the click's class on that crop, so a crop the
-classifier does not recognise as the class (background, a part, a neighbour) contributes less. Measured on
-voc07-sample (bench/quality.py, README): ``prob`` adds 2-3 box-CorLoc points over ``sum``.
+classifier does not recognise as the class (background, a part, a neighbour) contributes less. What ``prob`` adds
+over ``sum`` on voc07-sample: docs/experiments.md.
 
 Storage: :func:`write_cam_store` computes the fused map of every entry (a click, or an image/class pair in the
 image-label-only mode) and writes HDF5 part files of ``images_per_part`` images each, each part atomically, so a
@@ -458,8 +458,8 @@ def _store_map(group: h5py.Group, name: str, arr: np.ndarray, compression: str, 
 
 def prefer_channels_last(model: nn.Module, device: torch.device | str) -> bool:
     """Whether to run ``model`` in channels-last memory format: on CUDA (cuDNN's NHWC kernels), and on a CPU for
-    networks with depthwise/grouped convolutions (efficientnet_lite0's batched forward runs about 2x faster
-    channels-last there, measured on 2 cores; VGG16's does not)."""
+    networks with depthwise/grouped convolutions (efficientnet_lite0's batched forward runs faster channels-last
+    there, VGG16's does not; docs/experiments.md)."""
     if torch.device(device).type == "cuda":
         return True
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())

@@ -134,7 +134,7 @@ def colour_jitter(img: np.ndarray, aug: Augment, rng: np.random.Generator) -> np
     torchvision's ``adjust_brightness/contrast/saturation`` define them (blend with black, with the mean grey
     level, with the grey image; clipped to 0..255 after each step). Returns float32. Written in numpy so that data
     preparation never runs on torch's intra-op thread pool (in the training process, tiny parallel ops on a busy
-    2-core machine were 50x slower)."""
+    2-core machine were much slower; docs/experiments.md)."""
     b, c, s = rng.uniform(-1.0, 1.0, size=3)  # one draw per factor whether used or not: a fixed stream
     x = img.astype(np.float32)
     if aug.brightness > 0:
@@ -430,11 +430,10 @@ class TrainConfig:
     """Hyper-parameters of :func:`train_classifier` (stored as ``args`` in checkpoints).
 
     Defaults (SGD, lr 0.003, head x10, frozen BatchNorm statistics) were picked on voc07-sample with
-    efficientnet_lite0: 3 epochs on 591 crops (GT boxes of 500 images, jittered), top-1 accuracy on the GT boxes of
-    the 250 other images: sgd 0.01 / 0.003 / 0.001: 61 / 60 / 53 %; adamw 3e-4 / 1e-4: 62 / 54 %; sgd 0.003 with
-    frozen BatchNorm statistics: 71 % (68 % with another seed, against 59 % unfrozen); sgd 0.01 frozen diverged.
-    The new head's learning rate is the sensitive one: pooled efficientnet features have ||f||^2 ~ 200-500, so a
-    head step of lr * ||f||^2 moves the logits by several units at lr 0.1.
+    efficientnet_lite0 by the top-1 accuracy of a classifier trained on GT-box crops of some images and tested on
+    those of the others (the sweep: docs/experiments.md). The new head's learning rate is the sensitive one: pooled
+    efficientnet features have a large squared norm, so a head step of lr * ||f||^2 moves the logits by several
+    units at a large lr.
     """
 
     epochs: int = 5

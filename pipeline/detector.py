@@ -14,9 +14,9 @@ Backbones come from :mod:`pipeline.backbones` (``feature_trunk``, ``vgg16_fc_lay
   Fast R-CNN's VGG16 recipe).
 * ``efficientnet_lite0`` (the CPU default): stem..stage6 with stages 5-6 dilated so the trunk has stride 16
   (320 channels; built here from the backbones trunk, see :func:`dilate_to_stride`), a 1x1 conv to 128 channels
-  (RoI pooling and fc6 on 320 channels made the head cost 4x the trunk at test time on a CPU), RoIAlign 7x7,
-  ``TwoMLPHead`` 1024; stem..stage1 frozen. All BatchNorm layers are frozen (eval mode, fixed affine): 2 images per batch give
-  no usable batch statistics.
+  (RoI pooling and fc6 on 320 channels made the head cost more than the trunk at test time on a CPU;
+  docs/experiments.md), RoIAlign 7x7, ``TwoMLPHead`` 1024; stem..stage1 frozen. All BatchNorm layers are frozen
+  (eval mode, fixed affine): 2 images per batch give no usable batch statistics.
 
 Training follows Fast R-CNN (docs/method.md, stage 6): 2 images per batch, 64 RoIs per image (128 per batch),
 25% foreground at IoU >= 0.5, background at IoU in [0.1, 0.5) (:class:`FastRCNNRoIHeads`; torchvision's own

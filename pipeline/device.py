@@ -28,10 +28,8 @@ def keep_freed_memory() -> bool:
 
     Why: PyTorch's CPU allocator does not cache, and glibc serves each block over 32 MB (a batch of 64 crops at
     224 px makes several per layer) with a fresh ``mmap`` that it unmaps on free, so every batch faults in and
-    zeroes its activations again. Measured on the 2-core CPU machine, 4 SA-CAM forward + backward passes of 64
-    crops of 224 px through efficientnet_lite0 (stage6): 5.5 M minor page faults, 12.7 s of kernel time and 11.1 s
-    wall by default; 79 k faults, 0.1 s and 3.4 s with this. The cost: the process keeps its peak heap until it
-    exits (the stages are batch jobs)."""
+    zeroes its activations again (page faults, kernel time and wall time with and without this: docs/results.md,
+    docs/experiments.md). The cost: the process keeps its peak heap until it exits (the stages are batch jobs)."""
     global _malloc_tuned
     if _malloc_tuned is not None:
         return _malloc_tuned

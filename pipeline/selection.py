@@ -8,7 +8,8 @@ keep the first ``n``. A click inside no proposal gets :func:`fallback_windows` i
 ``exclusive`` (default on, an addition to the paper): before ranking, drop the proposals that also contain another
 click of the same class in the image: such a crop shows two instances, and its CAM lights both, which merges them
 in the fused map of either click. When that would leave a click no proposal, its proposals are kept as they are
-(counted as ``exclusion_waived`` in the report). Measured on voc07-sample by ``bench/quality.py`` (README).
+(counted as ``exclusion_waived`` in the report). Measured on voc07-sample by ``bench/quality.py``
+(docs/experiments.md).
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class _CamParams:
     cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default="prob",
                                        description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
                                                    "prob (each weighted by the classifier's probability of the "
-                                                   "click's class on that crop; +2-3 box-CorLoc on voc07-sample)")
+                                                   "click's class on that crop; measured: docs/experiments.md)")
     cam_crop_size = luigi.IntParameter(default=0, description="crops resized to this square (px); 0: the "
                                                               "classifier's input size")
     cam_max_crops = luigi.IntParameter(default=0, description="use the first n selected crops of a click; 0: all")

@@ -56,8 +56,8 @@ class TrainClassifier(StageTask):
     classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default="efficientnet_lite0")
     classifier_weights = luigi.Parameter(default="imagenet",
                                          description="imagenet, a path to a state dict, or random (tests only)")
-    # CPU-budget defaults (the ones bench/quality.py runs with): 224 px crops (128 px / 150 crops: 3.7 box-CorLoc
-    # less on voc07-sample), at most 50 crops per class (150 at 224 px, or all crops at 128 px, did not help; README)
+    # CPU-budget defaults (the ones bench/quality.py runs with): 224 px crops, at most 50 crops per class (larger
+    # crops helped, more crops or epochs did not: docs/experiments.md)
     classifier_epochs = luigi.IntParameter(default=3)
     classifier_batch_size = luigi.IntParameter(default=32)
     classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default="sgd")

@@ -35,7 +35,7 @@ class FusePseudoBoxes(StageTask):
     (with ground truth), ``summary.md`` and ``report/index.html``.
     """
 
-    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; numbers in the README): the maps of
+    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; docs/results.md): the maps of
     # two layers averaged (DEFAULT_FUSED_LAYERS), a fixed T_cam of 50 on the 0..255 normalised map, "max"
     # symmetry, and the same-class partition of the map
     cam_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default="fixed",
@@ -56,7 +56,7 @@ class FusePseudoBoxes(StageTask):
                                                            "efficientnet_lite1,efficientnet_lite2): each trains "
                                                            "its own classifier and CAMs, and a click's fused maps, "
                                                            "each scaled to max 1, are averaged before the threshold "
-                                                           "(+2.4 box-CorLoc on voc07-sample with lite1 + lite2)")
+                                                           "(measured: docs/experiments.md)")
     difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
                                       description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
