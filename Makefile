@@ -74,7 +74,7 @@ bench-selection: install ## click-only floors (median-size box, rank-1 proposal)
 bench-cam: install ## CAM throughput: inference vs SA-CAM stage vs per-crop library-style loop
 	$(PY) bench/cam_throughput.py
 
-bench-quality: install ## pseudo-box quality table on voc07-sample (long: 41 min from scratch on 2 cores)
+bench-quality: install ## pseudo-box quality table on voc07-sample, writes docs/results.md (long; see there)
 	$(PY) bench/quality.py
 
 bench-fusion-probe: install ## CAM fusion variants x T_cam on 500 voc07-sample clicks (after bench-quality; no target)
