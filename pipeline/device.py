@@ -46,6 +46,20 @@ def keep_freed_memory() -> bool:
     return _malloc_tuned
 
 
+def release_freed_memory() -> bool:
+    """Hand the memory malloc holds free back to the kernel (glibc ``malloc_trim(0)``): called when a stage ends,
+    so that :func:`keep_freed_memory`'s retained heap of one stage does not stay resident through the next stages
+    of the same process. True when glibc released something."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak resident set size (Linux ``VmHWM``, through ``/proc/self/clear_refs``), so that
     :func:`peak_rss_mb` measures from now on; False where that is not possible (then it measures since start)."""

@@ -26,7 +26,7 @@ from typing import Iterator
 import luigi
 from luigi.task import flatten
 
-from pipeline.device import keep_freed_memory, peak_rss_mb, reset_peak_rss
+from pipeline.device import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger("clickscale")
@@ -172,6 +172,7 @@ class StageTask(luigi.Task):
         reset_peak_rss()
         self.run_stage(work)
         rss = peak_rss_mb()
+        release_freed_memory()  # the next stage in this process starts without this one's retained heap
         write_json(work / "params.json", {**params, "seconds": round(time.time() - t0, 3),
                                           "peak_rss_mb": rss["process"], "peak_rss_children_mb": rss["children"],
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -59,3 +59,23 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     assert faults < default_faults / 10
     off, off_faults = _faults("tune", env={**os.environ, "CLICKSCALE_MALLOC": "default"})  # the opt-out
     assert off == "False" and off_faults > 10 * 2 * 8192
+
+
+def test_release_freed_memory_hands_the_kept_heap_back():
+    """With keep_freed_memory a freed 500 MB stays resident (the point of it, within a stage); release_freed_memory
+    (called when a stage ends) hands it back to the kernel."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from pipeline.device import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
+        assert keep_freed_memory()
+        blocks = [np.ones(50 * 2**20 // 8) for _ in range(10)]
+        del blocks
+        reset_peak_rss(); kept = peak_rss_mb()["process"]
+        assert release_freed_memory()
+        reset_peak_rss(); released = peak_rss_mb()["process"]
+        print(kept, released)
+        assert kept - released > 400, (kept, released)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "CLICKSCALE_MALLOC"})
+    assert res.returncode == 0, res.stderr
