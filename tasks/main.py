@@ -69,7 +69,7 @@ def stage_rows(chain: dict) -> list[dict]:
         meta = read_json(pj) if pj.is_file() else {}
         rows.append({"stage": name, "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
                      "peak_rss_children_mb": meta.get("peak_rss_children_mb"), "finished": meta.get("finished")})
-    return rows
+    return sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))  # in the order they ran
 
 
 def stage_table(chain: dict) -> str:
