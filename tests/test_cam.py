@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import cam as cam_mod
+from pipeline import cam_writer
 from pipeline.backbones import build_backbone
 from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, click_entries, extract_crops,
                           image_entries, paste_and_fuse, write_cam_store)
@@ -383,7 +383,7 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
     assert [p.name for p in work.glob("cams-*.h5")] == ["cams-00000.h5"] and not (work / "index.csv").exists()
     # killed in the middle of the next part: nothing half-written is left behind
     calls = {"n": 0}
-    real = cam_mod._run_pass
+    real = cam_writer._run_pass
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -391,10 +391,10 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(cam_mod, "_run_pass", dying)
+    monkeypatch.setattr(cam_writer, "_run_pass", dying)
     with pytest.raises(KeyboardInterrupt):
         write_cam_store(net, entries, paths, work, **kw)
-    monkeypatch.setattr(cam_mod, "_run_pass", real)
+    monkeypatch.setattr(cam_writer, "_run_pass", real)
     assert sorted(p.name for p in work.iterdir()) == ["cams-00000.h5", "plan.json"]
     partial = CamStore(work)  # an unfinished store is readable too
     assert set(partial.click_ids()) < set(full)
