@@ -23,6 +23,7 @@ import pandas as pd
 
 from .boxes import PSEUDO_COLUMNS, fallback_counts
 from .io import write_csv, write_json, write_text
+from .markdown import markdown_table
 from .metrics import pseudo_box_metrics
 from .voc import VOCObject, parse_annotation, write_annotation
 
@@ -226,49 +227,76 @@ def export_pseudo_labels(out_dir: str | os.PathLike, boxes: pd.DataFrame, images
                          difficult: str = "include") -> dict:
     """Write every output of the pseudo box stage into ``out_dir`` and return the contents of ``metrics.json``.
 
-    ``pseudo_labels.csv``, ``Annotations/`` (VOC XML of the images with boxes), ``coco.json`` (all ``images``),
-    ``metrics.json`` (fallback counts, parameters and, when ``objects`` has ground truth, the metrics of
-    :func:`pipeline.metrics.pseudo_box_metrics`, with ``object_index`` taken from ``clicks`` for the clicked-object
-    IoU), ``per_class.csv`` (with ground truth), ``summary.md`` and ``report/index.html`` (:mod:`pipeline.report`).
+    ``pseudo_labels.csv``, ``Annotations/`` (VOC XML of the images with boxes), ``coco.json`` (all ``images``)
+    (:func:`write_label_files`), ``metrics.json`` and ``per_class.csv`` (:func:`label_metrics`), ``summary.md``
+    (:func:`summary_markdown`) and ``report/index.html`` (:mod:`pipeline.report`).
     ``objects`` must be the ground truth of exactly the evaluated images (e.g. the whole trainval split: an image
     with an object of a class but no box of it is a CorLoc miss); ``images`` (``image_id, width, height, path``)
     lists the images written to the VOC/COCO files.
     """
     out_dir = Path(out_dir)
-    write_pseudo_labels(boxes, out_dir / "pseudo_labels.csv")
-    write_voc_annotations(boxes, images, out_dir / "Annotations")
-    write_coco(out_dir / "coco.json", boxes, images, classes)
-    result: dict = {"params": dict(params or {}), "boxes": fallback_counts(boxes)}
-    summary, per_class = None, None
-    scored = boxes
-    if clicks is not None and "object_index" in clicks.columns and "click_id" in boxes.columns \
-            and "object_index" not in boxes.columns:
-        scored = boxes.merge(clicks[["click_id", "object_index"]], on="click_id", how="left")
+    write_label_files(out_dir, boxes, images, classes)
+    scored = with_object_index(boxes, clicks)
     gt = objects if objects is not None and len(objects) else None
-    if gt is not None:
-        summary, per_class = pseudo_box_metrics(scored, gt, classes=classes, difficult=difficult)
-        result["metrics"] = summary
+    result, per_class = label_metrics(scored, gt, classes, params, difficult)
+    if per_class is not None:
         write_csv(per_class, out_dir / "per_class.csv")
     write_json(out_dir / "metrics.json", _json_safe(result))
-    lines = [f"# pseudo boxes: {len(boxes)} boxes on {boxes['image_id'].nunique()} images, "
-             f"{result['boxes']['fallback']} fallbacks", ""]
-    if summary is not None:
-        lines += [f"CorLoc {100 * summary['corloc']:.1f}  box-CorLoc {100 * summary['box_accuracy']:.1f}  "
-                  f"mean IoU {100 * summary['mean_iou']:.1f}", "",
-                  "| class | boxes | images | CorLoc | box-CorLoc | mean IoU |", "|---|---:|---:|---:|---:|---:|"]
-        def pct(v):
-            return "-" if not np.isfinite(v) else f"{100 * v:.1f}"
-
-        for r in per_class.itertuples(index=False):
-            lines.append(f"| {r[0]} | {r.boxes} | {r.images} | {pct(r.corloc)} | {pct(r.box_accuracy)} | "
-                         f"{pct(r.mean_iou)} |")
-    lines += ["", "Files (in this directory): pseudo_labels.csv, coco.json, Annotations/ (VOC XML), metrics.json"
-              + (", per_class.csv" if summary is not None else "") + (", report/index.html" if report else "")]
     if report:
         from .report import write_report  # matplotlib only when a report is asked for
 
-        write_report(out_dir / "report", scored, images, gt, clicks, summary, per_class,
-                     {**(params or {}), "fallbacks": result["boxes"]}, load_map, n_grid=report_images,
+        write_report(out_dir / "report", scored, images, gt, clicks, result.get("metrics"), per_class,
+                     {**result["params"], "fallbacks": result["boxes"]}, load_map, n_grid=report_images,
                      n_worst=report_worst, seed=seed)
-    write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
+    write_text(out_dir / "summary.md", summary_markdown(boxes, result, per_class, report))
     return result
+
+
+def write_label_files(out_dir: str | os.PathLike, boxes: pd.DataFrame, images: pd.DataFrame,
+                      classes: Sequence[str]) -> None:
+    """``pseudo_labels.csv``, ``Annotations/`` (VOC XML of the images with boxes) and ``coco.json`` (all
+    ``images``) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    write_pseudo_labels(boxes, out_dir / "pseudo_labels.csv")
+    write_voc_annotations(boxes, images, out_dir / "Annotations")
+    write_coco(out_dir / "coco.json", boxes, images, classes)
+
+
+def with_object_index(boxes: pd.DataFrame, clicks: pd.DataFrame | None) -> pd.DataFrame:
+    """``boxes`` with each click's ``object_index`` from ``clicks`` (for the clicked-object IoU), when it has
+    none and ``clicks`` has it."""
+    if clicks is not None and "object_index" in clicks.columns and "click_id" in boxes.columns \
+            and "object_index" not in boxes.columns:
+        return boxes.merge(clicks[["click_id", "object_index"]], on="click_id", how="left")
+    return boxes
+
+
+def label_metrics(boxes: pd.DataFrame, objects: pd.DataFrame | None, classes: Sequence[str],
+                  params: dict | None = None, difficult: str = "include") -> tuple[dict, pd.DataFrame | None]:
+    """``(metrics.json's content, per-class table or None)``: the parameters, the fallback counts and, with
+    ground truth ``objects``, the metrics of :func:`pipeline.metrics.pseudo_box_metrics`."""
+    result: dict = {"params": dict(params or {}), "boxes": fallback_counts(boxes)}
+    if objects is None:
+        return result, None
+    result["metrics"], per_class = pseudo_box_metrics(boxes, objects, classes=classes, difficult=difficult)
+    return result, per_class
+
+
+def _pct(v: float) -> str:
+    return "-" if not np.isfinite(v) else f"{100 * v:.1f}"
+
+
+def summary_markdown(boxes: pd.DataFrame, result: dict, per_class: pd.DataFrame | None, report: bool) -> str:
+    """The stage's ``summary.md``: counts, the metrics and their per-class table (with ground truth), the files."""
+    summary = result.get("metrics")
+    lines = [f"# pseudo boxes: {len(boxes)} boxes on {boxes['image_id'].nunique()} images, "
+             f"{result['boxes']['fallback']} fallbacks", ""]
+    if summary is not None:
+        rows = [(r[0], r.boxes, r.images, _pct(r.corloc), _pct(r.box_accuracy), _pct(r.mean_iou))
+                for r in per_class.itertuples(index=False)]
+        lines += [f"CorLoc {100 * summary['corloc']:.1f}  box-CorLoc {100 * summary['box_accuracy']:.1f}  "
+                  f"mean IoU {100 * summary['mean_iou']:.1f}", "",
+                  markdown_table(["class", "boxes", "images", "CorLoc", "box-CorLoc", "mean IoU"], rows, "lrrrrr")]
+    lines += ["", "Files (in this directory): pseudo_labels.csv, coco.json, Annotations/ (VOC XML), metrics.json"
+              + (", per_class.csv" if summary is not None else "") + (", report/index.html" if report else "")]
+    return "\n".join(lines) + "\n"

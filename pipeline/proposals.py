@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .imageio import read_image
 from .io import atomic_path
+from .sharding import shard_bounds  # noqa: F401 (re-exported: tasks.proposals, detector, distributed)
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,6 @@ def compute_proposals(paths: Sequence[str | os.PathLike], params: SelectiveSearc
                       workers: int = 1, progress: bool = True) -> list[np.ndarray]:
     """Boxes of every image path (see :func:`iter_proposals`)."""
     return [boxes for boxes, _ in iter_proposals(paths, params, workers, progress)]
-
-
-def shard_bounds(n_items: int, shard: int, n_shards: int) -> tuple[int, int]:
-    """``[start, stop)`` of shard ``shard`` of ``n_shards`` contiguous, near-equal shards of ``n_items``."""
-    if n_shards < 1 or not 0 <= shard < n_shards:
-        raise ValueError(f"shard index {shard} is not in [0, {n_shards})")
-    base, extra = divmod(n_items, n_shards)
-    start = shard * base + min(shard, extra)
-    return start, start + base + (1 if shard < extra else 0)
 
 
 def run_proposal_shard(image_ids: Sequence[str], paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,

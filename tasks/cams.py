@@ -23,7 +23,8 @@ import luigi
 import pandas as pd
 from luigi.util import inherits
 
-from pipeline.cam import CAM_METHODS, FUSIONS, click_entries, image_entries, merge_cam_stores, write_cam_store
+from pipeline.cam import (CAM_METHODS, FUSIONS, CamStoreSettings, click_entries, image_entries, merge_cam_stores,
+                          write_cam_store)
 from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
 from pipeline.io import read_json, write_json, write_text
@@ -94,19 +95,17 @@ class GenerateCAMsShard(_CamParams, StageTask):
             return self.cam_workers
         return min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
-    def run_stage(self, work: Path) -> None:
-        if not 0 <= self.cam_shard < self.cam_shards:
-            raise ValueError(f"--cam-shard {self.cam_shard} is not in [0, --cam-shards {self.cam_shards})")
-        device = resolve_device(self.device)
-        model = load_classifier(self.input_dir("classifier") / "model.pt", device)
-        classes = tuple(model.classes)
+    def cam_layer_of(self, model) -> str:
+        """``--cam-layer`` (or the model's default), checked to be a convolutional layer of the model."""
         layer = self.cam_layer or model.default_cam_layer
         if layer not in model.layers or model.layers[layer].stride == 0:
             raise ValueError(f"--cam-layer {layer!r} is not a convolutional layer of {model.name}; choose one of "
                              f"{model.cam_layers} (or {tuple(k for k, v in model.layers.items() if v.stride)})")
-        manifest = self.manifest()
+        return layer
+
+    def entries(self, manifest, classes: tuple[str, ...]) -> list:
+        """What to compute: every click's crops, or each trainval image's labelled classes (image_labels)."""
         trainval = manifest.split("trainval")
-        paths = dict(zip(trainval.image_id, trainval.path))
         if self.image_label_mode():
             labels = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
             sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
@@ -116,12 +115,23 @@ class GenerateCAMsShard(_CamParams, StageTask):
             entries = click_entries(selected, classes, self.cam_max_crops or None)
         if not entries:
             raise ValueError("GenerateCAMs: nothing to compute (no clicks with crops / no labelled images)")
+        return entries
+
+    def run_stage(self, work: Path) -> None:
+        if not 0 <= self.cam_shard < self.cam_shards:
+            raise ValueError(f"--cam-shard {self.cam_shard} is not in [0, --cam-shards {self.cam_shards})")
+        device = resolve_device(self.device)
+        model = load_classifier(self.input_dir("classifier") / "model.pt", device)
+        settings = CamStoreSettings(
+            method=self.cam_method, layer=self.cam_layer_of(model), crop_size=self.cam_crop_size or model.input_size,
+            batch_size=self.cam_batch_size, fusion=self.cam_fusion, inspect_images=self.cam_inspect_images,
+            images_per_part=self.cam_images_per_part, shard=(self.cam_shard, self.cam_shards), device=device,
+            num_workers=self.decode_workers(device), progress=True)
+        manifest = self.manifest()
+        trainval = manifest.split("trainval")
         # every shard plans all entries (the same global parts) and computes its own range of them
-        store = write_cam_store(model, entries, paths, work, method=self.cam_method, layer=layer,
-                                crop_size=self.cam_crop_size or model.input_size, batch_size=self.cam_batch_size,
-                                device=device, images_per_part=self.cam_images_per_part,
-                                inspect_images=self.cam_inspect_images, num_workers=self.decode_workers(device),
-                                progress=True, shard=(self.cam_shard, self.cam_shards), fusion=self.cam_fusion)
+        store = write_cam_store(model, self.entries(manifest, tuple(model.classes)),
+                                dict(zip(trainval.image_id, trainval.path)), work, settings)
         summary = read_json(work / "summary.json")
         log.info("GenerateCAMsShard %d/%d: parts %s, %d entries, %d crops, %s crops/s on %s", self.cam_shard,
                  self.cam_shards, summary.get("part_range"), len(store), summary["crops"], summary["crops_per_s"],

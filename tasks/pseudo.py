@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from tqdm import tqdm
 
 from pipeline.backbones import BACKBONES, DEFAULT_FUSED_LAYERS
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
-                            classes_per_image, ensemble_map, pseudo_boxes_from_cams, rank1_proposals)
-from pipeline.cam import CamStore
+                            classes_per_image, pseudo_boxes_from_cams, rank1_proposals)
+from pipeline.cam import CamStore, FusedMaps
 from pipeline.export import export_pseudo_labels
 
 from .base import StageTask
@@ -115,64 +114,39 @@ class FusePseudoBoxes(StageTask):
         return BoxParams(self.cam_threshold_rule, self.cam_threshold, self.symmetry, self.box_score,
                          self.min_box_side, self.partition)
 
+    def fallback_boxes(self) -> tuple[Path | None, pd.DataFrame]:
+        """``(selected.parquet or None, each click's rank-1 proposal)``: the fallback box of a click without one
+        from its map (none in the image-label-only mode, which falls back to the whole image)."""
+        if "selected" not in self.requires():
+            return None, rank1_proposals(pd.DataFrame(columns=["click_id", "rank", "x1", "y1", "x2", "y2"]))
+        path = self.input_dir("selected") / "selected.parquet"
+        return path, rank1_proposals(pd.read_parquet(path))
+
+    def export_params(self, params: BoxParams, selected_path: Path | None, partial: int) -> dict:
+        """The parameters recorded in metrics.json and the report."""
+        cam_dirs = {k: str(self.input_dir(k)) for k in self.cam_stages()}
+        return {**params.as_dict(), "difficult": self.difficult, "cams": cam_dirs["cams"],
+                "cam_layers": {b: self.fused_layers(b) for b in [self.classifier_backbone, *self.ensemble_backbones()]},
+                "selected": str(selected_path) if selected_path else None,
+                **({"cam_stores": cam_dirs, "stores_partial": partial} if len(cam_dirs) > 1 else {})}
+
     def run_stage(self, work: Path) -> None:
         params = self.box_params()
         manifest = self.manifest()
-        if "selected" in self.requires():
-            selected_path = self.input_dir("selected") / "selected.parquet"
-            fallback = rank1_proposals(pd.read_parquet(selected_path))
-        else:
-            selected_path, fallback = None, rank1_proposals(pd.DataFrame(columns=["click_id", "rank", "x1", "y1",
-                                                                                  "x2", "y2"]))
-        clicks = manifest.clicks
-        trainval = manifest.split("trainval")
+        clicks, trainval = manifest.clicks, manifest.split("trainval")
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
-        keys = list(self.cam_stages())  # the main one first, then the other layers and ensemble members
-        stores = [CamStore(self.input_dir(k)) for k in keys]
-        store = stores[0]
-        kinds = set(store.index["kind"])
-
-        def fused_map(cid) -> tuple:
-            """``(map or None, stores whose map it uses, the main store's metadata or None)``: the one store's map,
-            or the mean of all, each scaled to a maximum of 1 (several layers and / or ensemble members)."""
-            loaded = [s.load(cid) if cid in s else (None, None) for s in stores]
-            maps = [m for m, _ in loaded]
-            fused, used = ensemble_map(maps) if len(stores) > 1 else (maps[0], int(maps[0] is not None))
-            return fused, used, loaded[0][1]
-
-        partial = 0  # clicks some but not all of the stores (layers, ensemble members) have a usable map of
-        with contextlib.ExitStack() as stack:
-            for s in stores:
-                stack.enter_context(s)
-            if kinds == {"image"}:  # the image-label-only baseline: one whole-image CAM per image and class
-                ids = store.click_ids()
-                items = ((i, fused, meta) for i in ids for fused, _, meta in [fused_map(i)])
-                total = len(ids)
-            else:
-                def items_gen():
-                    nonlocal partial
-                    for cid, image_id, cls, x, y in clicks[["click_id", "image_id", "class", "x", "y"]].itertuples(
-                            index=False, name=None):
-                        fused, used, _ = fused_map(cid)  # no map: counted as "missing", gets its fallback proposal
-                        partial += 0 < used < len(stores)
-                        yield int(cid), fused, {"image_id": image_id, "class": cls, "x": x, "y": y}
-
-                items, total = items_gen(), len(clicks)
+        selected_path, fallback = self.fallback_boxes()
+        # the main store first, then the other layers and ensemble members
+        with FusedMaps([CamStore(self.input_dir(k)) for k in self.cam_stages()]) as maps:
+            items, total = maps.items(clicks)
             boxes = pseudo_boxes_from_cams(tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback,
                                            classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks)
-            images = trainval[trainval["image_id"].isin(set(boxes["image_id"]))]
-            objects = manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))]
-            cam_dirs = {k: str(self.input_dir(k)) for k in keys}
             result = export_pseudo_labels(
-                work, boxes, images, manifest.classes, objects=objects, clicks=clicks,
-                params={**params.as_dict(), "difficult": self.difficult, "cams": cam_dirs["cams"],
-                        "cam_layers": {b: self.fused_layers(b) for b in [self.classifier_backbone,
-                                                                          *self.ensemble_backbones()]},
-                        "selected": str(selected_path) if selected_path else None,
-                        **({"cam_stores": cam_dirs, "stores_partial": partial} if len(keys) > 1 else {})},
-                load_map=lambda cid: fused_map(cid)[0],
-                report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
-                difficult=self.difficult)
+                work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,
+                objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
+                clicks=clicks, params=self.export_params(params, selected_path, maps.partial),
+                load_map=maps.load_map, report_images=self.report_images, report_worst=self.report_worst,
+                seed=self.seed, difficult=self.difficult)
         m = result.get("metrics")
         log.info("FusePseudoBoxes: %d boxes, %d fallbacks%s", len(boxes), result["boxes"]["fallback"],
                  f"; CorLoc {100 * m['corloc']:.1f}, box-CorLoc {100 * m['box_accuracy']:.1f}, "

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import cam as cam_mod
+from pipeline import cam_writer
 from pipeline.backbones import build_backbone
-from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, click_entries, extract_crops,
+from pipeline.boxes import ensemble_map
+from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, FusedMaps, GradCAM, click_entries, extract_crops,
                           image_entries, paste_and_fuse, write_cam_store)
 from pipeline.classifier import crop_and_resize
 from pipeline.io import read_json
@@ -383,7 +384,7 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
     assert [p.name for p in work.glob("cams-*.h5")] == ["cams-00000.h5"] and not (work / "index.csv").exists()
     # killed in the middle of the next part: nothing half-written is left behind
     calls = {"n": 0}
-    real = cam_mod._run_pass
+    real = cam_writer._run_pass
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -391,10 +392,10 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(cam_mod, "_run_pass", dying)
+    monkeypatch.setattr(cam_writer, "_run_pass", dying)
     with pytest.raises(KeyboardInterrupt):
         write_cam_store(net, entries, paths, work, **kw)
-    monkeypatch.setattr(cam_mod, "_run_pass", real)
+    monkeypatch.setattr(cam_writer, "_run_pass", real)
     assert sorted(p.name for p in work.iterdir()) == ["cams-00000.h5", "plan.json"]
     partial = CamStore(work)  # an unfinished store is readable too
     assert set(partial.click_ids()) < set(full)
@@ -426,6 +427,54 @@ def test_image_level_mode(tmp_path, toy_data):
     m0, _ = store.load(0)
     m1, _ = store.load(1)
     assert not np.allclose(m0, m1)  # per-class maps of the same image differ
+
+
+def test_fused_maps_average_stores_and_count_partial_clicks(tmp_path, toy_data):
+    """FusedMaps: one store's map as stored; several stores' maps each scaled to max 1 and averaged
+    (ensemble_map), a store without the click left out and the click counted in ``partial``."""
+    paths, selected, sizes = toy_data
+    entries = click_entries(selected, ("a", "b", "c"))
+    kw = dict(images_per_part=2, batch_size=4, progress=False)
+    a = write_cam_store(tiny_classifier(), entries, paths, tmp_path / "a", **kw)
+    b = write_cam_store(tiny_classifier(seed=1), [e for e in entries if e.image_id != "im0"], paths,
+                        tmp_path / "b", **kw)
+    clicks = selected.drop_duplicates("click_id")[["click_id", "image_id", "class", "x", "y"]]
+    clicks = pd.concat([clicks, pd.DataFrame([(99, "im4", "a", 12.0, 12.0)], columns=clicks.columns)])
+    with FusedMaps([a]) as one:
+        fused, used, meta = one.load(entries[0].entry_id)
+        np.testing.assert_array_equal(fused, a.load(entries[0].entry_id)[0])
+        assert used == 1 and (meta["entry_id"], meta["image_id"]) == (entries[0].entry_id, entries[0].image_id)
+        assert one.load(99) == (None, 0, None)
+    maps = FusedMaps([a, b])
+    in_b = [e.entry_id for e in entries if e.image_id != "im0"]
+    only_a = [e.entry_id for e in entries if e.image_id == "im0"]
+    assert in_b and only_a
+    fused, used, meta = maps.load(in_b[0])
+    np.testing.assert_array_equal(fused, ensemble_map([a.load(in_b[0])[0], b.load(in_b[0])[0]])[0])
+    assert used == 2 and meta["entry_id"] == in_b[0]
+    fused, used, _ = maps.load(only_a[0])
+    np.testing.assert_allclose(fused, a.load(only_a[0])[0] / a.load(only_a[0])[0].max())
+    assert used == 1
+    np.testing.assert_array_equal(maps.load_map(only_a[0]), fused)
+    assert maps.partial == 0  # load() does not count: only the clicks of items()
+    items, total = maps.items(clicks)
+    got = list(items)
+    assert total == len(clicks) == len(got) and [i for i, _, _ in got] == [int(c) for c in clicks.click_id]
+    assert got[-1][1] is None and got[-1][2] == {"image_id": "im4", "class": "a", "x": 12.0, "y": 12.0}
+    assert maps.partial == len(only_a)  # click 99 has no map anywhere: missing, not partial
+    with maps:
+        maps.load(in_b[0])
+    assert not a._files and not b._files  # closed on exit
+    # image-label-only stores: the main store's entries, whatever the clicks
+    labels = pd.DataFrame({"image_id": ["im0", "im3"], "class": ["b", "c"]})
+    img = write_cam_store(tiny_classifier(), image_entries(labels, sizes, ("a", "b", "c")), paths,
+                          tmp_path / "img", progress=False)
+    with FusedMaps([img]) as maps:
+        assert maps.image_mode
+        items, total = maps.items(clicks)
+        assert total == 2 and [(i, meta["kind"]) for i, _, meta in items] == [(0, "image"), (1, "image")]
+    with pytest.raises(ValueError, match="no CAM stores"):
+        FusedMaps([])
 
 
 @pytest.mark.slow

@@ -204,6 +204,34 @@ def test_export_without_ground_truth_reports_counts_and_histograms(tmp_path, box
     assert counts.fallbacks.sum() == int(boxes.fallback.sum())
 
 
+def test_markdown_table():
+    from pipeline.markdown import markdown_table
+
+    assert markdown_table(["class", "n"], [("cat", 3), ("dog", 1.5)], "lr") == (
+        "| class | n |\n|---|---:|\n| cat | 3 |\n| dog | 1.5 |")
+    assert markdown_table(["a"], []) == "| a |\n|---|"
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a", "b"], [], "l")
+
+
+def test_summary_markdown_per_class_table(boxes):
+    """summary.md: counts, the metrics line and a per-class table (``-`` where a value is undefined)."""
+    from pipeline.export import summary_markdown
+
+    result = {"boxes": {"fallback": 1}, "metrics": {"corloc": 2 / 3, "box_accuracy": 0.5, "mean_iou": 0.25}}
+    per_class = pd.DataFrame({"class": ["cat", "dog"], "boxes": [2, 1], "images": [1, 1], "corloc": [1.0, np.nan],
+                              "box_accuracy": [0.5, 0.0], "mean_iou": [0.375, 0.0]})
+    text = summary_markdown(boxes, result, per_class, report=False)
+    assert text == (f"# pseudo boxes: {len(boxes)} boxes on {boxes.image_id.nunique()} images, 1 fallbacks\n\n"
+                    "CorLoc 66.7  box-CorLoc 50.0  mean IoU 25.0\n\n"
+                    "| class | boxes | images | CorLoc | box-CorLoc | mean IoU |\n|---|---:|---:|---:|---:|---:|\n"
+                    "| cat | 2 | 1 | 100.0 | 50.0 | 37.5 |\n| dog | 1 | 1 | - | 0.0 | 0.0 |\n\n"
+                    "Files (in this directory): pseudo_labels.csv, coco.json, Annotations/ (VOC XML), metrics.json, "
+                    "per_class.csv\n")
+    no_gt = summary_markdown(boxes, {"boxes": {"fallback": 0}}, None, report=True)
+    assert "CorLoc" not in no_gt and no_gt.endswith("metrics.json, report/index.html\n")
+
+
 def test_report_sampling_covers_classes(boxes):
     from pipeline.report import sample_rows
 

@@ -1,0 +1,347 @@
+"""Computing a CAM store: what to compute (:class:`CamEntry`: a click, or an image/class pair in the image-label-only
+mode), how (:class:`CamStoreSettings`), and :func:`write_cam_store`, which computes the fused map of every entry
+(:mod:`pipeline.cam_methods`, :mod:`pipeline.cam_crops`) and writes the HDF5 parts of :mod:`pipeline.cam_store`,
+each part atomically, so a killed run resumes by skipping finished parts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .cam_crops import FUSIONS, extract_crops, fusion_weights, paste_maps
+from .cam_methods import BaseCAM, make_cam
+from .cam_store import (STORE_FORMAT, CamStore, build_index, part_name, partition_digest, plan_parts, plan_record,
+                        shard_parts, store_map, store_summary)
+from .imageio import ImageReadError, read_image
+from .io import atomic_path, read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+# -- entries: what to compute ---------------------------------------------------------------------------------
+@dataclass
+class CamEntry:
+    """One fused map to compute: a click (``kind="click"``, ``entry_id`` = click_id) or, in the image-label-only
+    mode, one class present in an image (``kind="image"``, x = y = NaN, one crop = the whole image)."""
+
+    entry_id: int
+    image_id: str
+    cls: str
+    class_index: int
+    x: float
+    y: float
+    crops: np.ndarray  # (N, 4) float32
+    kind: str = "click"
+
+
+def click_entries(selected: pd.DataFrame, classes: Sequence[str], max_crops: int | None = None) -> list[CamEntry]:
+    """Entries from SelectProposals' table (``click_id, image_id, class, x, y, rank, x1, y1, x2, y2``): the
+    click's crops in rank order (the first ``max_crops`` when given)."""
+    need = {"click_id", "image_id", "class", "x", "y", "rank", "x1", "y1", "x2", "y2"}
+    missing = need - set(selected.columns)
+    if missing:
+        raise ValueError(f"selected-proposals table lacks columns {sorted(missing)}")
+    cindex = {c: i for i, c in enumerate(classes)}
+    unknown = set(selected["class"]) - set(cindex)
+    if unknown:
+        raise ValueError(f"selected proposals have classes {sorted(unknown)} the classifier does not know "
+                         f"({list(classes)})")
+    out = []
+    df = selected.sort_values(["image_id", "click_id", "rank"], kind="mergesort")
+    for cid, g in df.groupby("click_id", sort=False):
+        crops = g[["x1", "y1", "x2", "y2"]].to_numpy(np.float32)
+        if max_crops:
+            crops = crops[:max_crops]
+        r = g.iloc[0]
+        out.append(CamEntry(int(cid), str(r.image_id), str(r["class"]), cindex[r["class"]], float(r.x), float(r.y),
+                            crops, "click"))
+    return out
+
+
+def image_entries(labels: pd.DataFrame, image_sizes: dict[str, tuple[int, int]],
+                  classes: Sequence[str]) -> list[CamEntry]:
+    """Image-label-only mode: one entry per (image_id, class present); ``labels`` has ``image_id, class`` (e.g.
+    the objects table; duplicates are dropped). ``image_sizes``: image_id -> (width, height). Entry ids number
+    the (image_id, class index) pairs in sorted order from 0."""
+    cindex = {c: i for i, c in enumerate(classes)}
+    pairs = sorted({(str(i), cindex[c]) for i, c in zip(labels.image_id, labels["class"]) if c in cindex})
+    out = []
+    for k, (image_id, ci) in enumerate(pairs):
+        if image_id not in image_sizes:
+            raise ValueError(f"image {image_id} has labels but no known size")
+        w, h = image_sizes[image_id]
+        out.append(CamEntry(k, image_id, classes[ci], ci, math.nan, math.nan,
+                            np.array([[0, 0, w, h]], np.float32), "image"))
+    return out
+
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+class _ImageSource(torch.utils.data.Dataset):
+    def __init__(self, image_ids: Sequence[str], paths: dict[str, str]):
+        self.image_ids = list(image_ids)
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.image_ids[i]
+        path = self.paths.get(image_id)
+        if path is None:
+            raise ImageReadError(f"no image path known for image {image_id}")
+        return image_id, str(path), torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
+
+
+def _iter_images(image_ids: Sequence[str], paths: dict[str, str], num_workers: int,
+                 pin: bool) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Decoded images in order; with ``num_workers`` DataLoader worker processes started now (forkserver where
+    available: a forked worker would inherit the HDF5 files open in this process, and its copies of their locks
+    make later opens of those files fail)."""
+    ds = _ImageSource(image_ids, paths)
+    if num_workers <= 0 or len(ds) == 0:
+        return (ds[i] for i in range(len(ds)))
+    import multiprocessing
+
+    ctx = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=pin, prefetch_factor=4, multiprocessing_context=ctx)
+    return iter(loader)
+
+
+
+def prefer_channels_last(model: nn.Module, device: torch.device | str) -> bool:
+    """Whether to run ``model`` in channels-last memory format: on CUDA (cuDNN's NHWC kernels), and on a CPU for
+    networks with depthwise/grouped convolutions (efficientnet_lite0's batched forward runs faster channels-last
+    there, VGG16's does not; docs/experiments.md)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+# -- the writer -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CamStoreSettings:
+    """How :func:`write_cam_store` computes and stores the maps (its keyword arguments are these fields)."""
+
+    method: str = "sacam"  # a name of pipeline.cam_methods.CAM_METHODS
+    layer: str | None = None  # None: the model's default CAM layer
+    crop_size: int | None = None  # crops resized to this square; None: the model's input size
+    batch_size: int = 32  # crops per forward/backward pass (an image's crops together unless one image has more)
+    fusion: str = "sum"  # one of FUSIONS
+    inspect_images: int = 0  # the first that many images also store each crop's raw map (crop_maps)
+    images_per_part: int = 64  # images per HDF5 part: the unit of resuming and of sharding
+    shard: tuple[int, int] | None = None  # (i, n): compute only range i of n of the global plan's parts
+    device: torch.device | str = "cpu"
+    channels_last: bool | None = None  # memory format of model and crops; None: prefer_channels_last
+    num_workers: int = 0  # image-decoding DataLoader workers
+    compression: str = "gzip"
+    compression_level: int = 1
+    progress: bool = True
+    stop_after_parts: int | None = None  # (tests) stop after writing that many new parts, as a kill would
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:  # before any work
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {FUSIONS}")
+
+    def shard_pair(self) -> tuple[int, int]:
+        return (0, 1) if self.shard is None else (int(self.shard[0]), int(self.shard[1]))
+
+    def recorded(self, model: nn.Module) -> dict:
+        """The settings a store records (``plan.json``, ``summary.json``, each part's attributes), resolved for
+        ``model``; the plan's digest covers them."""
+        return {"method": self.method, "layer": self.layer or getattr(model, "default_cam_layer", None),
+                "crop_size": int(self.crop_size or getattr(model, "input_size", 224)),
+                "batch_size": max(1, int(self.batch_size)), "fusion": self.fusion,
+                "inspect_images": self.inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
+
+
+def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: dict[str, str],
+                    out_dir: str | os.PathLike, settings: CamStoreSettings | None = None, **options) -> CamStore:
+    """Compute and store the fused CAM of every entry; resumable. ``settings`` (default
+    :class:`CamStoreSettings`), with any of its fields overridden by keyword (``batch_size=8``).
+
+    Images are processed in sorted id order, in parts of ``images_per_part`` images; each part is one HDF5 file
+    ``cams-NNNNN.h5`` written atomically into ``out_dir``, and a part whose file exists is skipped, so a killed run
+    resumes where it stopped and gives the same content as an uninterrupted one (passes never span parts). A
+    ``plan.json`` records the work; stale parts from a different plan are removed. Per pass up to ``batch_size``
+    crops: one forward and one backward. Writes ``index.csv`` and ``summary.json`` when all parts exist. Every
+    entry also stores its crops' class probabilities (``crop_probs``).
+
+    ``shard=(i, n)``: compute only the parts :func:`pipeline.cam_store.shard_parts` ``(n_parts, i, n)`` of the
+    global plan of ``entries`` (which are all entries, in every shard), under their global part names; the
+    directory is then a store of that shard's entries, and :func:`pipeline.cam_store.merge_cam_stores` joins the
+    shards. A part's content does not depend on ``n`` (the same images, the same passes).
+    """
+    s = replace(settings or CamStoreSettings(), **options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(s.device)
+    model = model.to(device).eval()
+    channels_last = prefer_channels_last(model, device) if s.channels_last is None else s.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    recorded, shard = s.recorded(model), s.shard_pair()
+    plan = plan_parts(entries, s.images_per_part)
+    mine = shard_parts(len(plan), *shard)
+    _start_plan(out_dir, entries, plan, mine, recorded, s.images_per_part, shard)
+    by_image: dict[str, list[CamEntry]] = {}
+    for e in entries:
+        by_image.setdefault(e.image_id, []).append(e)
+    todo = [i for i in mine if not (out_dir / part_name(i)).exists()]
+    if len(todo) < len(mine):
+        log.info("%s: %d of %d CAM parts already done; resuming", out_dir, len(mine) - len(todo), len(mine))
+
+    total_crops = sum(len(e.crops) for i in todo for img in plan[i] for e in by_image[img])
+    t0, n_crops = time.time(), 0
+    with make_cam(s.method, model, recorded["layer"]) as cam, tqdm(
+            total=total_crops, unit="crop", desc=f"{s.method} CAMs", disable=not s.progress, smoothing=0.1) as bar:
+        ctx = _PassContext(cam, recorded["crop_size"], model.mean, model.std, recorded["batch_size"], device,
+                           memory_format, s.fusion, s.compression, s.compression_level,
+                           set(sorted(by_image)[:s.inspect_images]), bar)
+        images = _iter_images([img for i in todo for img in plan[i]], image_paths, s.num_workers,
+                              pin=device.type == "cuda")
+        for written, part in enumerate(todo, 1):
+            n_crops += _write_part(ctx, out_dir / part_name(part), plan[part], images, by_image, recorded)
+            if s.stop_after_parts is not None and written >= s.stop_after_parts and part != todo[-1]:
+                log.info("%s: stopping after %d parts (stop_after_parts)", out_dir, written)
+                return CamStore(out_dir)
+    secs = time.time() - t0
+    index = build_index(out_dir / part_name(i) for i in mine)
+    write_csv(index, out_dir / "index.csv")
+    summary = store_summary(recorded, index, len(mine), n_crops, secs, str(device), bool(channels_last))
+    if shard != (0, 1):
+        summary.update({"shard": shard[0], "n_shards": shard[1], "part_range": [mine.start, mine.stop],
+                        "plan_parts": len(plan)})
+    write_json(out_dir / "summary.json", summary)
+    return CamStore(out_dir)
+
+
+def _start_plan(out_dir: Path, entries: Sequence[CamEntry], plan: list[list[str]], mine: range, recorded: dict,
+                images_per_part: int, shard: tuple[int, int]) -> None:
+    """Write ``plan.json``; parts of an earlier, different plan in ``out_dir`` are removed first."""
+    record = plan_record(partition_digest(entries, images_per_part), recorded, shard, len(plan), len(entries),
+                         int(images_per_part), mine)
+    plan_path = out_dir / "plan.json"
+    if plan_path.exists() and read_json(plan_path).get("digest") != record["digest"]:
+        log.warning("%s: CAM parts from a different plan found; recomputing", out_dir)
+        for p in out_dir.glob("cams-*.h5"):
+            p.unlink()
+    write_json(plan_path, record)
+
+
+# -- one part, one pass ---------------------------------------------------------------------------------------
+@dataclass
+class _PassContext:
+    """What every pass of one :func:`write_cam_store` call shares."""
+
+    cam: BaseCAM
+    crop_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    batch_size: int
+    device: torch.device
+    memory_format: torch.memory_format
+    fusion: str
+    compression: str
+    compression_level: int
+    inspect: set  # image ids whose crops' maps are stored too
+    bar: tqdm
+
+
+def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Iterator, by_image: dict,
+                recorded: dict) -> int:
+    """Compute one part (the next ``len(image_ids)`` images of ``images``) into ``path``, atomically, in passes
+    of up to ``ctx.batch_size`` crops (an image's crops together); returns the number of crops."""
+    n_crops = 0
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.attrs.update({"format": STORE_FORMAT, **{k: str(v) for k, v in recorded.items()}})
+        pending: list[tuple[str, torch.Tensor, list[CamEntry]]] = []
+        pending_crops = 0
+        for _ in image_ids:
+            image_id, img_path, img = next(images)
+            ents = by_image[image_id]
+            k = sum(len(e.crops) for e in ents)
+            if pending and pending_crops + k > ctx.batch_size:
+                n_crops += _run_pass(ctx, pending, f)
+                pending, pending_crops = [], 0
+            _check_size(img, ents, img_path)
+            pending.append((image_id, img, ents))
+            pending_crops += k
+        if pending:
+            n_crops += _run_pass(ctx, pending, f)
+    return n_crops
+
+
+def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
+    h, w = img.shape[-2:]
+    for e in ents:
+        if len(e.crops) == 0:
+            raise ValueError(f"{e.kind} {e.entry_id} of image {e.image_id} has no crops")
+        c = e.crops
+        if (c[:, 0] < -1).any() or (c[:, 1] < -1).any() or (c[:, 2] > w + 1).any() or (c[:, 3] > h + 1).any():
+            raise ValueError(f"{path}: image is {w}x{h} but {e.kind} {e.entry_id} has a crop outside it: "
+                             f"{c.tolist()}")
+
+
+def _run_pass(ctx: _PassContext, pending: list, f: h5py.File) -> int:
+    """One batched forward/backward over all crops of the pending images (in chunks of ``batch_size`` only when
+    one image alone has more crops), then per entry: paste, fuse (``ctx.fusion``), store. Returns the number of
+    crops."""
+    gpu_imgs = [img.to(ctx.device, non_blocking=True) for _, img, _ in pending]
+    maps, probs = _crop_maps(ctx, gpu_imgs, [ents for _, _, ents in pending])
+    k = 0
+    for (image_id, _, ents), gimg in zip(pending, gpu_imgs):
+        hw = tuple(gimg.shape[-2:])
+        for e in ents:
+            m, p = maps[k:k + len(e.crops)], probs[k:k + len(e.crops)]
+            k += len(e.crops)
+            fused = paste_maps(m, e.crops, hw, fusion_weights(ctx.fusion, p)).cpu().numpy()
+            _store_entry(ctx, f, e, fused, p, m if image_id in ctx.inspect else None)
+    ctx.bar.update(k)
+    return k
+
+
+def _crop_maps(ctx: _PassContext, gpu_imgs: list[torch.Tensor],
+               ents_per_image: list[list[CamEntry]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every crop's raw map ``(N, h, w)`` and its class probability ``(N,)``, in entry order."""
+    owner, boxes, targets = [], [], []
+    for j, ents in enumerate(ents_per_image):
+        for e in ents:
+            owner += [j] * len(e.crops)
+            boxes.append(np.asarray(e.crops, np.float32))
+            targets += [e.class_index] * len(e.crops)
+    owner_a, boxes_a = np.asarray(owner), np.concatenate(boxes)
+    t = torch.tensor(targets, dtype=torch.long, device=ctx.device)
+    maps, probs = [], []
+    for i in range(0, len(owner_a), ctx.batch_size):
+        sl = slice(i, i + ctx.batch_size)
+        x = torch.cat([extract_crops(gpu_imgs[j], boxes_a[sl][owner_a[sl] == j], ctx.crop_size, ctx.mean, ctx.std)
+                       for j in np.unique(owner_a[sl])]).contiguous(memory_format=ctx.memory_format)
+        maps.append(ctx.cam(x, t[sl]))
+        probs.append(torch.softmax(ctx.cam.outputs.float(), 1).gather(1, t[sl, None])[:, 0])
+    return torch.cat(maps), torch.cat(probs)
+
+
+def _store_entry(ctx: _PassContext, f: h5py.File, e: CamEntry, fused: np.ndarray, probs: torch.Tensor,
+                 crop_maps: torch.Tensor | None) -> None:
+    g = f.create_group(str(e.entry_id))
+    store_map(g, "map", fused, ctx.compression, ctx.compression_level)
+    g.create_dataset("crops", data=np.asarray(e.crops, np.float32), track_times=False)
+    g.create_dataset("crop_probs", data=probs.cpu().numpy().astype(np.float32), track_times=False)
+    g.attrs.update({"kind": e.kind, "image_id": e.image_id, "class": e.cls,
+                    "class_index": int(e.class_index), "x": float(e.x), "y": float(e.y)})
+    if crop_maps is not None:
+        store_map(g, "crop_maps", crop_maps.cpu().numpy(), ctx.compression, ctx.compression_level)
