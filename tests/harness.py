@@ -52,7 +52,8 @@ TINY = {
 }
 
 #: keys of JSON outputs that describe one run (timings, this run's work) rather than its result
-VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id"}
+VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id", "peak_rss_mb",
+                 "peak_rss_children_mb"}
 
 
 def tiny_args(data_root: str | os.PathLike, **overrides) -> list[str]:
