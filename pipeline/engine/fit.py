@@ -262,7 +262,7 @@ class _Loop:
             spec.scheduler.step()
         spec.task.record(step, share)
         if self.on_iteration is not None:
-            self.on_iteration({"epoch": epoch + 1, "iteration": it + 1, "items": n, "loss": float(loss),
+            self.on_iteration({"epoch": epoch + 1, "iteration": it + 1, "items": n, "loss": float(loss.detach()),
                                "lr": spec.optimizer.param_groups[0]["lr"],
                                **{k: float(v) for k, v in step.logs.items()}})
         return loss.detach(), n
