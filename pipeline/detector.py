@@ -22,9 +22,10 @@ Training follows Fast R-CNN (docs/method.md, stage 6): 2 images per batch, 64 Ro
 25% foreground at IoU >= 0.5, background at IoU in [0.1, 0.5) (:class:`FastRCNNRoIHeads`; torchvision's own
 range is [0, 0.5)), RoIs below 0.1 are not sampled, horizontal flips (of image, boxes and proposals), SGD with
 momentum 0.9 and weight decay 5e-4 (biases: twice the learning rate and no decay, as in the Caffe recipe), lr 1e-3
-then 1e-4. AMP on CUDA. The loop is :func:`pipeline.engine.fit`'s. A checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args}`` is written
-atomically after every epoch and training resumes from it. Epoch ``e`` seeds the RNGs with ``(seed, e)``, so a run
-resumed at an epoch boundary is identical to an uninterrupted one.
+then 1e-4. AMP on CUDA. The loop is :func:`pipeline.engine.fit`'s: a checkpoint dict ``{model, optimizer,
+lr_scheduler, scaler, epoch, args, classes, log}`` (plain data, read with ``weights_only=True``) is written atomically
+after every epoch and training resumes from it. Epoch ``e`` seeds the RNGs with ``(seed, e)``, so a run resumed at
+an epoch boundary is identical to an uninterrupted one.
 
 Test: class-specific box regression, score > 0.05, per-class NMS at IoU 0.3, at most 100 detections per image.
 
