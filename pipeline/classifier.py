@@ -14,11 +14,12 @@ Pieces:
   Built by :func:`selection_dataset` (crops) or :func:`image_label_dataset` (whole images).
 - :class:`EpochSampler`: seeded per-epoch shuffle, optionally *windowed* (the crops of a window of images are
   shuffled together) so that an image's several crops are cut while it is still in the worker's cache.
-- :func:`train_classifier`: the training loop (SGD/AdamW, head learning rate x ``head_lr_mult``, warmup + cosine per
-  iteration, AMP on CUDA, DataLoader workers, tqdm). Checkpoint dict ``{model, optimizer, lr_scheduler, scaler,
-  epoch, args, log}`` (torchvision references style) written atomically after every epoch; ``resume`` continues
-  from it and ends with the same weights as an uninterrupted run (bit-identical on CPU). A NaN/inf loss raises
-  :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
+- :func:`train_classifier`: crops, logits and loss plugged into :func:`pipeline.engine.fit` (SGD/AdamW, head
+  learning rate x ``head_lr_mult``, warmup + cosine per iteration, AMP on CUDA, DataLoader workers, tqdm).
+  Checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, log}`` (torchvision references style)
+  written atomically after every epoch; ``resume`` continues from it and ends with the same weights as an
+  uninterrupted run (bit-identical on CPU). A NaN/inf loss raises :class:`NonFiniteLossError` and leaves the last
+  good checkpoint in place.
 - :func:`save_classifier` / :func:`load_classifier`: ``model.pt`` = backbone name, classes, input size and the state
   dict (plain tensors and JSON-like metadata; loadable with ``weights_only=True`` and without the training code).
 - Several processes (torch DDP): :func:`train_classifier` run by each of ``torchrun``'s processes (see
@@ -33,7 +34,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,13 +44,13 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
-
 from . import distributed as D
 from .device import resolve_device
+from .engine import (EpochStats, FitSpec, NonFiniteLossError, Step, epoch_seed, fit,  # noqa: F401 (re-export)
+                     freeze_batchnorm, normalize)
 from .geometry import crop_and_resize, crop_bounds  # noqa: F401 (crop_bounds: re-exported)
 from .imageio import read_image
-from .io import atomic_path, write_csv
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
 @dataclass(frozen=True)
@@ -185,9 +183,6 @@ class CropDataset(Dataset):
         self.input_size = int(input_size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        # (x / 255 - mean) / std == x * scale + shift
-        self._scale = (1.0 / (255.0 * np.array(self.std, dtype=np.float32))).astype(np.float32)
-        self._shift = (-np.array(self.mean, dtype=np.float32) / np.array(self.std, dtype=np.float32))
         self.augment = augment
         self.seed = int(seed)
         self.classes = tuple(classes)
@@ -235,7 +230,7 @@ class CropDataset(Dataset):
             raise IndexError(f"CropDataset index {index} out of range 0..{len(self) - 1}")
         crop, rng = self._crop(index, epoch)
         x = colour_jitter(crop, self.augment, rng) if rng is not None else crop.astype(np.float32)
-        x = torch.from_numpy(np.ascontiguousarray((x * self._scale + self._shift).transpose(2, 0, 1)))
+        x = torch.from_numpy(np.ascontiguousarray(normalize(x, self.mean, self.std).transpose(2, 0, 1)))
         target = torch.from_numpy(self.targets[index]) if self.multilabel else int(self.targets[index])
         return x, target
 
@@ -444,10 +439,6 @@ def auto_workers(device: torch.device) -> int:
     return min(8, n) if device.type == "cuda" else min(2, n // 4)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch), 3]).generate_state(1)[0])
-
-
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if hasattr(model, "head_parameters") and hasattr(model, "backbone_parameters"):
         head = [p for p in model.head_parameters() if p.requires_grad]
@@ -490,29 +481,6 @@ def _hits(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch
     return top.eq(target).sum()
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
-        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to start over") \
-            from None
-    for key in ("model", "optimizer", "lr_scheduler", "epoch", "args"):
-        if key not in ckpt:
-            raise RuntimeError(f"{path}: not a training checkpoint (no {key!r}); delete it to start over")
-    want, have = cfg.result_args(), {k: v for k, v in ckpt["args"].items() if k not in TrainConfig.RUNTIME_FIELDS}
-    diff = {k: (have.get(k), want.get(k)) for k in set(want) | set(have) if have.get(k) != want.get(k)}
-    if diff:
-        raise RuntimeError(f"{path}: checkpoint was written with other training arguments "
-                           f"{ {k: f'{a} (checkpoint) != {b}' for k, (a, b) in sorted(diff.items())} }; "
-                           "delete it or train in another directory")
-    return ckpt
-
-
 # No cv2.setNumThreads() in DataLoader workers: in a forked child of a process that already used OpenCV's thread
 # pool it deadlocks (seen here with opencv 5.0). torch sets its own threads to 1 in workers.
 def _loader(dataset: Dataset, sampler: Sampler, cfg: TrainConfig, device: torch.device, drop_last: bool,
@@ -522,6 +490,70 @@ def _loader(dataset: Dataset, sampler: Sampler, cfg: TrainConfig, device: torch.
     batches = D.RankBatchSampler(sampler, cfg.batch_size, drop_last, rank, world)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+class _CropTask:
+    """:func:`train_classifier`'s part of the engine's loop (:class:`pipeline.engine.TrainTask`): batches of crops
+    from a DataLoader (built once, kept across epochs), logits, the loss, top-1 hits."""
+
+    def __init__(self, model: nn.Module, dataset: CropDataset, cfg: TrainConfig, device: torch.device,
+                 sampler: EpochSampler, drop_last: bool, workers: int, rank: int, world: int):
+        self.model, self.dataset, self.cfg, self.device, self.sampler = model, dataset, cfg, device, sampler
+        self.loader_args = (drop_last, workers, rank, world)
+        self.loader: DataLoader | None = None
+        self.criterion = _loss_fn(cfg).to(device)
+        self.world = world
+        self.hits = torch.zeros((), dtype=torch.int64, device=device)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.model.train()
+        if self.cfg.freeze_bn_stats:
+            freeze_batchnorm(self.model)
+        self.sampler.set_epoch(epoch)
+        self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def batches(self, epoch: int) -> DataLoader:
+        if self.loader is None:  # (workers persist across epochs; the sampler yields (index, epoch) keys)
+            self.loader = _loader(self.dataset, self.sampler, self.cfg, self.device, *self.loader_args)
+        return self.loader
+
+    def step(self, net: nn.Module, batch) -> Step:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(self.device, non_blocking=True)
+        logits = net(x)
+        with torch.autocast(self.device.type, enabled=False):  # the loss in float32, outside autocast
+            loss = self.criterion(logits.float(), y)
+        return Step(loss, x.shape[0], {"hits": _hits(logits.detach(), y, self.cfg.multilabel)})
+
+    def record(self, step: Step, share: float) -> None:
+        self.hits += step.logs["hits"]
+
+    def describe(self, batch, step: Step) -> str:
+        return ""
+
+    def end_epoch(self, stats: EpochStats) -> dict:
+        if self.world > 1:
+            D.all_reduce_sum(self.hits)
+        seen, seconds = stats.items, stats.seconds
+        return {"epoch": stats.epoch + 1, "loss": stats.loss_sum / max(seen, 1),
+                "accuracy": int(self.hits) / max(seen, 1), "lr": stats.lr_start.get("backbone", float("nan")),
+                "head_lr": stats.lr_start.get("head", float("nan")), "crops": seen, "seconds": round(seconds, 3),
+                "crops_per_s": round(seen / max(seconds, 1e-9), 2)}
+
+
+def _check_training_set(dataset: CropDataset, cfg: TrainConfig, world: int) -> None:
+    if cfg.multilabel != dataset.multilabel:
+        raise ValueError(f"config.multilabel={cfg.multilabel} but the dataset's targets are "
+                         f"{'multi-hot' if dataset.multilabel else 'class indices'}")
+    if len(dataset) == 0:
+        raise ValueError("train_classifier: the training set is empty")
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {world} training processes")
+    if world > 1 and len(dataset) < world:
+        raise ValueError(f"the training set ({len(dataset)} items) is smaller than the {world} training processes")
 
 
 def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
@@ -539,7 +571,7 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     augmentation draw from ``(seed, epoch, index)``, dropout from a generator re-seeded at every epoch.
     ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. A NaN/inf loss raises
     :class:`NonFiniteLossError`; the checkpoint on disk is then the last good epoch's. The model is left in eval
-    mode.
+    mode. The loop is :func:`pipeline.engine.fit`.
 
     Under torchrun (process group initialised, :func:`pipeline.distributed.init`) with several processes: each
     rank trains on ``cuda:LOCAL_RANK`` (or the CPU), the model wrapped in ``DistributedDataParallel``; each global
@@ -549,145 +581,36 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     up to floating-point summation order (and, for networks with dropout, other dropout masks per rank).
     """
     cfg = config or TrainConfig()
-    if cfg.multilabel != dataset.multilabel:
-        raise ValueError(f"config.multilabel={cfg.multilabel} but the dataset's targets are "
-                         f"{'multi-hot' if dataset.multilabel else 'class indices'}")
-    if len(dataset) == 0:
-        raise ValueError("train_classifier: the training set is empty")
+    world, rank = D.world_size(), D.rank()
+    _check_training_set(dataset, cfg, world)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
-    world, rank = D.world_size(), D.rank()
-    main = rank == 0
     device = D.local_device(cfg.device)
-    if world > 1 and cfg.batch_size < world:
-        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {world} training processes")
-    if world > 1 and len(dataset) < world:
-        raise ValueError(f"the training set ({len(dataset)} items) is smaller than the {world} training processes")
     use_amp = bool(cfg.amp and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-
     drop_last = len(dataset) > cfg.batch_size
     iters_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
-    total_iters = iters_per_epoch * cfg.epochs
     optimizer = _make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_fraction))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = _loss_fn(cfg).to(device)
-    net = model  # what the batches go through: the model, or its DDP wrapper (same parameters)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # frozen BatchNorm statistics never change: no need to send rank 0's buffers before every forward
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=not cfg.freeze_bn_stats)
-
-    start_epoch, rows = 0, []
-    last_good = 0  # epochs (1-based count) in the checkpoint on disk
-    if resume and ckpt_path.is_file():
-        ckpt = _load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if use_amp and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        rows = list(ckpt.get("log", []))
-        last_good = start_epoch
-        log.info("resuming from %s after epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
-    elif not resume and ckpt_path.exists() and main:
-        ckpt_path.unlink()
-    D.barrier()  # (every rank has read the checkpoint before rank 0 may replace it)
-
+        optimizer, lambda it: lr_factor(it, iters_per_epoch * cfg.epochs, cfg.warmup_fraction))
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(device) // max(1, D.env_info().local_world_size)
     sampler = EpochSampler(dataset.image_ids, seed=cfg.seed, window=cfg.shuffle_window)
-    loader = (_loader(dataset, sampler, cfg, device, drop_last, workers, rank, world)
-              if start_epoch < cfg.epochs else None)
+    task = _CropTask(model, dataset, cfg, device, sampler, drop_last, workers, rank, world)
     log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d, %s, %d workers, amp=%s%s)",
              getattr(model, "name", type(model).__name__), len(dataset),
              "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size, device,
              workers, use_amp, f", rank {rank} of {world}" if world > 1 else "")
-    # dropout etc. draw from the global generator, re-seeded per epoch inside a fork (caller's state untouched)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            if cfg.freeze_bn_stats:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            sampler.set_epoch(epoch)
-            # dropout etc.: same stream whether resumed or not (each rank of several its own)
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch) + rank)
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            hits = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # at epoch start
-            bar = tqdm(loader, total=iters_per_epoch, desc=f"train {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not (progress and main), leave=False)
-            for it, (x, y) in enumerate(bar):
-                x = x.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = y.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = net(x)
-                loss = criterion(logits.float(), y)
-                n = x.shape[0]
-                step_loss = loss  # what is backpropagated
-                if world > 1:  # the whole batch's mean loss (for the log and the NaN check, the same on every rank)
-                    stats = D.all_reduce_sum(torch.stack([loss.detach().double() * n,
-                                                          torch.tensor(float(n), dtype=torch.float64,
-                                                                       device=device)]))
-                    n = int(stats[1].item())
-                    # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
-                    step_loss = loss * (x.shape[0] * world / n)
-                    loss = (stats[0] / stats[1]).float()
-                if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept" if last_good
-                            else f"no checkpoint was written yet in {out_dir}")
-                    raise NonFiniteLossError(
-                        f"training stopped: loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}/"
-                        f"{iters_per_epoch} (lr {optimizer.param_groups[0]['lr']:.3g}); {kept}. Lower the learning "
-                        f"rate or check the training data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(step_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                seen += n
-                loss_sum += loss.detach().double() * n
-                hits += _hits(logits.detach(), y, cfg.multilabel)
-                if progress and (it % 10 == 0 or it + 1 == iters_per_epoch):
-                    bar.set_postfix(loss=f"{loss.item():.3f}", crops_s=f"{seen / (time.perf_counter() - t0):.1f}")
-            bar.close()
-            if world > 1:
-                D.all_reduce_sum(hits)
-            seconds = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1), "accuracy": int(hits) / max(seen, 1),
-                   "lr": lrs.get("backbone", float("nan")), "head_lr": lrs.get("head", float("nan")), "crops": seen,
-                   "seconds": round(seconds, 3), "crops_per_s": round(seen / max(seconds, 1e-9), 2)}
-            rows.append(row)
-            if main:
-                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                             "epoch": epoch, "args": asdict(cfg), "log": rows})
-                write_csv(pd.DataFrame(rows), log_path)
-            last_good = epoch + 1
-            log.info("epoch %d/%d: loss %.4f accuracy %.3f lr %.3g %.1f crops/s", epoch + 1, cfg.epochs, row["loss"],
-                     row["accuracy"], row["lr"], row["crops_per_s"])
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-    if main and not log_path.is_file():
-        write_csv(pd.DataFrame(rows), log_path)
-    D.barrier()  # the checkpoint and log are complete when any rank returns
-    model.eval()
-    return pd.DataFrame(rows)
+    spec = FitSpec(model, optimizer, task, out_dir / CHECKPOINT_NAME, asdict(cfg), cfg.epochs, device,
+                   scheduler=scheduler, scheduler_interval="iteration", amp=use_amp,
+                   seed=lambda epoch, r: epoch_seed(cfg.seed, epoch) + r,  # dropout: each rank its own stream
+                   runtime_args=TrainConfig.RUNTIME_FIELDS, log_csv=out_dir / LOG_NAME, name="classifier",
+                   # frozen BatchNorm statistics never change: no need to send rank 0's buffers before each forward
+                   broadcast_buffers=not cfg.freeze_bn_stats)
+    return pd.DataFrame(fit(spec, resume=resume, progress=progress, on_epoch_end=on_epoch_end))
 
 
 def _train_classifier_rank(model: nn.Module, dataset: CropDataset, out_dir: str, config: dict,

@@ -22,9 +22,10 @@ Training follows Fast R-CNN (docs/method.md, stage 6): 2 images per batch, 64 Ro
 25% foreground at IoU >= 0.5, background at IoU in [0.1, 0.5) (:class:`FastRCNNRoIHeads`; torchvision's own
 range is [0, 0.5)), RoIs below 0.1 are not sampled, horizontal flips (of image, boxes and proposals), SGD with
 momentum 0.9 and weight decay 5e-4 (biases: twice the learning rate and no decay, as in the Caffe recipe), lr 1e-3
-then 1e-4. AMP on CUDA. A checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args}`` is written
-atomically after every epoch and training resumes from it. Epoch ``e`` seeds the RNGs with ``(seed, e)``, so a run
-resumed at an epoch boundary is identical to an uninterrupted one.
+then 1e-4. AMP on CUDA. The loop is :func:`pipeline.engine.fit`'s: a checkpoint dict ``{model, optimizer,
+lr_scheduler, scaler, epoch, args, classes, log}`` (plain data, read with ``weights_only=True``) is written atomically
+after every epoch and training resumes from it. Epoch ``e`` seeds the RNGs with ``(seed, e)``, so a run resumed at
+an epoch boundary is identical to an uninterrupted one.
 
 Test: class-specific box regression, score > 0.05, per-class NMS at IoU 0.3, at most 100 detections per image.
 
@@ -58,8 +59,8 @@ from . import distributed as D
 from .backbones import EFFNET_PACKAGES
 from .device import resolve_device
 from .imageio import read_image
-from .io import atomic_path
-from .proposals import shard_bounds
+from .engine import EpochStats, FitSpec, NonFiniteLossError, Step, fit, freeze_batchnorm
+from .engine import checkpoint as checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ BACKBONE_DEFAULTS = {
 
 class DetectorError(RuntimeError):
     """Training or detection cannot go on (bad input, NaN loss, ...); the message says what and where."""
+
+
+class DetectorNonFiniteError(DetectorError, NonFiniteLossError):
+    """The detector's training loss or weights became NaN or infinite (also the engine's NonFiniteLossError)."""
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -118,6 +123,9 @@ class DetectorConfig:
     detections_per_img: int = 100
     num_workers: int = 0
     seed: int = 0
+    #: fields a resumed run may change: they do not change what the finished epochs computed (the lr schedule,
+    #: milestones and warmup, does not depend on the total number of epochs, so a run can be extended)
+    RUNTIME_FIELDS = ("epochs", "num_workers")
 
     def resolved(self) -> "DetectorConfig":
         """A copy with the backbone-dependent defaults filled in and every value checked."""
@@ -280,9 +288,7 @@ class FastRCNN(GeneralizedRCNN):
 
     def train(self, mode: bool = True) -> "FastRCNN":
         super().train(mode)
-        for m in self.backbone.modules():  # frozen BatchNorm: running statistics are never updated
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        freeze_batchnorm(self.backbone)  # frozen BatchNorm: running statistics are never updated
         return self
 
     def forward(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
@@ -357,10 +363,7 @@ def build_detector(classes: Sequence[str], config: DetectorConfig | None = None)
                                  f"{cfg.trunk_stride}")
             stride = dilate_to_stride(body, stride, cfg.trunk_stride)
         _freeze_through(body, d["freeze_through"])
-        for m in body.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        freeze_batchnorm(body, stats=False, affine=True)  # (statistics: FastRCNN.train)
         if cfg.reduce_channels:
             if cfg.backbone == "vgg16":
                 raise ValueError("vgg16's fc6 from ImageNet needs the 512 conv5_3 channels: reduce_channels must be 0")
@@ -573,28 +576,18 @@ def make_optimizer(model: nn.Module, cfg: DetectorConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+save_checkpoint = checkpoints.save_checkpoint  # atomic; plain data only (see pipeline.engine.checkpoint)
 
 
 def strip_checkpoint(path: str | os.PathLike) -> Path:
     """Drop the optimizer / scheduler / scaler state from a finished run's checkpoint (atomically)."""
-    ckpt = load_checkpoint(path)
-    for k in ("optimizer", "lr_scheduler", "scaler"):
-        ckpt.pop(k, None)
-    return save_checkpoint(path, ckpt)
+    return checkpoints.strip_checkpoint(path, error=DetectorError)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad checkpoint
-        raise DetectorError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    """A checkpoint dict, read with ``weights_only=True`` (no code runs from the file); DetectorError when
+    unreadable, FileNotFoundError when missing."""
+    return checkpoints.load_checkpoint(path, map_location, error=DetectorError)
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "random") -> FastRCNN:
@@ -609,23 +602,73 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", w
     return model.to(device).eval()
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    order = np.random.default_rng([seed, epoch, 7]).permutation(n)
-    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+class _DetectionTask:
+    """:func:`train_detector`'s part of the engine's loop (:class:`pipeline.engine.TrainTask`): each epoch a seeded
+    order of the images with boxes, cut into batches of ``images_per_batch`` (this rank's pieces), a new
+    DataLoader (its workers copy the dataset with the epoch's flips), the sum of the RoI heads' losses."""
+
+    def __init__(self, model: FastRCNN, dataset: DetectionDataset, keep: list[int], device: torch.device,
+                 iters_per_epoch: int, rank: int, world: int):
+        self.model, self.dataset, self.keep, self.device = model, dataset, keep, device
+        self.cfg, self.iters_per_epoch, self.rank, self.world = model.config, iters_per_epoch, rank, world
+        self.sums: dict[str, float] = {}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self.model.train()
+        self.sums = {}
+
+    def batches(self, epoch: int) -> torch.utils.data.DataLoader:
+        order = [self.keep[j] for j in np.random.default_rng([self.cfg.seed, epoch, 7]).permutation(len(self.keep))]
+        sampler = D.RankBatchSampler(order, self.cfg.images_per_batch, False, self.rank, self.world,
+                                     max_batches=self.iters_per_epoch)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
+                                           num_workers=self.cfg.num_workers)
+
+    def step(self, net: nn.Module, batch) -> Step:
+        imgs, props, targets, _ = batch
+        imgs = [i.to(self.device, non_blocking=True) for i in imgs]
+        props = [p.to(self.device) for p in props]
+        targets = [{"boxes": t["boxes"].to(self.device), "labels": t["labels"].to(self.device)} for t in targets]
+        losses = net(imgs, props, targets)
+        return Step(sum(losses.values()), len(imgs), {k: v.detach() for k, v in losses.items()})
+
+    def record(self, step: Step, share: float) -> None:
+        for k, v in step.logs.items():  # this rank's share of the global batch's mean
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * share
+
+    def describe(self, batch, step: Step) -> str:
+        return f", { {k: float(v) for k, v in step.logs.items()} }, images {list(batch[3])}"
+
+    def end_epoch(self, stats: EpochStats) -> dict:
+        sums = self.sums
+        if self.world > 1:  # the whole batches' mean losses
+            keys = sorted(sums)
+            total = D.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
+            sums = dict(zip(keys, total.tolist()))
+        n_it = max(stats.iterations, 1)
+        row = {"epoch": stats.epoch + 1, "iterations": stats.iterations, "lr": stats.lr_end[0],
+               "seconds": round(stats.seconds, 3), "s_per_iter": round(stats.seconds / n_it, 4),
+               **{k: v / n_it for k, v in sums.items()}}
+        row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
+        return row
 
 
-def _rank_batches(batches: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
-    """This rank's piece of every global batch and the piece's share of the batch (DDP; ``world`` > 1). A last
-    batch with fewer images than processes joins the one before it, so every rank has an image at every step."""
-    if len(batches) > 1 and len(batches[-1]) < world:
-        batches = batches[:-2] + [batches[-2] + batches[-1]]
-    out = []
-    for b in batches:
-        if len(b) < world:
-            raise DetectorError(f"{len(b)} training image(s) cannot be split over {world} processes")
-        start, stop = shard_bounds(len(b), rank, world)
-        out.append((b[start:stop], (stop - start) / len(b)))
-    return out
+def _warmup(cfg: DetectorConfig, iters_per_epoch: int) -> Callable[[torch.optim.Optimizer, int, int], None]:
+    """The lr hook: a linear warmup over the first ``cfg.warmup_iters`` iterations (on top of MultiStepLR)."""
+    def hook(optimizer: torch.optim.Optimizer, epoch: int, it: int) -> None:
+        global_it = epoch * iters_per_epoch + it
+        if cfg.warmup_iters and global_it < cfg.warmup_iters:
+            f = (global_it + 1) / cfg.warmup_iters
+            for g, base in zip(optimizer.param_groups, (cfg.lr, 2 * cfg.lr)):
+                g["lr"] = base * f * (cfg.lr_gamma ** sum(epoch >= s for s in cfg.lr_steps))
+    return hook
+
+
+def _detector_seed(seed: int) -> Callable[[int, int], int]:
+    # not pipeline.engine.epoch_seed: this formula is what every detector was trained with (RoI sampling, dropout);
+    # another one would change every result
+    return lambda epoch, rank: seed * 100003 + epoch + 1000003 * rank
 
 
 def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str | os.PathLike,
@@ -642,121 +685,34 @@ def train_detector(model: FastRCNN, dataset: DetectionDataset, checkpoint: str |
 
     After every epoch the checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, classes, log}``
     is written atomically to ``checkpoint``; with ``resume`` an existing checkpoint is continued from the epoch
-    after the one it holds (a finished run returns at once). A non-finite loss stops training with
-    :class:`DetectorError` naming the epoch, iteration and images; the last checkpoint stays as it was.
-    ``max_iters_per_epoch`` caps iterations (smoke tests, timing).
+    after the one it holds (a finished run returns at once; its ``args`` must be this config's but for
+    ``DetectorConfig.RUNTIME_FIELDS``, e.g. a longer ``epochs``); without, it is removed first. A non-finite loss
+    or weights stop training with :class:`DetectorNonFiniteError` naming the epoch, iteration and images; the last
+    checkpoint stays as it was. ``max_iters_per_epoch`` caps iterations (smoke tests, timing). The loop is
+    :func:`pipeline.engine.fit`; the model is left in eval mode.
     """
-    from tqdm import tqdm
-
     cfg = model.config
     world, rank = D.world_size(), D.rank()
     device = D.local_device(device) if world > 1 else torch.device(device)
-    checkpoint = Path(checkpoint)
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        progress = progress and rank == 0
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
-    use_amp = bool(cfg.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, rows = 0, []
-    if resume and checkpoint.is_file():
-        ckpt = load_checkpoint(checkpoint, map_location=device)
-        if tuple(ckpt.get("classes", ())) != tuple(model.classes):
-            raise DetectorError(f"{checkpoint}: checkpoint classes {ckpt.get('classes')} differ from the model's")
-        model.load_state_dict(ckpt["model"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        if start_epoch < cfg.epochs:
-            if "optimizer" not in ckpt:
-                raise DetectorError(f"{checkpoint}: holds no optimizer state (a stripped final model of "
-                                    f"{start_epoch} epochs); cannot continue training it to {cfg.epochs}")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["lr_scheduler"])
-            if "scaler" in ckpt and use_amp:
-                scaler.load_state_dict(ckpt["scaler"])
-        rows = list(ckpt.get("log", []))
-        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
     keep = [i for i in range(len(dataset)) if len(dataset.boxes.get(str(dataset.images.image_id.iloc[i]), ((),))[0])]
     if not keep:
         raise DetectorError("no training image has a box")
-    n_images = len(keep)
-    iters_per_epoch = math.ceil(n_images / cfg.images_per_batch)
+    if len(keep) < world:
+        raise DetectorError(f"{len(keep)} training image(s) cannot be split over {world} processes")
+    iters_per_epoch = math.ceil(len(keep) / cfg.images_per_batch)
     if max_iters_per_epoch:
         iters_per_epoch = min(iters_per_epoch, max_iters_per_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100003 + epoch + 1000003 * rank)  # sampler of RoIHeads, dropout
-        dataset.set_epoch(epoch)
-        batches = [[keep[j] for j in b] for b in _batches(n_images, cfg.images_per_batch, cfg.seed, epoch)]
-        batches = batches[:iters_per_epoch]
-        shares = [1.0] * len(batches)
-        if world > 1:
-            batches, shares = map(list, zip(*_rank_batches(batches, rank, world)))
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
-                                             num_workers=cfg.num_workers)
-        model.train()
-        sums: dict[str, float] = {}
-        n_it, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, total=len(batches), desc=f"detector epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress)
-        for it, (imgs, props, targets, ids) in enumerate(bar):
-            global_it = epoch * iters_per_epoch + it
-            if cfg.warmup_iters and global_it < cfg.warmup_iters:
-                f = (global_it + 1) / cfg.warmup_iters
-                for g, base in zip(optimizer.param_groups, (cfg.lr, 2 * cfg.lr)):
-                    g["lr"] = base * f * (cfg.lr_gamma ** sum(epoch >= s for s in cfg.lr_steps))
-            imgs = [i.to(device, non_blocking=True) for i in imgs]
-            props = [p.to(device) for p in props]
-            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = net(imgs, props, targets)
-                loss = sum(losses.values())
-            finite = torch.isfinite(loss.detach()).float().reshape(1)
-            if world > 1:  # every process stops together when any of them meets a non-finite loss
-                D.all_reduce_sum(finite)
-            if finite.item() < world:
-                raise DetectorError(f"non-finite detector loss {loss.item()} ({ {k: v.item() for k, v in losses.items()} })"
-                                    f" at epoch {epoch + 1}, iteration {it + 1}, images {list(ids)}; the last good "
-                                    f"checkpoint {checkpoint} is kept")
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages the gradients over the processes: weighting each by its share of the batch (x world)
-            # makes the step that of the whole batch
-            scaler.scale(loss * (shares[it] * world) if world > 1 else loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * (shares[it] if world > 1 else 1.0)
-            n_it += 1
-            if progress:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if world > 1:  # the whole batches' mean losses
-            keys = sorted(sums)
-            total = D.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-            sums = dict(zip(keys, total.tolist()))
-        seconds = time.perf_counter() - t0
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        row = {"epoch": epoch + 1, "iterations": n_it, "lr": lr_used, "seconds": round(seconds, 3),
-               "s_per_iter": round(seconds / max(n_it, 1), 4),
-               **{k: v / max(n_it, 1) for k, v in sums.items()}}
-        row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
-        rows.append(row)
-        log.info("detector epoch %d/%d: loss %.4f (%s), %.2f s/iter", epoch + 1, cfg.epochs, row["loss"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("loss_")), row["s_per_iter"])
-        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # the last step produced non-finite weights: never overwrite the last good checkpoint with them
-            raise DetectorError(f"non-finite detector weights after epoch {epoch + 1} (e.g. {bad[:3]}); the last "
-                                f"good checkpoint {checkpoint} is kept")
-        if rank == 0:
-            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                         "epoch": epoch, "args": cfg.to_dict(), "classes": list(model.classes),
-                                         "log": rows})
-            if on_epoch:
-                on_epoch(row)
-        D.barrier()
-    return pd.DataFrame(rows)
+    task = _DetectionTask(model, dataset, keep, device, iters_per_epoch, rank, world)
+    spec = FitSpec(model, optimizer, task, Path(checkpoint), cfg.to_dict(), cfg.epochs, device,
+                   scheduler=scheduler, scheduler_interval="epoch", lr_hook=_warmup(cfg, iters_per_epoch),
+                   seed=_detector_seed(cfg.seed), amp=bool(cfg.amp and device.type == "cuda"),
+                   runtime_args=DetectorConfig.RUNTIME_FIELDS, extra={"classes": list(model.classes)},
+                   name="detector", error=DetectorError, nonfinite_error=DetectorNonFiniteError)
+    on_epoch_end = (lambda epoch, row: on_epoch(row)) if on_epoch is not None and rank == 0 else None
+    return pd.DataFrame(fit(spec, resume=resume, progress=progress, on_epoch_end=on_epoch_end))
 
 
 def _train_detector_rank(model: FastRCNN, dataset: DetectionDataset, checkpoint: str, device: str = "auto",

@@ -10,7 +10,7 @@ variables everything here is a no-op for one process: ``world_size() == 1``, ``i
 
 Batches: :class:`RankBatchSampler` cuts each *global* batch of a sampler's order into ``world_size`` contiguous
 pieces, one per rank, so the ranks together see exactly the batches one process would (same optimizer steps,
-same samples per step).
+same samples per step); :mod:`pipeline.engine` weights each rank's loss by its share of the batch.
 """
 from __future__ import annotations
 
@@ -150,13 +150,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class RankBatchSampler(Sampler):
-    """Global batches of ``batch_size`` consecutive items of ``sampler``'s order (the last, smaller one dropped
-    with ``drop_last``), of which this rank yields its contiguous piece (:func:`shard_bounds`). With one rank it
-    yields exactly what ``DataLoader(batch_size=..., sampler=..., drop_last=...)`` batches. ``len()`` is the
-    number of global batches, the same on every rank; every rank gets at least one item of each batch when
-    ``batch_size >= world`` (checked) and each batch has at least ``world`` items."""
+    """Global batches of ``batch_size`` consecutive items of ``sampler``'s order, of which this rank yields its
+    contiguous piece (:func:`shard_bounds`): the one rank sampler of both trainers.
 
-    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool, rank: int = 0, world: int = 1):
+    Global batches: at most ``max_batches`` of them; a last, smaller one is dropped with ``drop_last``; a last one
+    with fewer items than ranks joins the batch before it, so every rank has an item at every step (one rank never
+    meets that case: what it yields is exactly ``DataLoader(batch_size=..., sampler=..., drop_last=...)``'s
+    batches, cut at ``max_batches``). The classifier (``drop_last`` unless the whole set is one batch, of at least
+    ``world`` items) never meets it either; the detector (never ``drop_last``: every image every epoch) does, and
+    always joined such a batch. ``len()`` is the number of global batches, the same on every rank. A batch that
+    still has fewer items than ranks (a set smaller than ``world``) is a ValueError."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, rank: int = 0, world: int = 1,
+                 max_batches: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_size < world:
@@ -166,20 +172,32 @@ class RankBatchSampler(Sampler):
             raise ValueError(f"rank {rank} is not in [0, {world})")
         self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), bool(drop_last)
         self.rank, self.world = int(rank), int(world)
+        self.max_batches = None if max_batches is None else int(max_batches)
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, b = len(self.sampler), self.batch_size
+        full, rest = divmod(n, b)
+        count = full if self.drop_last or not rest else full + 1
+        if self.max_batches is not None and count > self.max_batches:
+            return self.max_batches  # cut before the end: the last batch kept is a full one
+        if rest and not self.drop_last and full and rest < self.world:
+            count -= 1  # joins the batch before it
+        return count
 
-    def global_batches(self) -> Iterator[list]:
-        batch = []
+    def global_batches(self) -> list[list]:
+        batches, batch = [], []
         for item in self.sampler:
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield batch
+                batches.append(batch)
                 batch = []
         if batch and not self.drop_last:
-            yield batch
+            batches.append(batch)
+        if self.max_batches is not None:
+            batches = batches[:self.max_batches]
+        if len(batches) > 1 and len(batches[-1]) < self.world:
+            batches = batches[:-2] + [batches[-2] + batches[-1]]
+        return batches
 
     def __iter__(self) -> Iterator[list]:
         for batch in self.global_batches():

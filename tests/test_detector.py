@@ -421,16 +421,22 @@ def test_compare_detectors_builds_the_four_variants(outputs):
 
 # ------------------------------------------------------------------------------------------------------- DDP
 def test_rank_batches_split_every_global_batch():
-    from pipeline.detector import _rank_batches
+    """The detector's batches (never drop_last) through the one rank sampler, pipeline.distributed's."""
+    from pipeline.distributed import RankBatchSampler
 
-    batches = [[0, 1, 2], [3, 4, 5], [6]]
-    r0, r1 = _rank_batches(batches, 0, 2), _rank_batches(batches, 1, 2)
+    r0, r1 = (list(RankBatchSampler(list(range(7)), 3, False, r, 2)) for r in range(2))
     # the last batch (1 image < 2 processes) joins the one before it; pieces are contiguous, near-equal
-    assert [b for b, _ in r0] == [[0, 1], [3, 4]] and [b for b, _ in r1] == [[2], [5, 6]]
-    assert [s for _, s in r0] == pytest.approx([2 / 3, 2 / 4]) and [s for _, s in r1] == pytest.approx([1 / 3, 2 / 4])
-    assert _rank_batches([[0, 1], [2, 3]], 1, 2) == [([1], 0.5), ([3], 0.5)]
-    with pytest.raises(DetectorError, match="cannot be split over 2 processes"):
-        _rank_batches([[0]], 0, 2)
+    assert r0 == [[0, 1], [3, 4]] and r1 == [[2], [5, 6]]
+    assert list(RankBatchSampler([0, 1, 2, 3], 2, False, 1, 2)) == [[1], [3]]
+
+
+def test_fewer_images_than_processes_is_a_clear_error(tmp_path, monkeypatch):
+    from pipeline import distributed as D
+
+    ds, _ = _dataset(tmp_path, [(120, 160)])
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    with pytest.raises(DetectorError, match="1 training image.s. cannot be split over 2 processes"):
+        train_detector(build_detector(CLASSES, small_cfg()), ds, tmp_path / "c.pth", progress=False)
 
 
 def test_two_process_ddp_training_on_cpu(tmp_path):

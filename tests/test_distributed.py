@@ -225,8 +225,14 @@ def test_rank_batch_sampler_splits_each_global_batch():
     assert [len(p) for p in three[2][:1]] == [2] and [a + b + c for a, b, c in zip(*three)] == want
     assert [a + b for a, b in zip(*[list(D.RankBatchSampler(order, 7, False, r, 2)) for r in range(2)])] == \
         want + [order[21:]]  # without drop_last the last, smaller batch is split too
+    # ... unless it has fewer items than processes: it joins the batch before it (every rank steps every time)
+    merged = [list(D.RankBatchSampler(order, 7, False, rank=r, world=3)) for r in range(3)]
+    assert len(D.RankBatchSampler(order, 7, False, 0, 3)) == 3 and [len(p) for p in merged[0]] == [3, 3, 3]
+    assert [a + b + c for a, b, c in zip(*merged)] == want[:2] + [order[14:]]
+    assert len(D.RankBatchSampler(order, 7, False, max_batches=2)) == 2  # a cut keeps full batches
+    assert list(D.RankBatchSampler(order, 7, False, 1, 2, max_batches=2)) == [order[4:7], order[11:14]]
     with pytest.raises(ValueError, match="a batch of 2 items cannot be split over 3 processes"):
-        list(D.RankBatchSampler(order, 7, False, rank=0, world=3))
+        list(D.RankBatchSampler(order[:2], 7, False, rank=0, world=3))
     with pytest.raises(ValueError, match="smaller than the 8 processes"):
         D.RankBatchSampler(order, 7, True, 0, 8)
     with pytest.raises(ValueError, match="rank 2 is not in"):
