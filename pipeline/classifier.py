@@ -62,8 +62,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
 
 
-
-
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation. ``box_jitter``: each box side moves by up to that fraction of the box's width
