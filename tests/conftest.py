@@ -23,6 +23,15 @@ def outputs(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(name="tiny_classifier")
+def tiny_classifier_fixture():
+    """:func:`nets.tiny_classifier`, the factory: ``net = tiny_classifier(num_classes, seed, ...)`` (modules that
+    import it from ``nets`` keep doing so)."""
+    from nets import tiny_classifier
+
+    return tiny_classifier
+
+
 def pytest_configure(config):
     """``CLICKSCALE_TEST_ONEDNN=0`` runs the suite with PyTorch's oneDNN (mkldnn) CPU kernels off, to check that
     nothing depends on which CPU kernels compute it (with ``OMP_NUM_THREADS`` and ``ONEDNN_MAX_CPU_ISA``)."""

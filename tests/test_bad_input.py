@@ -4,7 +4,6 @@ and nothing incomplete is published. Library-level checks of the same readers ar
 test_clicks.py, test_dataset.py, test_selection.py, test_boxes.py and test_classifier.py."""
 import errno
 import shutil
-import sys
 from pathlib import Path
 
 import luigi
@@ -12,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
 
-from pipeline.io import read_json  # noqa: E402
+from pipeline.io import read_json
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """CAM methods against closed forms (Eq. 1-3), batching, crops, paste/fuse (Eq. 4), and the resumable CAM store."""
 import json
 import os
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,8 +16,7 @@ from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, GradCAM, clic
 from pipeline.classifier import crop_and_resize
 from pipeline.io import read_json
 
-sys.path.insert(0, str(Path(__file__).parent))
-from nets import tiny_classifier  # noqa: E402
+from nets import tiny_classifier
 
 
 # -- a tiny network with hand-set weights ------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "ToyParts"

@@ -4,7 +4,6 @@ processes takes the same optimizer steps over the same batches as one process an
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import cv2
@@ -18,8 +17,7 @@ from pipeline.backbones import ClassifierNet
 from pipeline.cam import CamStore, click_entries, merge_cam_stores, shard_parts, write_cam_store
 from pipeline.classifier import TrainConfig, selection_dataset, train_classifier, train_classifier_distributed
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nets  # noqa: E402
+import nets
 
 
 def tiny_classifier(num_classes: int = 3, seed: int = 3, input_size: int = 32) -> ClassifierNet:

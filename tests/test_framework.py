@@ -12,8 +12,7 @@ import pytest
 from pipeline.io import atomic_path, read_json, write_json
 from tasks.base import invalidate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from toy_tasks import ToyA, ToyB  # noqa: E402
+from toy_tasks import ToyA, ToyB
 
 REPO = Path(__file__).resolve().parents[1]
 
