@@ -51,8 +51,9 @@ TINY = {
     "classifier-batch-size": 16, "device": "cpu", "report-images": 0, "report-worst": 0, "cam-images-per-part": 2,
 }
 
-#: keys of JSON outputs that describe one run (timings, this run's work) rather than its result
-VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id"}
+#: keys of JSON outputs that describe one run (timings, memory, this run's work) rather than its result
+VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id",
+                 "peak_rss_mb", "peak_rss_children_mb"}
 
 
 def tiny_args(data_root: str | os.PathLike, **overrides) -> list[str]:
