@@ -229,6 +229,7 @@ def tiny_classifier(voc: Path, **kw):
                            classifier_batch_size=16, device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_stage_and_keeps_upstream_and_the_checkpoint(voc, outputs):
     task = tiny_classifier(voc, classifier_epochs=2, classifier_lr=1e30)
     ok, msg = build(task)

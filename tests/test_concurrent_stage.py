@@ -12,6 +12,8 @@ import pytest
 
 import harness as H
 
+pytestmark = pytest.mark.slow  # forks luigi runs (tests/concurrent_runs.py)
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "ToyParts"
 ARGV = ["--module", "toy_tasks", STAGE, "--local-scheduler", "--no-lock"]

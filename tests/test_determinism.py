@@ -3,7 +3,11 @@ processes of one luigi process (``--workers 4``) reproduces the one-worker refer
 labels, metrics, classifier weights, CAMs, proposals); test_luigid.py does the same with 4 separate processes
 under luigid."""
 
+import pytest
+
 import harness as H
+
+pytestmark = pytest.mark.slow  # luigi subprocess runs
 
 
 def test_same_seed_same_products_with_one_and_four_workers(tmp_path):

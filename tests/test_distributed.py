@@ -251,6 +251,7 @@ def toy_crops(tmp_path_factory):
             pd.DataFrame(sel, columns=["click_id", "image_id", "class", "x1", "y1", "x2", "y2"]))
 
 
+@pytest.mark.slow  # torchrun
 def test_two_ddp_processes_on_cpu_match_one_process(toy_crops, tmp_path):
     """torchrun with 2 gloo processes: batches of 7 split 4 + 3 (the rank losses weighted by their share), so
     the optimizer steps, the logged loss and the final weights are one process's (up to summation order)."""
@@ -282,6 +283,7 @@ def test_two_ddp_processes_on_cpu_match_one_process(toy_crops, tmp_path):
     assert not model.training
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_launch_failure_is_a_clear_error(tmp_path):
     """A failing process: the error names the target and the rank's own exception (not only torchrun's
     summary), and leaves no error files behind."""
@@ -294,6 +296,7 @@ def test_ddp_launch_failure_is_a_clear_error(tmp_path):
         D.launch("pipeline.distributed", {}, 2, tmp_path)
 
 
+@pytest.mark.slow  # torchrun
 def test_train_classifier_stage_with_two_processes(outputs, tmp_path):
     """TrainClassifier --classifier-nproc 2 runs torchrun from the luigi worker and publishes a loadable model;
     the process count is not part of the output's identity."""

@@ -20,6 +20,8 @@ from torchvision.ops import box_iou
 
 import harness as H
 
+pytestmark = pytest.mark.slow  # luigi subprocess runs
+
 BOX = ["x1", "y1", "x2", "y2"]
 DET = {"det-epochs": 3, "det-min-size": 128, "det-max-size": 192, "det-max-proposals": 300, "det-preset": "cpu"}
 

@@ -4,7 +4,11 @@ is ever incomplete, and the final products (pseudo labels, metrics, every stage'
 uninterrupted run's."""
 import random
 
+import pytest
+
 import harness as H
+
+pytestmark = pytest.mark.slow  # luigi subprocess runs (harness.reference_run, kill_each_stage)
 
 
 def stages_with_cam_shards(stages=H.STAGES) -> tuple[str, ...]:

@@ -11,6 +11,8 @@ from pipeline.backbones import DEFAULT_FUSED_LAYERS
 
 import harness as H
 
+pytestmark = pytest.mark.slow  # luigid and luigi worker subprocesses
+
 N_SHARDS = 4  # = harness.TINY: the one-worker reference is shared with the other test modules
 WORKERS = 4
 CAM_SHARDS = 4  # GenerateCAMs' default --cam-shards
