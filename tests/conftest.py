@@ -8,7 +8,8 @@ Markers (registered in pyproject.toml; ``make test-fast`` runs ``-m "not slow"``
   is slow): tests that start luigi / luigid / torchrun subprocesses or take over ~3 s on 2 cores. Neither a
   fixture nor a helper call tells that reliably (in-process stage tests use ``outputs`` and take 0.1 s; the
   harness's subprocess helpers are called in test bodies), so it is declared, and checked: the end of a run lists
-  the tests not marked slow that took longer than :data:`SLOW_SECONDS`.
+  the tests not marked slow that took longer than :data:`SLOW_SECONDS` (5 s: above the 3 s bound by the
+  run-to-run noise of 2 shared cores, where a 2 s test has measured 5 s).
 """
 import os
 from pathlib import Path
@@ -52,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 #: a test not marked slow that takes longer (setup + call + teardown) is listed at the end of the run
-SLOW_SECONDS = 3.0
+SLOW_SECONDS = 5.0
 _unmarked_seconds: dict[str, float] = {}
 
 
