@@ -41,11 +41,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision, cv2; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); cv2.ximgproc"
 	touch $(STAMP)
 
-test: install ## run the test suite (the README's test command; CI runs it)
+test: install ## run the whole test suite, slow tests included (the README's test command; CI runs it)
 	$(PY) -m pytest -q -ra
 
-test-fast: install ## the test suite without tests marked slow
-	$(PY) -m pytest -q -m "not slow"
+test-fast: install ## the suite without tests marked slow (subprocess luigi/luigid/torchrun, >3 s): under 2 min on 2 cores
+	$(PY) -m pytest -q -ra -m "not slow"
 
 pseudo-labels: install ## main job: stages 1-5 -> pseudo boxes, report (IMAGES=+CLICKS=, VOC_ROOT=, or synthetic)
 	$(LUIGI) PseudoLabels $(DATA_ARGS) $(ARGS)

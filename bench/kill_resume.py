@@ -21,74 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+# the kill/compare machinery is the test suite's (tests/harness.py, also used by tests/test_kill_resume.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import harness as H  # noqa: E402
 
-#: the stages in the order one worker runs them, the CAM shard tasks before GenerateCAMs
+#: the stages in the order one worker runs them, the shard tasks included
 STAGES = tuple(H.STAGES)
-if "GenerateCAMsShard" not in STAGES:
-    _i = STAGES.index("GenerateCAMs")
-    STAGES = (*STAGES[:_i], "GenerateCAMsShard", *STAGES[_i:])
-
-
-def stage_seconds(outputs: Path) -> dict[str, float]:
-    """Run time of each stage in a finished one-worker run: the longest of its directories, or for the shard
-    stages, which one worker runs one after another, all shards together (so a kill's random moment falls
-    anywhere in the sequence of shards, often after some have finished)."""
-    out = H.stage_seconds(outputs)
-    for stage in out:
-        if stage.endswith("Shard"):
-            out[stage] = sum(json.loads((d / "params.json").read_text()).get("seconds", 0.0)
-                             for d in H.stage_dirs(outputs) if d.parent.name == stage)
-    return out
-
-
-def published(outputs: Path) -> dict[str, int]:
-    """``{"<Stage>/<hash>": mtime of its params.json}`` of every published directory."""
-    out = {}
-    for d in H.stage_dirs(outputs):
-        try:
-            out[f"{d.parent.name}/{d.name}"] = (d / "params.json").stat().st_mtime_ns
-        except OSError:
-            pass
-    return out
-
-
-def kill_each_stage(outputs: Path, data_root: Path, rng: random.Random, durations: dict[str, float],
-                    timeout: float = 300) -> list[dict]:
-    """As :func:`harness.kill_each_stage` (over :data:`STAGES`), also recording what was published at each kill;
-    the last record is the final run's, with ``recomputed``: directories published before some kill whose
-    ``params.json`` changed by the end."""
-    cmd = H.luigi_cmd("PseudoLabels", H.tiny_args(data_root))
-    env = H.pipeline_env(outputs)
-    records, before = [], {}
-    for stage in STAGES:
-        delay = rng.uniform(0.0, 0.9 * max(durations.get(stage, 0.05), 0.01))
-        res = H.kill_in_stage(cmd, env, outputs, stage, delay, timeout=timeout)
-        if not res["killed"] and res["rc"] != 0:
-            raise RuntimeError(f"run before the kill in {stage} failed ({res['rc']}):\n{res['log'][-3000:]}")
-        now = published(outputs)
-        before.update({k: v for k, v in now.items() if k not in before})
-        # in the stage: its work directory existed at the kill; for shard stages, any shard's (the harness looks
-        # only at the first shard's, which may have been published by then)
-        left = sorted(p.name for p in outputs.glob(f"{stage}/*.partial")) if res["killed"] else []
-        records.append({"stage": stage, "delay": round(delay, 3), "killed": res["killed"],
-                        "in_stage": res["in_stage"] or bool(left), "work_dirs_left": left,
-                        "incomplete": H.incomplete_outputs(outputs), "published": sorted(now)})
-    final = subprocess.run(cmd, cwd=H.REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    end = published(outputs)
-    records.append({"stage": "<final>", "rc": final.returncode, "log": final.stderr[-3000:],
-                    "incomplete": H.incomplete_outputs(outputs),
-                    "leftover_partial": sorted(str(p.relative_to(outputs)) for p in outputs.glob("*/*.partial")),
-                    "recomputed": sorted(k for k, t in before.items() if end.get(k) != t)})
-    return records
+assert "GenerateCAMsShard" in STAGES and "SelectiveSearchShard" in STAGES, STAGES
 
 
 def main(argv=None) -> int:
@@ -103,7 +48,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     ref, ref_data = H.reference_run()
     want = H.products(ref, [ref_data])
-    durations = stage_seconds(ref)
+    durations = H.stage_seconds(ref, sum_shards=True)
     print(f"reference run: {len(want)} product files, stage seconds "
           + ", ".join(f"{k} {v:.2f}" for k, v in durations.items()), flush=True)
     table = defaultdict(lambda: {"kills": 0, "in_stage": 0, "survived": 0, "differed": 0, "recomputed": 0})
@@ -112,14 +57,16 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="clickscale-kill-") as tmp:
             outputs, data = Path(tmp) / "outputs", Path(tmp) / "data"
-            records = kill_each_stage(outputs, data, random.Random(seed), durations=durations)
+            records = H.kill_each_stage(outputs, data, random.Random(seed), stages=STAGES, durations=durations)
             *kills, final = records
             diff = H.diff_products(want, H.products(outputs, [data])) if final["rc"] == 0 else ["<final run failed>"]
             final_ok = final["rc"] == 0 and not final["incomplete"] and not final["leftover_partial"]
             for r in kills:
                 row = table[r["stage"]]
                 row["kills"] += int(r["killed"])
-                row["in_stage"] += int(r["in_stage"])
+                # in the stage: its work directory existed at the kill; for shard stages, any shard's (the harness's
+                # in_stage looks only at the first shard's, which may have been published by then)
+                row["in_stage"] += int(r["in_stage"] or bool(r["work_dirs_left"]))
                 row["survived"] += int(r["killed"] and not r["incomplete"] and final_ok)
                 row["differed"] += int(bool(diff))
                 if r["incomplete"]:

@@ -51,9 +51,9 @@ TINY = {
     "classifier-batch-size": 16, "device": "cpu", "report-images": 0, "report-worst": 0, "cam-images-per-part": 2,
 }
 
-#: keys of JSON outputs that describe one run (timings, this run's work) rather than its result
-VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id", "peak_rss_mb",
-                 "peak_rss_children_mb"}
+#: keys of JSON outputs that describe one run (timings, memory, this run's work) rather than its result
+VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id",
+                 "peak_rss_mb", "peak_rss_children_mb"}
 
 
 def tiny_args(data_root: str | os.PathLike, **overrides) -> list[str]:
@@ -342,12 +342,29 @@ def reference_run(task: str = "PseudoLabels") -> tuple[Path, Path]:
     return _REFERENCE[task]
 
 
-def stage_seconds(outputs: str | os.PathLike) -> dict[str, float]:
-    """Longest run time of each stage in a finished run (params.json ``seconds``)."""
+def stage_seconds(outputs: str | os.PathLike, sum_shards: bool = False) -> dict[str, float]:
+    """Run time of each stage in a finished run (params.json ``seconds``): the longest of its directories, or with
+    ``sum_shards`` for the ``*Shard`` stages, which one worker runs one after another, all shards together (so a
+    kill's random moment falls anywhere in the sequence of shards, often after some have finished)."""
     out: dict[str, float] = {}
     for d in stage_dirs(outputs):
         sec = json.loads((d / "params.json").read_text()).get("seconds", 0.0)
-        out[d.parent.name] = max(out.get(d.parent.name, 0.0), sec)
+        stage = d.parent.name
+        if sum_shards and stage.endswith("Shard"):
+            out[stage] = out.get(stage, 0.0) + sec
+        else:
+            out[stage] = max(out.get(stage, 0.0), sec)
+    return out
+
+
+def published(outputs: str | os.PathLike) -> dict[str, int]:
+    """``{"<Stage>/<hash>": mtime (ns) of its params.json}`` of every published directory."""
+    out = {}
+    for d in stage_dirs(outputs):
+        try:
+            out[f"{d.parent.name}/{d.name}"] = (d / "params.json").stat().st_mtime_ns
+        except OSError:
+            pass
     return out
 
 
@@ -355,22 +372,32 @@ def kill_each_stage(outputs: Path, data_root: Path, rng, stages: Sequence[str] =
                     durations: dict[str, float] | None = None, timeout: float = 300) -> list[dict]:
     """Run the tiny PseudoLabels job, SIGKILLing it once inside each stage in turn (a uniformly random moment of
     the stage's usual duration after its work directory appears), each time restarting it; after every kill
-    check that no published directory is incomplete. Finally run it to the end. Returns one record per stage:
-    ``{"stage", "delay", "killed", "in_stage", "incomplete": [...]}``; the last record is the final run's
-    ``{"stage": "<final>", "rc", "incomplete"}``."""
+    check that no published directory is incomplete. Finally run it to the end (tests/test_kill_resume.py;
+    bench/kill_resume.py over several seeds). Returns one record per stage: ``{"stage", "delay", "killed",
+    "in_stage" (the first new work directory still existed at the kill), "work_dirs_left" (the stage's
+    ``*.partial`` directories after a kill: for shard stages, any shard's), "incomplete": [...], "published":
+    [...]}``; the last record is the final run's ``{"stage": "<final>", "rc", "log", "incomplete",
+    "leftover_partial", "recomputed"}`` (``recomputed``: directories published before some kill whose
+    ``params.json`` changed by the end; finished work is never redone)."""
     durations = durations or {}
     cmd = luigi_cmd("PseudoLabels", tiny_args(data_root))
     env = pipeline_env(outputs)
-    records = []
+    records, first_seen = [], {}
     for stage in stages:
         delay = rng.uniform(0.0, 0.9 * max(durations.get(stage, 0.05), 0.01))
         res = kill_in_stage(cmd, env, outputs, stage, delay, timeout=timeout)
         if not res["killed"] and res["rc"] != 0:
             raise RuntimeError(f"run before the kill in {stage} failed ({res['rc']}):\n{res['log'][-3000:]}")
+        now = published(outputs)
+        first_seen.update({k: v for k, v in now.items() if k not in first_seen})
+        left = sorted(p.name for p in outputs.glob(f"{stage}/*.partial")) if res["killed"] else []
         records.append({"stage": stage, "delay": round(delay, 3), "killed": res["killed"],
-                        "in_stage": res["in_stage"], "incomplete": incomplete_outputs(outputs)})
+                        "in_stage": res["in_stage"], "work_dirs_left": left,
+                        "incomplete": incomplete_outputs(outputs), "published": sorted(now)})
     final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    end = published(outputs)
     records.append({"stage": "<final>", "rc": final.returncode, "log": final.stderr[-3000:],
                     "incomplete": incomplete_outputs(outputs),
-                    "leftover_partial": sorted(str(p.relative_to(outputs)) for p in outputs.glob("*/*.partial"))})
+                    "leftover_partial": sorted(str(p.relative_to(outputs)) for p in outputs.glob("*/*.partial")),
+                    "recomputed": sorted(k for k, t in first_seen.items() if end.get(k) != t)})
     return records

@@ -15,6 +15,7 @@ def nets():
     return {n: build_backbone(n, 5, "random").eval() for n in BACKBONES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONES)
 def test_interface_split_and_layer_shapes(nets, name):
     net = nets[name]
@@ -150,6 +151,7 @@ def test_local_weights_file_round_trip_and_shape_check(tmp_path):
         build_backbone("efficientnet_lite0", 3, "random").imagenet_logits(x)
 
 
+@pytest.mark.slow
 def test_detector_pieces():
     trunk = feature_trunk("vgg16", "random")
     assert (trunk.out_channels, trunk.stride) == (512, 16)
@@ -177,6 +179,7 @@ def test_efficientnet_lite_variants_layers():
         assert net.layers["conv_head"].channels == net.head.in_features == 1280
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_efficientnet_lite_imagenet_weights_classify_real_images(sample_root, name):

@@ -4,7 +4,6 @@ and nothing incomplete is published. Library-level checks of the same readers ar
 test_clicks.py, test_dataset.py, test_selection.py, test_boxes.py and test_classifier.py."""
 import errno
 import shutil
-import sys
 from pathlib import Path
 
 import luigi
@@ -12,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
 
-from pipeline.io import read_json  # noqa: E402
+from pipeline.io import read_json
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +229,7 @@ def tiny_classifier(voc: Path, **kw):
                            classifier_batch_size=16, device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_stage_and_keeps_upstream_and_the_checkpoint(voc, outputs):
     task = tiny_classifier(voc, classifier_epochs=2, classifier_lr=1e30)
     ok, msg = build(task)

@@ -1,8 +1,6 @@
 """CAM methods against closed forms (Eq. 1-3), batching, crops, paste/fuse (Eq. 4), and the resumable CAM store."""
 import json
 import os
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -19,8 +17,7 @@ from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, FusedMaps, Gr
 from pipeline.classifier import crop_and_resize
 from pipeline.io import read_json
 
-sys.path.insert(0, str(Path(__file__).parent))
-from nets import tiny_classifier  # noqa: E402
+from nets import tiny_classifier
 
 
 # -- a tiny network with hand-set weights ------------------------------------------------------------------------
@@ -116,6 +113,7 @@ def effnet():
     return build_backbone("efficientnet_lite0", 6, "random", seed=3).eval()
 
 
+@pytest.mark.slow  # the first efficientnet backward of a process: 2-18 s on 2 busy cores
 @pytest.mark.parametrize("cls", [SACAM, GradCAM])
 def test_batched_equals_per_crop_and_full_backprop(effnet, cls):
     x = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(2))
@@ -140,6 +138,7 @@ def test_batched_equals_per_crop_and_full_backprop(effnet, cls):
 KERNEL_TOLERANCE = 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [SACAM, GradCAM])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_maps_do_not_depend_on_batch_size_or_threads(effnet, cls, channels_last):
@@ -170,6 +169,7 @@ def test_maps_do_not_depend_on_batch_size_or_threads(effnet, cls, channels_last)
             assert torch.equal(results[2, bs], ref), f"2 threads, pass size {bs}"
 
 
+@pytest.mark.slow
 def test_pseudo_boxes_do_not_depend_on_cam_batch_size(tmp_path, toy_data, effnet):
     """write_cam_store with --cam-batch-size 1, 7 and 64 (2 threads, channels-last as the stage runs
     efficientnet_lite0): the same stored maps and the same pseudo boxes."""
@@ -201,6 +201,7 @@ def test_pseudo_boxes_do_not_depend_on_cam_batch_size(tmp_path, toy_data, effnet
         pd.testing.assert_frame_equal(boxes[bs], boxes[64])
 
 
+@pytest.mark.slow
 def test_vgg16_default_layer_batched(tmp_path):
     vgg = build_backbone("vgg16", 4, "random").eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))

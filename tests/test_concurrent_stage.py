@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
+
+pytestmark = pytest.mark.slow  # forks luigi runs (tests/concurrent_runs.py)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = "ToyParts"

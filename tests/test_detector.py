@@ -143,6 +143,7 @@ def test_efficientnet_trunk_is_dilated_to_stride_16(backbone):
     assert stack(torch.rand(1, 1, 16, 16)).shape == (1, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_vgg16_paper_architecture():
     """The paper's Fast R-CNN: RoI max pooling 7x7 on relu5_3 (stride 16), fc6/fc7 of VGG16's classifier (with its
     dropout) as the box head, conv1-2 frozen; one small training step moves conv3+ and the heads only."""
@@ -198,6 +199,7 @@ def _dataset(tmp_path, sizes, flip=False):
     return DetectionDataset(images, props, CLASSES, boxes, flip=flip, seed=0), boxes
 
 
+@pytest.mark.slow
 def test_one_training_iteration_with_real_shapes(tmp_path):
     """The CPU preset at its real scale (384 px shorter side), two VOC-sized images, 1000 proposals each."""
     ds, _ = _dataset(tmp_path, [(375, 500), (500, 375)], flip=True)
@@ -218,6 +220,7 @@ def test_one_training_iteration_with_real_shapes(tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["args"]["min_size"] == 384 and ckpt["classes"] == list(CLASSES)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_detect(tmp_path):
     ds, boxes = _dataset(tmp_path, [(120, 160), (160, 120), (100, 100)], flip=True)
     cfg = small_cfg(epochs=2, lr_steps=(1,))
@@ -283,6 +286,7 @@ def test_non_finite_weights_after_an_epoch_keep_the_last_good_checkpoint(tmp_pat
     assert load_checkpoint(tmp_path / "c.pth")["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_detect_per_class_nms_cap_and_top_box_per_class(tmp_path):
     """Test-time output of an (untrained) detector: boxes of one class overlap by at most the NMS IoU 0.3, the
     per-image cap keeps the highest scores, and ``top_per_class`` returns for every class the maximum softmax score
@@ -356,6 +360,7 @@ def test_training_box_sources_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ luigi stages
+@pytest.mark.slow
 def test_evaluate_voc07_end_to_end_on_tiny_synthetic_data(outputs, tmp_path):
     """PrepareDataset -> SelectiveSearch -> TrainFastRCNN (ground-truth boxes) -> EvaluateVOC07 on 8 + 4
     synthetic images; checks the outputs agree with each other and with the manifest."""
@@ -439,6 +444,7 @@ def test_fewer_images_than_processes_is_a_clear_error(tmp_path, monkeypatch):
         train_detector(build_detector(CLASSES, small_cfg()), ds, tmp_path / "c.pth", progress=False)
 
 
+@pytest.mark.slow  # torchrun
 def test_two_process_ddp_training_on_cpu(tmp_path):
     """torchrun with 2 gloo processes: each takes one image of every 2-image batch; rank 0 writes the checkpoint,
     the parent loads the trained weights; the same optimizer steps as one process."""
@@ -480,6 +486,7 @@ def test_train_fast_rcnn_declares_gpu_units_per_process():
         config.remove_option("resources", gpu_resource())
 
 
+@pytest.mark.slow
 def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
     """The four detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
     with every variant's mAP and its ratio to the ground-truth detector's."""

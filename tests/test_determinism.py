@@ -2,11 +2,12 @@
 processes of one luigi process (``--workers 4``) reproduces the one-worker reference run file for file (pseudo
 labels, metrics, classifier weights, CAMs, proposals); test_luigid.py does the same with 4 separate processes
 under luigid."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import pytest
+
+import harness as H
+
+pytestmark = pytest.mark.slow  # luigi subprocess runs
 
 
 def test_same_seed_same_products_with_one_and_four_workers(tmp_path):

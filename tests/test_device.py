@@ -48,6 +48,7 @@ def _faults(mode: str, env: dict | None = None) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow  # subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_keep_freed_memory_stops_refaulting_large_blocks():
     """Without it every large activation is a fresh mmap, faulted in page by page on every pass (~1.1 M faults
@@ -61,6 +62,7 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     assert off == "False" and off_faults > 10 * 2 * 8192
 
 
+@pytest.mark.slow  # subprocess
 def test_release_freed_memory_hands_the_kept_heap_back():
     """With keep_freed_memory a freed 500 MB stays resident (the point of it, within a stage); release_freed_memory
     (called when a stage ends) hands it back to the kernel."""

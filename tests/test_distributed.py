@@ -4,7 +4,6 @@ processes takes the same optimizer steps over the same batches as one process an
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import cv2
@@ -18,8 +17,7 @@ from pipeline.backbones import ClassifierNet
 from pipeline.cam import CamStore, click_entries, merge_cam_stores, shard_parts, write_cam_store
 from pipeline.classifier import TrainConfig, selection_dataset, train_classifier, train_classifier_distributed
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nets  # noqa: E402
+import nets
 
 
 def tiny_classifier(num_classes: int = 3, seed: int = 3, input_size: int = 32) -> ClassifierNet:
@@ -259,6 +257,7 @@ def toy_crops(tmp_path_factory):
             pd.DataFrame(sel, columns=["click_id", "image_id", "class", "x1", "y1", "x2", "y2"]))
 
 
+@pytest.mark.slow  # torchrun
 def test_two_ddp_processes_on_cpu_match_one_process(toy_crops, tmp_path):
     """torchrun with 2 gloo processes: batches of 7 split 4 + 3 (the rank losses weighted by their share), so
     the optimizer steps, the logged loss and the final weights are one process's (up to summation order)."""
@@ -290,6 +289,7 @@ def test_two_ddp_processes_on_cpu_match_one_process(toy_crops, tmp_path):
     assert not model.training
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_launch_failure_is_a_clear_error(tmp_path):
     """A failing process: the error names the target and the rank's own exception (not only torchrun's
     summary), and leaves no error files behind."""
@@ -302,6 +302,7 @@ def test_ddp_launch_failure_is_a_clear_error(tmp_path):
         D.launch("pipeline.distributed", {}, 2, tmp_path)
 
 
+@pytest.mark.slow  # torchrun
 def test_train_classifier_stage_with_two_processes(outputs, tmp_path):
     """TrainClassifier --classifier-nproc 2 runs torchrun from the luigi worker and publishes a loadable model;
     the process count is not part of the output's identity."""

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
+
+pytestmark = pytest.mark.slow  # luigi subprocess runs
 
 BOX = ["x1", "y1", "x2", "y2"]
 DET = {"det-epochs": 3, "det-min-size": 128, "det-max-size": 192, "det-max-proposals": 300, "det-preset": "cpu"}

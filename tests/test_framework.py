@@ -12,8 +12,7 @@ import pytest
 from pipeline.io import atomic_path, read_json, write_json
 from tasks.base import invalidate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from toy_tasks import ToyA, ToyB  # noqa: E402
+from toy_tasks import ToyA, ToyB
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +46,7 @@ def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
     assert len(list((outputs / "ToyB").iterdir())) == 2
 
 
+@pytest.mark.slow  # luigi subprocess
 def test_failure_exit_code_and_nothing_published(outputs):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     p = subprocess.run([sys.executable, "-m", "luigi", "--module", "toy_tasks", "ToyB", "--fail",
@@ -57,6 +57,7 @@ def test_failure_exit_code_and_nothing_published(outputs):
     assert not ToyB(fail=True).stage_dir.exists()
 
 
+@pytest.mark.slow  # luigi subprocess
 def test_killed_run_leaves_no_complete_output_and_reruns(outputs, tmp_path):
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "TOY_READY": str(ready)}
@@ -84,6 +85,7 @@ def test_invalidate_removes_downstream(outputs):
     assert not ToyB(value=5).stage_dir.exists() and ToyA(value=6).stage_dir.exists()
 
 
+@pytest.mark.slow  # luigi subprocess
 def test_rerun_cli_recomputes_stage_and_dependents(outputs, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "TOY_COUNTER": str(tmp_path / "c")}
     code = "import sys, toy_tasks; from tasks.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -121,6 +123,7 @@ def test_params_json_records_each_stage_peak_rss(outputs):
     assert meta["peak_rss_children_mb"] >= 0
 
 
+@pytest.mark.slow  # subprocess
 def test_peak_rss_is_reset_when_a_stage_starts():
     """After a 400 MB block is freed (returned to the kernel: default malloc) and the peak reset, the peak is the
     memory held now, not the earlier 400 MB."""

@@ -3,11 +3,12 @@ once inside each stage in turn (the proposal and CAM shard tasks included) and r
 is ever incomplete, and the final products (pseudo labels, metrics, every stage's result files) equal an
 uninterrupted run's."""
 import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import pytest
+
+import harness as H
+
+pytestmark = pytest.mark.slow  # luigi subprocess runs (harness.reference_run, kill_each_stage)
 
 
 def stages_with_cam_shards(stages=H.STAGES) -> tuple[str, ...]:

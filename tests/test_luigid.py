@@ -3,16 +3,15 @@ root: every task runs exactly once (every proposal shard and every CAM shard), s
 the results equal a one-worker run."""
 import re
 import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from pipeline.backbones import DEFAULT_FUSED_LAYERS
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
+
+pytestmark = pytest.mark.slow  # luigid and luigi worker subprocesses
 
 N_SHARDS = 4  # = harness.TINY: the one-worker reference is shared with the other test modules
 WORKERS = 4

@@ -2,7 +2,6 @@
 optional (``--gt``), a VOC root without a test split; and the cross-checks of clicks against the dataset."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -14,8 +13,7 @@ import pytest
 from pipeline.clicks import ClickFileError
 from pipeline.dataset import DatasetError, Manifest, build_image_manifest, build_manifest, scan_images
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
 
 SIZES = {"a/0001": (64, 48), "b/0001": (40, 56), "b/deep/x": (50, 50), "top": (30, 20)}
 EXTS = {"a/0001": ".jpg", "b/0001": ".PNG", "b/deep/x": ".jpeg", "top": ".bmp"}

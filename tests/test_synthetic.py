@@ -40,6 +40,7 @@ def voc(small):
     return images, objects, parts
 
 
+@pytest.mark.slow
 def test_same_seed_identical_bytes_different_seed_differs(small, tmp_path):
     again = generate_dataset(tmp_path / "b", seed=DEFAULT_SEED, **SMALL).parent
     a, b = _files(small), _files(again)
