@@ -3,7 +3,6 @@ format (weights_only=True, args checked on resume), the rank sampler's shares an
 frozen-BatchNorm / normalisation helpers."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
@@ -17,8 +16,7 @@ from pipeline import distributed as D
 from pipeline.engine import (CheckpointError, EpochStats, FitSpec, NonFiniteLossError, Step, check_plain, fit,
                              freeze_batchnorm, load_checkpoint, normalize, rank_weight, save_checkpoint)
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nets  # noqa: E402
+import nets
 
 
 @pytest.fixture(autouse=True)

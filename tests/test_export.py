@@ -1,7 +1,5 @@
 """Pseudo label exports are re-read correctly (pipeline/export.py)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -243,7 +241,6 @@ def test_report_sampling_covers_classes(boxes):
 
 # -- the FusePseudoBoxes stage (tasks/pseudo.py) --------------------------------------------------------------
 def _tiny_classifier(num_classes: int, seed: int = 0):
-    sys.path.insert(0, str(Path(__file__).parent))
     from nets import tiny_classifier
 
     return tiny_classifier(num_classes, seed=seed, conv2_stride=1)
