@@ -42,6 +42,14 @@ class Manifest:
     def image_paths(self) -> dict[str, str]:
         return dict(zip(self.images.image_id, self.images.path))
 
+    def image_labels(self) -> pd.DataFrame:
+        """Image-level labels of the trainval images (``image_id, class``, one row per object or click): the classes
+        of their ground-truth objects when the manifest has ground truth, else the classes clicked in them (a
+        click says its class is present), so the image-label-only baseline also runs on a folder without boxes."""
+        ids = set(self.split("trainval").image_id)
+        source = self.objects if len(self.objects) else self.clicks
+        return source[source.image_id.isin(ids)][["image_id", "class"]].reset_index(drop=True)
+
     def class_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
 

@@ -107,7 +107,7 @@ class GenerateCAMsShard(_CamParams, StageTask):
         """What to compute: every click's crops, or each trainval image's labelled classes (image_labels)."""
         trainval = manifest.split("trainval")
         if self.image_label_mode():
-            labels = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+            labels = manifest.image_labels()
             sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
             entries = image_entries(labels, sizes, classes)
         else:

@@ -102,9 +102,10 @@ class TrainClassifier(StageTask):
         trainval = manifest.split("trainval")
         common = dict(input_size=self.classifier_input_size, mean=model.mean, std=model.std, seed=self.seed)
         if self.classifier_mode == "image_labels":
-            labels = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+            labels = manifest.image_labels()
             dataset = image_label_dataset(trainval, labels, classes, **common)
-            source = {"labels": "objects of the trainval images (all, difficult included)"}
+            source = {"labels": "objects of the trainval images (all, difficult included)" if len(manifest.objects)
+                      else "classes clicked in each trainval image (no ground truth)"}
         else:
             path = self.input_dir() / "selected.parquet"
             selected = pd.read_parquet(path)

@@ -125,6 +125,18 @@ def test_every_click_format_gives_the_same_manifest(folder, tmp_path, fmt):
     assert list(m.images.split) == list(ref.images.split)
 
 
+def test_image_labels_come_from_clicks_without_ground_truth(folder, tmp_path):
+    """The image-label-only baseline needs image-level labels: the ground truth's classes when there is one, else
+    the classes clicked in each image."""
+    m = build_image_manifest(folder, write_csv_clicks(tmp_path / "c.csv"))
+    labels = m.image_labels()
+    assert sorted(set(map(tuple, labels.to_numpy().tolist()))) == sorted({(i, c) for i, c, _, _ in CLICKS})
+    with_gt = Manifest(m.images, pd.DataFrame({"image_id": ["a/0001", "top"], "class": ["cat", "dog"]}),
+                       m.clicks, m.classes)
+    # ground truth of trainval images only ("top" has no click: split unclicked)
+    assert with_gt.image_labels().to_numpy().tolist() == [["a/0001", "cat"]]
+
+
 def test_classes_option_fixes_order_and_rejects_other_classes(folder, tmp_path):
     clicks = write_csv_clicks(tmp_path / "c.csv")
     m = build_image_manifest(folder, clicks, classes=["dog", "cat", "bird"])
