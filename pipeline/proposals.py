@@ -166,16 +166,25 @@ def _mp_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def iter_proposals(paths: Sequence[str | os.PathLike], params: SelectiveSearchParams | None = None,
                    workers: int = 1, progress: bool = True, desc: str = "selective search",
                    ) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
     """``(boxes, (width, height))`` for each image path, in the order of ``paths``.
 
-    ``workers`` > 1 spreads images over that many processes (each with one OpenCV thread); the results do not
-    depend on ``workers``. Read errors name the file (:class:`pipeline.imageio.ImageReadError`).
+    ``workers`` > 1 spreads images over that many processes (each with one OpenCV thread), 0 over one per core
+    this process may use (:func:`available_cores`); the results do not depend on ``workers``. Read errors name the file (:class:`pipeline.imageio.ImageReadError`).
     """
     params = params or SelectiveSearchParams()
     jobs = [(str(p), params.as_dict()) for p in paths]
+    workers = available_cores() if workers == 0 else workers
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
     try:
         if workers <= 1 or len(jobs) <= 1:

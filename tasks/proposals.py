@@ -37,8 +37,9 @@ class _SelectiveSearchParams:
     min_size = luigi.FloatParameter(default=20.0, description="drop boxes with a side shorter than this (px)")
     max_boxes = luigi.OptionalIntParameter(default=None,
                                            description="keep at most this many boxes per image (seeded subset)")
-    ss_workers = luigi.IntParameter(default=1, significant=False,
-                                    description="processes per shard (results do not depend on it)")
+    ss_workers = luigi.IntParameter(default=0, significant=False,
+                                    description="processes per shard; 0: one per core (results do not depend on "
+                                                "it)")
 
     def ss_params(self) -> SelectiveSearchParams:
         return SelectiveSearchParams(self.mode, self.max_side, self.min_size, self.max_boxes, self.seed)

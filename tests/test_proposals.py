@@ -33,6 +33,9 @@ def test_selective_search_deterministic_inside_image_original_coordinates(sample
     first = compute_proposals(paths, params, workers=1, progress=False)
     again = compute_proposals(paths, params, workers=1, progress=False)
     in_two = compute_proposals(paths, params, workers=2, progress=False)
+    per_core = compute_proposals(paths, params, workers=0, progress=False)  # the default: one process per core
+    for a, d in zip(first, per_core):
+        np.testing.assert_array_equal(a, d)
     for path, a, b, c in zip(paths, first, again, in_two):
         img = read_image(path)
         h, w = img.shape[:2]
