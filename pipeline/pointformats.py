@@ -247,6 +247,14 @@ def _coco_tables(path: Path, data: dict):
     return images, cats, data["annotations"]
 
 
+def _check_coco_refs(ann: dict, images: dict, cats: dict, where: str, error: type[Exception]) -> None:
+    """An annotation's ``image_id`` and ``category_id`` must name an image and a category of the file."""
+    if ann.get("image_id") not in images:
+        raise error(f"{where}: image_id {ann.get('image_id')!r} is not among the file's images")
+    if ann.get("category_id") not in cats:
+        raise error(f"{where}: category_id {ann.get('category_id')!r} is not among the file's categories")
+
+
 def _coco_where(ann, i: int) -> str:
     return f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann else f"annotations[{i}]"
 
@@ -277,11 +285,7 @@ def _read_coco(path: Path, data: dict, ignored: Counter) -> list:
         else:
             ignored["annotation without keypoints or point"] += 1
             continue
-        if ann.get("image_id") not in images:
-            raise ClickFileError(f"{path}:{where}: image_id {ann.get('image_id')!r} is not among the file's images")
-        if ann.get("category_id") not in cats:
-            raise ClickFileError(f"{path}:{where}: category_id {ann.get('category_id')!r} is not among the file's "
-                                 f"categories")
+        _check_coco_refs(ann, images, cats, f"{path}:{where}", ClickFileError)
         im = images[ann["image_id"]]
         annotator = _int_field(ann.get("annotator", 1), path, where, "annotator")
         object_index = _int_field(ann.get("object_index", -1), path, where, "object_index")
@@ -512,11 +516,7 @@ def read_coco_boxes(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
         where = _coco_where(ann, i)
         if not isinstance(ann, dict) or ann.get("bbox") is None:
             continue
-        if ann.get("image_id") not in images:
-            raise AnnotationError(f"{path}:{where}: image_id {ann.get('image_id')!r} is not among the file's images")
-        if ann.get("category_id") not in cats:
-            raise AnnotationError(f"{path}:{where}: category_id {ann.get('category_id')!r} is not among the file's "
-                                  f"categories")
+        _check_coco_refs(ann, images, cats, f"{path}:{where}", AnnotationError)
         box = ann["bbox"]
         try:
             x, y, w, h = (float(v) for v in box)

@@ -12,6 +12,7 @@ Markers (registered in pyproject.toml; ``make test-fast`` runs ``-m "not slow"``
   run-to-run noise of 2 shared cores, where a 2 s test has measured 5 s).
 """
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,21 @@ def pytest_configure(config):
 def _threads():
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """A 4+1 image synthetic VOC2007 root (96 px) with its clicks_trainval.csv beside it."""
+    from pipeline.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, n_trainval=4, n_test=1, image_size=96, seed=3)
+    return out
+
+
+@pytest.fixture
+def voc(synth_root, tmp_path) -> Path:
+    """A private copy of the synthetic root (VOC2007/ and clicks_trainval.csv) to damage."""
+    dst = tmp_path / "ds"
+    shutil.copytree(synth_root, dst)
+    return dst

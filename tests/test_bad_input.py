@@ -3,7 +3,6 @@ and the problem, or takes a documented fallback that the stage report counts; up
 and nothing incomplete is published. Library-level checks of the same readers are in test_voc.py,
 test_clicks.py, test_dataset.py, test_selection.py, test_boxes.py and test_classifier.py."""
 import errno
-import shutil
 from pathlib import Path
 
 import luigi
@@ -14,24 +13,6 @@ import pytest
 import harness as H
 
 from pipeline.io import read_json
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    """A 4+1 image synthetic VOC2007 root (96 px) with its clicks_trainval.csv beside it."""
-    from pipeline.synthetic import generate_dataset
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, n_trainval=4, n_test=1, image_size=96, seed=3)
-    return out
-
-
-@pytest.fixture
-def voc(synth_root, tmp_path) -> Path:
-    """A private copy of the synthetic root (VOC2007/ and clicks_trainval.csv) to damage."""
-    dst = tmp_path / "ds"
-    shutil.copytree(synth_root, dst)
-    return dst
 
 
 def build(task) -> tuple[bool, str]:

@@ -135,18 +135,24 @@ def test_coco_errors(tmp_path, mutate, match):
         read_coco(tmp_path / "junk.json")
 
 
-def test_export_pseudo_labels_writes_everything(tmp_path, boxes, images):
+def with_image_files(images: pd.DataFrame, tmp_path) -> pd.DataFrame:
+    """``images`` (one row per image) with ``path``: grey JPEGs of each image's size written under ``tmp_path``."""
     import cv2
 
+    imgs = images.drop_duplicates("image_id").reset_index(drop=True)
+    paths = []
+    for image_id, w, h in imgs[["image_id", "width", "height"]].itertuples(index=False):
+        p = tmp_path / f"{image_id}.jpg"
+        cv2.imwrite(str(p), np.full((int(h), int(w), 3), 120, np.uint8))
+        paths.append(str(p))
+    return imgs.assign(path=paths)
+
+
+def test_export_pseudo_labels_writes_everything(tmp_path, boxes, images):
     from pipeline.io import read_json
     from pipeline.voc import OBJECT_COLUMNS
 
-    paths = []
-    for image_id, w, h in (("000005", 500, 375), ("000007", 320, 240), ("000009", 400, 300)):
-        p = tmp_path / f"{image_id}.jpg"
-        cv2.imwrite(str(p), np.full((h, w, 3), 120, np.uint8))
-        paths.append(str(p))
-    imgs = images.drop_duplicates("image_id").assign(path=paths)
+    imgs = with_image_files(images, tmp_path)
     objects = pd.DataFrame([("000005", 0, "cat", 0, 0, 500, 200, False, False),     # IoU 0.5 with box 0
                             ("000005", 1, "person", 10, 20, 60, 375, False, False),  # IoU ~0.99 with box 1
                             ("000007", 0, "dog", 0, 0, 100, 100, False, False),      # box 2 misses
@@ -178,17 +184,10 @@ def test_export_pseudo_labels_writes_everything(tmp_path, boxes, images):
 def test_export_without_ground_truth_reports_counts_and_histograms(tmp_path, boxes, images):
     """No ground truth (a folder of images and clicks): boxes, exports and a report with per-class counts, box-size
     and score histograms and the sample grid; no metrics."""
-    import cv2
-
     from pipeline.io import read_json
     from pipeline.report import class_counts
 
-    paths = []
-    for image_id, w, h in (("000005", 500, 375), ("000007", 320, 240), ("000009", 400, 300)):
-        p = tmp_path / f"{image_id}.jpg"
-        cv2.imwrite(str(p), np.full((h, w, 3), 120, np.uint8))
-        paths.append(str(p))
-    imgs = images.drop_duplicates("image_id").assign(path=paths)
+    imgs = with_image_files(images, tmp_path)
     out = tmp_path / "stage"
     export_pseudo_labels(out, boxes, imgs, CLASSES, objects=None, report_images=3, report_worst=1)
     for name in ("pseudo_labels.csv", "coco.json", "metrics.json", "summary.md", "report/index.html",

@@ -3,7 +3,6 @@ decoding (a truncated JPEG with an end marker appended, formats sniffed from the
 are in test_bad_input.py; VOC XML and split-list values in test_voc.py."""
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -55,22 +54,6 @@ def test_exif_orientation_absent_is_1(tmp_path):
     assert exif_orientation(png) == 1
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
     assert exif_orientation(tmp_path / "junk.jpg") == 1
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    from pipeline.synthetic import generate_dataset
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, n_trainval=4, n_test=1, image_size=96, seed=3)
-    return out
-
-
-@pytest.fixture
-def voc(synth_root, tmp_path) -> Path:
-    dst = tmp_path / "ds"
-    shutil.copytree(synth_root, dst)
-    return dst
 
 
 def test_manifest_counts_exif_rotated_images_and_uses_stored_pixels(voc, caplog):

@@ -215,16 +215,22 @@ def test_click_cross_checks_duplicates_object_index_annotators(folder, tmp_path)
     assert (build_image_manifest(folder, only2, annotator=2).clicks.annotator == 2).all()
 
 
-def test_voc_root_without_test_split_and_unknown_xml_class(sample_root, tmp_path):
+def trainval_only_copy(sample_root: Path, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    """The first ``n`` trainval images of the real sample as a VOC root with a trainval list and no test.txt."""
     src = sample_root / "VOC2007"
-    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:4]
+    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:n]
     root = tmp_path / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (root / sub).mkdir(parents=True)
     for i in ids:
         shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
         shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
-    (root / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")  # no test.txt
+    (root / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
+    return root, ids
+
+
+def test_voc_root_without_test_split_and_unknown_xml_class(sample_root, tmp_path):
+    root, ids = trainval_only_copy(sample_root, tmp_path, 4)
     m = build_manifest(root, None)
     assert set(m.images.split) == {"trainval"} and len(m.images) == 4 and m.classes[0] == "aeroplane"
     from tasks.detector import EvaluateVOC07
@@ -244,15 +250,7 @@ def test_voc_root_without_test_split_and_unknown_xml_class(sample_root, tmp_path
 def test_same_pseudo_boxes_from_voc_root_image_folder_with_and_without_gt(sample_root, tmp_path):
     """On 10 voc07-sample images: the pseudo boxes of --voc-root, of --images --gt Annotations and of --images
     alone are identical (ground truth is read for the metrics only), through the whole PseudoLabels chain."""
-    src = sample_root / "VOC2007"
-    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:10]
-    root = tmp_path / "VOC2007"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (root / sub).mkdir(parents=True)
-    for i in ids:
-        shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-        shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
-    (root / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
+    root, ids = trainval_only_copy(sample_root, tmp_path, 10)
     raw = pd.read_csv(sample_root / "clicks_trainval.csv", dtype={"image_id": str})
     clicks = tmp_path / "clicks.csv"
     raw[raw.image_id.isin(ids)].to_csv(clicks, index=False)
