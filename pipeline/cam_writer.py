@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,7 +24,6 @@ from .cam_crops import FUSIONS, extract_crops, fusion_weights, paste_maps
 from .cam_methods import BaseCAM, make_cam
 from .cam_store import (STORE_FORMAT, CamStore, build_index, part_name, partition_digest, plan_parts, plan_record,
                         shard_parts, store_map, store_summary)
-from .device import HeapGuard
 from .imageio import ImageReadError, read_image
 from .io import atomic_path, read_json, write_csv, write_json
 
@@ -260,7 +259,6 @@ class _PassContext:
     compression_level: int
     inspect: set  # image ids whose crops' maps are stored too
     bar: tqdm
-    heap: HeapGuard = field(default_factory=HeapGuard)  # bounds malloc's kept heap across passes
 
 
 def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Iterator, by_image: dict,
@@ -313,8 +311,6 @@ def _run_pass(ctx: _PassContext, pending: list, f: h5py.File) -> int:
             fused = paste_maps(m, e.crops, hw, fusion_weights(ctx.fusion, p)).cpu().numpy()
             _store_entry(ctx, f, e, fused, p, m if image_id in ctx.inspect else None)
     ctx.bar.update(k)
-    del maps, probs, gpu_imgs
-    ctx.heap.step()
     return k
 
 

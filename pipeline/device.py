@@ -60,40 +60,6 @@ def release_freed_memory() -> bool:
     return bool(trim(0))
 
 
-def current_rss_mb() -> float:
-    """This process's resident memory now, MB (Linux ``/proc/self/statm``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class HeapGuard:
-    """Bounds the heap that :func:`keep_freed_memory` keeps: call :meth:`step` after each unit of work (a CAM
-    pass, a training step); the first ``warmup`` calls record the resident memory of the steady state (their
-    largest), and whenever the process later holds more than ``ratio`` times that, the freed memory is handed back
-    (:func:`release_freed_memory`).
-    Passes of varying sizes fragment a heap that is never trimmed, so it grows pass after pass; trimming only then
-    keeps the page faults that :func:`keep_freed_memory` saves on all other passes."""
-
-    def __init__(self, ratio: float = 1.25, warmup: int = 3):
-        self.ratio, self.warmup = float(ratio), int(warmup)
-        self.baseline = 0.0
-        self.steps = self.releases = 0
-
-    def step(self) -> bool:
-        rss = current_rss_mb()
-        self.steps += 1
-        if self.steps <= self.warmup:  # the steady state: the largest of the first steps
-            self.baseline = max(self.baseline, rss)
-            return False
-        if rss > self.ratio * self.baseline and release_freed_memory():
-            self.releases += 1
-            return True
-        return False
-
-
 def reset_peak_rss() -> bool:
     """Reset this process's peak resident set size (Linux ``VmHWM``, through ``/proc/self/clear_refs``), so that
     :func:`peak_rss_mb` measures from now on; False where that is not possible (then it measures since start)."""

@@ -33,7 +33,6 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed as D
-from ..device import HeapGuard
 from ..io import write_csv
 from .checkpoint import CheckpointError, check_args, load_checkpoint, save_checkpoint
 
@@ -145,7 +144,6 @@ def fit(spec: FitSpec, *, resume: bool = True, progress: bool = True,
 class _Loop:
     def __init__(self, spec: FitSpec, progress: bool, on_iteration: Callable[[dict], None] | None):
         self.spec, self.on_iteration = spec, on_iteration
-        self.heap = HeapGuard()  # bounds malloc's kept heap across steps (pipeline.device)
         self.world, self.rank = D.world_size(), D.rank()
         self.main = self.rank == 0
         self.progress = progress and self.main
@@ -221,7 +219,6 @@ class _Loop:
                    leave=False, disable=not self.progress)
         for it, batch in enumerate(bar):
             loss, n = self.iteration(batch, epoch, it, len(batches))
-            self.heap.step()
             seen += n
             iterations += 1
             loss_sum += loss.double() * n
