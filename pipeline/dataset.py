@@ -72,10 +72,6 @@ class Manifest:
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-#: how the manifest's images and ground truth were given
-SOURCES = ("voc", "images")
-
-
 class DatasetError(ValueError):
     """A dataset folder, ground-truth file or class list is unusable; the message names the file and problem."""
 

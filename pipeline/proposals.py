@@ -161,9 +161,11 @@ def _proposals_for_path(job: tuple[str, dict]) -> tuple[np.ndarray, tuple[int, i
 
 
 def _mp_context():
-    # fork starts workers in milliseconds (they only use OpenCV); spawn where fork does not exist
+    # forkserver: workers fork from a clean single-threaded server process. A plain fork of the calling process
+    # copies the locks its other threads hold (OpenCV's, torch's, a luigi worker's), and the children can wait on
+    # them forever (seen in the test suite once every stage forked workers). spawn where forkserver does not exist.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def available_cores() -> int:
