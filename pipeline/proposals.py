@@ -164,8 +164,12 @@ def _mp_context():
     # forkserver: workers fork from a clean single-threaded server process. A plain fork of the calling process
     # copies the locks its other threads hold (OpenCV's, torch's, a luigi worker's), and the children can wait on
     # them forever (seen in the test suite once every stage forked workers). spawn where forkserver does not exist.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # The server imports this module once (preload), so each worker starts without importing OpenCV again.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def available_cores() -> int:
@@ -182,7 +186,9 @@ def iter_proposals(paths: Sequence[str | os.PathLike], params: SelectiveSearchPa
     """``(boxes, (width, height))`` for each image path, in the order of ``paths``.
 
     ``workers`` > 1 spreads images over that many processes (each with one OpenCV thread), 0 over one per core
-    this process may use (:func:`available_cores`); the results do not depend on ``workers``. Read errors name the file (:class:`pipeline.imageio.ImageReadError`).
+    this process may use (:func:`available_cores`); the results do not depend on ``workers``. The processes start
+    from a forkserver (spawn where there is none), so a script that calls this with ``workers != 1`` needs the
+    usual ``if __name__ == "__main__":`` guard. Read errors name the file (:class:`pipeline.imageio.ImageReadError`).
     """
     params = params or SelectiveSearchParams()
     jobs = [(str(p), params.as_dict()) for p in paths]

@@ -69,15 +69,18 @@ def stage_rows(chain: dict) -> list[dict]:
         meta = read_json(pj) if pj.is_file() else {}
         rows.append({"stage": name, "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
                      "peak_rss_children_mb": meta.get("peak_rss_children_mb"), "finished": meta.get("finished")})
-    return sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))  # in the order they ran
+    return rows
 
 
 def stage_table(chain: dict) -> str:
-    """Markdown table of :func:`stage_rows`."""
+    """Markdown table of :func:`stage_rows`, in the order the stages finished (summary.json keeps the graph's order,
+    which does not depend on the run)."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = ["| stage | seconds | peak RSS MB | peak RSS of child processes MB | finished |", "|---|---:|---:|---:|---|"]
+    lines = ["| stage | seconds | peak RSS MB | peak RSS of child processes MB | finished |",
+             "|---|---:|---:|---:|---|"]
     lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} | "
-              f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |" for r in stage_rows(chain)]
+              f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
+              for r in sorted(stage_rows(chain), key=lambda r: (r["finished"] is None, r["finished"] or ""))]
     return "\n".join(lines)
