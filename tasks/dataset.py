@@ -10,8 +10,8 @@ from pathlib import Path
 import luigi
 
 from pipeline.dataset import build_image_manifest, build_manifest
-from pipeline.pointformats import POINT_FORMATS
 from pipeline.io import write_csv
+from pipeline.pointformats import POINT_FORMATS
 
 from .base import StageTask
 
