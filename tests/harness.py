@@ -401,3 +401,23 @@ def kill_each_stage(outputs: Path, data_root: Path, rng, stages: Sequence[str] =
                     "leftover_partial": sorted(str(p.relative_to(outputs)) for p in outputs.glob("*/*.partial")),
                     "recomputed": sorted(k for k, t in first_seen.items() if end.get(k) != t)})
     return records
+
+
+def voc_sample_copy(sample_root: Path, tmp_path: Path, n: int, empty_test_list: bool = False
+                    ) -> tuple[Path, list[str]]:
+    """The first ``n`` trainval images of the real sample (``sample_root``: voc07-sample) copied as a VOC root
+    ``tmp_path/VOC2007`` with its trainval list, and an empty test list or (default) none. Returns (root, ids)."""
+    import shutil
+
+    src = Path(sample_root) / "VOC2007"
+    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:n]
+    dst = Path(tmp_path) / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (dst / sub).mkdir(parents=True)
+    for i in ids:
+        shutil.copy(src / "JPEGImages" / f"{i}.jpg", dst / "JPEGImages")
+        shutil.copy(src / "Annotations" / f"{i}.xml", dst / "Annotations")
+    (dst / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
+    if empty_test_list:
+        (dst / "ImageSets/Main/test.txt").write_text("")
+    return dst, ids

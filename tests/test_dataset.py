@@ -1,5 +1,3 @@
-import shutil
-
 import luigi
 import pandas as pd
 import pytest
@@ -8,20 +6,12 @@ from pipeline.dataset import Manifest, build_manifest
 from pipeline.imageio import ImageReadError
 from tasks import PrepareDataset
 
+import harness as H
+
 
 def _small_voc_copy(sample_root, tmp_path, n=5):
-    """A 5-image VOC root copied from the real sample (for tests that damage files)."""
-    src = sample_root / "VOC2007"
-    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:n]
-    dst = tmp_path / "VOC2007"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (dst / sub).mkdir(parents=True)
-    for i in ids:
-        shutil.copy(src / "JPEGImages" / f"{i}.jpg", dst / "JPEGImages")
-        shutil.copy(src / "Annotations" / f"{i}.xml", dst / "Annotations")
-    (dst / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
-    (dst / "ImageSets/Main/test.txt").write_text("")
-    return dst, ids
+    """A 5-image VOC root copied from the real sample (for tests that damage files), with an empty test list."""
+    return H.voc_sample_copy(sample_root, tmp_path, n, empty_test_list=True)
 
 
 def test_prepare_dataset_on_real_sample(sample_root, outputs):

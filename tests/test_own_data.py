@@ -1,7 +1,6 @@
 """Your own data: a folder of images and a click file, no boxes needed (``PrepareDataset --images``), ground truth
 optional (``--gt``), a VOC root without a test split; and the cross-checks of clicks against the dataset."""
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -217,16 +216,7 @@ def test_click_cross_checks_duplicates_object_index_annotators(folder, tmp_path)
 
 def trainval_only_copy(sample_root: Path, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     """The first ``n`` trainval images of the real sample as a VOC root with a trainval list and no test.txt."""
-    src = sample_root / "VOC2007"
-    ids = (src / "ImageSets/Main/trainval.txt").read_text().split()[:n]
-    root = tmp_path / "VOC2007"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (root / sub).mkdir(parents=True)
-    for i in ids:
-        shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-        shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
-    (root / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
-    return root, ids
+    return H.voc_sample_copy(sample_root, tmp_path, n)
 
 
 def test_voc_root_without_test_split_and_unknown_xml_class(sample_root, tmp_path):
