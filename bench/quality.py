@@ -295,13 +295,13 @@ def main(argv=None) -> int:
                   else "the same-class partition of stage 5 ")
                + "(SA-CAM + clicks, default layer; one setting changed at a time)"
                + (", and T_cam for the ensemble:" if ensemble else ":"))
-    from tasks.main import PseudoLabels, stage_table
+    from tasks.main import PseudoLabels, stage_rows, stage_table
 
     md = "\n\n".join([header, markdown(table), caption,
                       markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
                       + ", ".join(f"{k} {v}" for k, v in timings.items()),
                       "Each stage of the default SA-CAM chain (from its params.json: the run that computed it):",
-                      stage_table(PseudoLabels(**common, cam_method="sacam")._chain())])
+                      stage_table(stage_rows(PseudoLabels(**common, cam_method="sacam").stage_chain()))])
     write_text(out / "quality.md", md + "\n")
     print(md)
 

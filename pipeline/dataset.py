@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import clicks as clicks_mod
-from .imageio import ImageReadError, exif_orientation, read_image
+from .imageio import ImageReadError, exif_orientation, image_size, read_image
 from .io import read_json, write_csv, write_json
 from .voc import OBJECT_COLUMNS, VOC_CLASSES, load_voc, parse_annotation
 
@@ -199,16 +199,8 @@ def verify_images(images: pd.DataFrame, on_bad_image: str = "error") -> tuple[pd
 
 
 def header_sizes(images: pd.DataFrame) -> pd.DataFrame:
-    """``images`` with ``width, height`` read from each file's header (no decoding; stored frame)."""
-    from PIL import Image
-
-    sizes = []
-    for path in images.path:
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except (OSError, ValueError) as e:
-            raise ImageReadError(f"{path}: cannot read the image size ({e})") from None
+    """``images`` with ``width, height`` read from each file's header (:func:`pipeline.imageio.image_size`)."""
+    sizes = [image_size(p) for p in images.path]
     return images.assign(width=[w for w, _ in sizes], height=[h for _, h in sizes])
 
 

@@ -173,6 +173,11 @@ def exif_orientation(path: str | os.PathLike) -> int:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file."""
-    h, w = read_image(path, bgr=True).shape[:2]
-    return w, h
+    """(width, height) of an image file in its stored frame, from its header (no decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise ImageReadError(f"{path}: cannot read the image size ({e})") from None

@@ -35,17 +35,19 @@ class PseudoLabels(StageTask):
         }
         files = {k: str(v) for k, v in files.items() if v.exists()}
         metrics = read_json(boxes_dir / "metrics.json") if (boxes_dir / "metrics.json").is_file() else {}
-        write_json(work / "summary.json", {"stage_dirs": self._chain(), "files": files, "metrics": metrics,
-                                           "stages": stage_rows(self._chain())})
+        chain = self.stage_chain()
+        stages = stage_rows(chain)
+        write_json(work / "summary.json", {"stage_dirs": chain, "files": files, "metrics": metrics,
+                                           "stages": stages})
         lines = ["# clickscale pseudo labels", ""]
         lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in files.items()]
         inner = boxes_dir / "summary.md"
         if inner.is_file():
             lines += ["", inner.read_text().strip()]
-        lines += ["", stage_table(self._chain())]
+        lines += ["", stage_table(stages)]
         write_text(work / "summary.md", "\n".join(lines) + "\n")
 
-    def _chain(self) -> dict:
+    def stage_chain(self) -> dict:
         """Output directory of every stage this run used, upstream first (a second output of one stage, as with
         ``--cam-ensemble``, under its ``<Stage>/<hash>``)."""
         chain, task = {}, self.requires()
@@ -72,9 +74,9 @@ def stage_rows(chain: dict) -> list[dict]:
     return rows
 
 
-def stage_table(chain: dict) -> str:
-    """Markdown table of :func:`stage_rows`, in the order the stages finished (summary.json keeps the graph's order,
-    which does not depend on the run)."""
+def stage_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`stage_rows`' rows, in the order the stages finished (summary.json keeps the
+    graph's order, which does not depend on the run)."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
@@ -82,5 +84,5 @@ def stage_table(chain: dict) -> str:
              "|---|---:|---:|---:|---|"]
     lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} | "
               f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
-              for r in sorted(stage_rows(chain), key=lambda r: (r["finished"] is None, r["finished"] or ""))]
+              for r in sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))]
     return "\n".join(lines)

@@ -102,3 +102,14 @@ def voc(synth_root, tmp_path) -> Path:
     dst = tmp_path / "ds"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test, restored after it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

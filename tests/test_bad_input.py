@@ -43,20 +43,29 @@ def failed_cleanly(task, outputs: Path):
     assert H.incomplete_outputs(outputs) == []
 
 
-# -- images and annotations (PrepareDataset) ----------------------------------------------------------------
-def test_missing_image_is_an_error_or_a_counted_skip(voc, outputs):
-    img = voc / "VOC2007" / "JPEGImages" / "000002.jpg"
-    img.unlink()
+def bad_image_fails_then_is_skipped(voc: Path, outputs: Path, message: str, example: str) -> dict:
+    """PrepareDataset fails with ``message`` (its start) and publishes nothing; with ``--on-bad-image skip`` it
+    succeeds and counts one bad image whose example contains ``example``. Returns the manifest report."""
     task = prepare(voc)
     ok, msg = build(task)
-    assert not ok and msg == f"ImageReadError: {img}: image file not found"
+    assert not ok and msg.startswith(message), msg
     failed_cleanly(task, outputs)
     skip = prepare(voc, on_bad_image="skip", on_bad_click="skip")
     ok, msg = build(skip)
     assert ok, msg
     report = read_json(skip.stage_dir / "manifest.json")["report"]
-    assert report["bad_images"]["count"] == 1 and "000002.jpg: image file not found" in report["bad_images"]["examples"][0]
-    images = pd.read_csv(skip.stage_dir / "images.csv", dtype={"image_id": str})
+    assert report["bad_images"]["count"] == 1 and example in report["bad_images"]["examples"][0]
+    return report
+
+
+# -- images and annotations (PrepareDataset) ----------------------------------------------------------------
+def test_missing_image_is_an_error_or_a_counted_skip(voc, outputs):
+    img = voc / "VOC2007" / "JPEGImages" / "000002.jpg"
+    img.unlink()
+    report = bad_image_fails_then_is_skipped(voc, outputs, f"ImageReadError: {img}: image file not found",
+                                             "000002.jpg: image file not found")
+    images = pd.read_csv(prepare(voc, on_bad_image="skip", on_bad_click="skip").stage_dir / "images.csv",
+                         dtype={"image_id": str})
     assert "000002" not in set(images.image_id) and len(images) == 4
     # its clicks now name an image that is not in the dataset: skipped and counted too
     assert report["clicks"]["skipped_by_reason"] == {"unknown image": report["clicks"]["skipped"]}
@@ -80,16 +89,8 @@ def test_truncated_jpeg_with_an_end_marker_appended(voc, outputs):
     img = voc / "VOC2007" / "JPEGImages" / "000003.jpg"
     data = img.read_bytes()
     img.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
-    task = prepare(voc)
-    ok, msg = build(task)
-    assert not ok and msg.startswith(f"ImageReadError: {img}: corrupt JPEG: the decoder reports 'Corrupt JPEG data: "
-                                     f"premature end of data segment'"), msg
-    failed_cleanly(task, outputs)
-    skip = prepare(voc, on_bad_image="skip", on_bad_click="skip")
-    ok, msg = build(skip)
-    assert ok, msg
-    report = read_json(skip.stage_dir / "manifest.json")["report"]
-    assert report["bad_images"]["count"] == 1 and "000003.jpg: corrupt JPEG" in report["bad_images"]["examples"][0]
+    bad_image_fails_then_is_skipped(voc, outputs, f"ImageReadError: {img}: corrupt JPEG: the decoder reports "
+                                    "'Corrupt JPEG data: premature end of data segment'", "000003.jpg: corrupt JPEG")
 
 
 def test_split_list_id_with_a_space(voc, outputs):

@@ -21,12 +21,7 @@ CLASSES = ("cat", "dog", "cow")
 BOX = ["x1", "y1", "x2", "y2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def small_cfg(**kw) -> DetectorConfig:

@@ -19,12 +19,7 @@ from pipeline.engine import (CheckpointError, EpochStats, FitSpec, NonFiniteLoss
 import nets
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 # --------------------------------------------------------------------------------------------------- a toy task

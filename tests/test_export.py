@@ -361,7 +361,7 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
     assert params["stores_partial"] == 1
     from tasks.main import PseudoLabels  # its summary lists both CAM stages (and both classifiers)
 
-    chain = PseudoLabels(**task.param_kwargs)._chain()
+    chain = PseudoLabels(**task.param_kwargs).stage_chain()
     assert chain["GenerateCAMs"] == str(main_cams.stage_dir.resolve())
     assert chain[lite1_cams.stage_ref] == str(lite1_cams.stage_dir.resolve())
     assert lite1_cams.requires()["classifier"].stage_ref in chain

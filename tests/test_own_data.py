@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.clicks import ClickFileError
 from pipeline.dataset import DatasetError, Manifest, build_image_manifest, build_manifest, scan_images
+from pipeline.imageio import ImageReadError
 
 import harness as H
 
@@ -62,6 +63,12 @@ def test_images_and_clicks_without_ground_truth(folder, tmp_path):
     assert dict(zip(m.images.image_id, m.images.split)) == {"a/0001": "trainval", "b/0001": "trainval",
                                                             "b/deep/x": "trainval", "top": "unclicked"}
     assert m.objects.empty and m.report["ground_truth"] is False and m.report["source"] == "images"
+    # without the decoding check the sizes come from the files' headers: the same
+    quick = build_image_manifest(folder, tmp_path / "c.csv", check_images=False)
+    pd.testing.assert_frame_equal(quick.images, m.images)
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match=r"broken.png: cannot read the image size"):
+        build_image_manifest(folder, tmp_path / "c.csv", check_images=False)
     assert sorted(zip(m.clicks.image_id, m.clicks["class"], m.clicks.x, m.clicks.y)) == sorted(CLICKS)
     assert list(m.clicks.click_id) == list(range(4))
     m.save(tmp_path / "m")
