@@ -246,21 +246,19 @@ def _score(mode: str, cam: np.ndarray, norm: np.ndarray, region: np.ndarray,
 
 
 # -- one click ---------------------------------------------------------------------------------------------
-def box_from_cam(cam: np.ndarray, x: float, y: float, n_image_classes: int = 1,
-                 params: BoxParams | None = None, others: np.ndarray | None = None) -> BoxResult:
-    """One click's pseudo box from its fused map (``HxW``, the image's size). See the module docstring.
-
-    ``others``: the other clicks ``(K, 2)`` to partition the map against (the caller picks them by
-    ``params.partition``; ignored when it is ``"none"``)."""
-    params = params or BoxParams()
-    t = cam_threshold(params.threshold_rule, params.threshold_value, n_image_classes)
+def _prepared_map(cam: np.ndarray, x: float, y: float, params: BoxParams,
+                  others: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray, str]:
+    """``(normalised map or None, the map the score reads, status)``: step 0 (partition) and step 1 (normalise)."""
     if others is not None and len(others) and params.partition != "none":
         cam = np.asarray(cam, dtype=np.float32)
         if cam.ndim == 2 and cam.size and np.isfinite(cam).all():  # else: reported "nonfinite" below, not cut away
             cam = np.where(voronoi_cell(cam.shape, x, y, others), cam, cam.min())
     norm, status = normalize_map(cam)
-    if norm is None:
-        return BoxResult(None, 0.0, status, t)
+    return norm, cam, status
+
+
+def _box_at(norm: np.ndarray, cam: np.ndarray, x: float, y: float, t: float, params: BoxParams) -> BoxResult:
+    """Steps 2-5 on a normalised map at threshold ``t``."""
     h, w = norm.shape
     _, labels = _components(norm >= t)
     lab = click_region(labels, x, y)
@@ -271,6 +269,28 @@ def box_from_cam(cam: np.ndarray, x: float, y: float, n_image_classes: int = 1,
     if box[2] - box[0] < params.min_side or box[3] - box[1] < params.min_side:
         return BoxResult(None, box_mean(norm, box), "degenerate", t)
     return BoxResult(box, _score(params.score, cam, norm, region, box), "ok", t)
+
+
+def box_from_cam(cam: np.ndarray, x: float, y: float, n_image_classes: int = 1,
+                 params: BoxParams | None = None, others: np.ndarray | None = None) -> BoxResult:
+    """One click's pseudo box from its fused map (``HxW``, the image's size). See the module docstring.
+
+    ``others``: the other clicks ``(K, 2)`` to partition the map against (the caller picks them by
+    ``params.partition``; ignored when it is ``"none"``)."""
+    params = params or BoxParams()
+    t = cam_threshold(params.threshold_rule, params.threshold_value, n_image_classes)
+    return boxes_at_thresholds(cam, x, y, [t], params, others)[0]
+
+
+def boxes_at_thresholds(cam: np.ndarray, x: float, y: float, thresholds: Sequence[float],
+                        params: BoxParams | None = None, others: np.ndarray | None = None) -> list[BoxResult]:
+    """:func:`box_from_cam` at each of several thresholds (0..255) of one map, partitioned and normalised once
+    (``params``' threshold rule is not used)."""
+    params = params or BoxParams()
+    norm, cam, status = _prepared_map(cam, x, y, params, others)
+    if norm is None:
+        return [BoxResult(None, 0.0, status, float(t)) for t in thresholds]
+    return [_box_at(norm, cam, x, y, float(t), params) for t in thresholds]
 
 
 def box_from_image_cam(cam: np.ndarray, n_image_classes: int = 1, params: BoxParams | None = None) -> BoxResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import clicks as clicks_mod
+from .clickpairs import pair_clicks
 from .imageio import ImageReadError, exif_orientation, image_size, read_image
 from .io import read_json, write_csv, write_json
 from .voc import OBJECT_COLUMNS, VOC_CLASSES, load_voc, parse_annotation
@@ -206,7 +208,7 @@ def header_sizes(images: pd.DataFrame) -> pd.DataFrame:
 
 def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike | None = None,
                    splits: Sequence[str] = ("trainval", "test"), classes: Sequence[str] | None = None,
-                   annotator: int = 1, on_bad_click: str = "error", on_bad_image: str = "error",
+                   annotator: int | Sequence[int] = 1, on_bad_click: str = "error", on_bad_image: str = "error",
                    check_images: bool = True, click_sigma: float = 0.08, seed: int = 0,
                    clicks_format: str = "auto") -> Manifest:
     """Read and validate a VOC root and its clicks.
@@ -217,6 +219,9 @@ def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike |
     - Clicks come from ``clicks_path`` (any :data:`pipeline.pointformats.POINT_FORMATS`, validated by
       :func:`pipeline.clicks.read_clicks` and :func:`check_clicks`), or are simulated from the trainval ground
       truth with ``click_sigma`` and ``seed`` when no file is given.
+    - ``annotator``: one id (that annotator's clicks), or two (:func:`annotator_ids`): each object's two clicks
+      are paired (:func:`pipeline.clickpairs.pair_clicks`); the clicks table then holds the pair's mean in ``x, y``
+      and both clicks in :data:`pipeline.clickpairs.PAIR_COLUMNS`.
     """
     voc_root = Path(voc_root)
     images, objects = load_voc(voc_root, splits, classes)
@@ -232,16 +237,20 @@ def build_manifest(voc_root: str | os.PathLike, clicks_path: str | os.PathLike |
                                             clicks_format)
     else:
         tv_objects = objects[objects.image_id.isin(set(trainval.image_id))]
-        clicks = clicks_mod.simulate_clicks(tv_objects, sigma=click_sigma, annotators=1, seed=seed)
+        ids = annotator_ids(annotator)
+        clicks = clicks_mod.simulate_clicks(tv_objects, sigma=click_sigma, annotators=max(ids), seed=seed)
+        clicks = clicks[clicks.annotator.isin(ids)].reset_index(drop=True)
         click_report = {"source": "simulated", "sigma": click_sigma, "seed": seed, "kept": len(clicks),
-                        "annotator": annotator}
+                        "annotator": ids[0] if len(ids) == 1 else ids}
+        if len(ids) == 2:
+            clicks, click_report["pairs"] = pair_clicks(clicks, ids)
     return _manifest(images, objects, clicks, classes, click_report, report, str(voc_root.resolve()))
 
 
 def build_image_manifest(images_dir: str | os.PathLike, clicks_path: str | os.PathLike,
                          gt: str | os.PathLike | None = None, classes: Sequence[str] | None = None,
-                         annotator: int = 1, on_bad_click: str = "error", on_bad_image: str = "error",
-                         check_images: bool = True, clicks_format: str = "auto") -> Manifest:
+                         annotator: int | Sequence[int] = 1, on_bad_click: str = "error",
+                         on_bad_image: str = "error", check_images: bool = True, clicks_format: str = "auto") -> Manifest:
     """A folder of images (:func:`scan_images`) and a click file, ground truth optional (:func:`read_ground_truth`,
     used for metrics only).
 
@@ -289,13 +298,32 @@ def _read_clicks(path, images, classes, objects, annotator, on_bad, fmt) -> tupl
     if not present:
         raise clicks_mod.ClickFileError(f"{path}: no usable click in the file ({report['rows']} rows, "
                                         f"{report['skipped']} skipped: {report['skipped_by_reason']})")
-    if annotator not in present:
-        raise clicks_mod.ClickFileError(f"{path}: no click of annotator {annotator}; annotators present: {present} "
-                                        "(choose one with --annotator)")
-    clicks = clicks[clicks.annotator == annotator].reset_index(drop=True)
-    clicks, checked = check_clicks(clicks, objects, path, on_bad)
-    report.update({"source": "file", "annotator": annotator, "annotators_in_file": present, **checked})
+    ids = annotator_ids(annotator)
+    absent = [a for a in ids if a not in present]
+    if absent:
+        raise clicks_mod.ClickFileError(
+            f"{path}: no click of annotator {absent[0]}; annotators present: {present} "
+            + ("(choose one with --annotator)" if len(ids) == 1 else "(choose two with --annotators)"))
+    parts, checked = [], Counter()
+    for a in ids:  # each annotator's clicks are checked on their own (two annotators may click alike)
+        part, counts = check_clicks(clicks[clicks.annotator == a].reset_index(drop=True), objects, path, on_bad)
+        parts.append(part)
+        checked.update(counts)
+    clicks = pd.concat(parts, ignore_index=True)
+    report.update({"source": "file", "annotator": ids[0] if len(ids) == 1 else ids, "annotators_in_file": present,
+                   "duplicates": checked["duplicates"], "bad_object_index": checked["bad_object_index"]})
+    if len(ids) == 2:
+        clicks, report["pairs"] = pair_clicks(clicks, ids)
     return clicks, report
+
+
+def annotator_ids(annotator: int | Sequence[int]) -> list[int]:
+    """``annotator`` as a list: one id (one click per object) or two distinct ids (a click pair per object,
+    :func:`pipeline.clickpairs.pair_clicks`). ValueError otherwise."""
+    ids = [int(annotator)] if np.isscalar(annotator) else [int(a) for a in annotator]
+    if len(ids) not in (1, 2) or len(set(ids)) != len(ids):
+        raise ValueError(f"annotators: one id or two distinct ids, got {ids}")
+    return ids
 
 
 def check_clicks(clicks: pd.DataFrame, objects: pd.DataFrame | None, path, on_bad: str = "error"

@@ -39,7 +39,12 @@ class PrepareDataset(StageTask):
                                           description="format of --clicks (auto: by extension and content)")
     classes = luigi.Parameter(default="", description="comma-separated class list and order; empty: VOC's classes "
                                                       "(VOC root) or the sorted classes of the clicks (--images)")
-    annotator = luigi.IntParameter(default=1, description="which annotator's clicks to use")
+    annotator = luigi.IntParameter(default=1, description="which annotator's clicks to use (one click per object)")
+    clicks_per_object = luigi.ChoiceParameter(choices=["1", "2"], default="1",
+                                              description="2: pair two annotators' clicks of each object (paper "
+                                                          "001): their mean is the click, their distance an "
+                                                          "estimate of the object's size (docs/method.md)")
+    annotators = luigi.Parameter(default="1,2", description="with --clicks-per-object 2: the two annotators")
     on_bad_click = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
     on_bad_image = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
     click_sigma = luigi.FloatParameter(default=0.08, description="error of simulated clicks, x box side")
@@ -51,7 +56,8 @@ class PrepareDataset(StageTask):
 
     #: parameters that change the clicks only, never the images (the synthetic images depend on the seed and the
     #: synth_* sizes, not on click_sigma); ``gt`` is read for the metrics only
-    CLICK_PARAMS = ("clicks", "clicks_format", "annotator", "on_bad_click", "click_sigma", "gt", "classes")
+    CLICK_PARAMS = ("clicks", "clicks_format", "annotator", "clicks_per_object", "annotators", "on_bad_click",
+                    "click_sigma", "gt", "classes")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,6 +67,7 @@ class PrepareDataset(StageTask):
             raise ValueError("PrepareDataset --images needs --clicks (a click file)")
         if self.gt and not self.images:
             raise ValueError("PrepareDataset --gt goes with --images (a VOC root's ground truth is its Annotations/)")
+        self.annotator_ids()  # a bad --annotators fails here, before any stage runs
 
     def requires(self):
         return []
@@ -71,7 +78,8 @@ class PrepareDataset(StageTask):
         only the images (selective search) hash this instead of ``stage_ref``, so another click file or annotator
         reuses their outputs. With ``--images`` the trainval split is the images that have clicks, so there the
         click parameters (not ``gt``) stay in."""
-        keep = ("clicks", "clicks_format", "annotator", "on_bad_click", "classes") if self.images else ()
+        keep = ("clicks", "clicks_format", "annotator", "clicks_per_object", "annotators", "on_bad_click",
+                "classes") if self.images else ()
         params = {k: v for k, v in self.significant_params().items() if k not in self.CLICK_PARAMS or k in keep}
         blob = json.dumps({"stage": self.task_family, "version": self.stage_version, "images": params},
                           sort_keys=True)
@@ -102,8 +110,20 @@ class PrepareDataset(StageTask):
                               image_size=self.synth_size, seed=self.seed, click_sigma=self.click_sigma)
         return root, Path(self.clicks) if self.clicks else out / "clicks_trainval.csv"
 
+    def annotator_ids(self) -> int | list[int]:
+        """``--annotator``, or the two ``--annotators`` with ``--clicks-per-object 2`` (checked at creation)."""
+        if self.clicks_per_object == "1":
+            return self.annotator
+        try:
+            ids = [int(a) for a in self.annotators.split(",") if a.strip()]
+        except ValueError:
+            ids = []
+        if len(ids) != 2 or ids[0] == ids[1]:
+            raise ValueError(f"--annotators {self.annotators!r}: two distinct annotator ids, e.g. 1,2")
+        return ids
+
     def run_stage(self, work: Path) -> None:
-        common = dict(classes=self.class_list(), annotator=self.annotator, on_bad_click=self.on_bad_click,
+        common = dict(classes=self.class_list(), annotator=self.annotator_ids(), on_bad_click=self.on_bad_click,
                       on_bad_image=self.on_bad_image, clicks_format=self.clicks_format)
         if self.images:
             manifest = build_image_manifest(self.images, self.clicks, gt=self.gt or None, **common)

@@ -1,0 +1,214 @@
+"""Two clicks per object (paper 001, Papadopoulos et al., "Training object class detectors with click supervision").
+
+When two annotators click the center of the same object, their errors are independent and grow with the object, so
+
+* the pair's **mean** is a better center than either click (:func:`pair_clicks` puts it in ``x, y``), and
+* the **distance** between the two clicks is evidence on the object's size: :class:`AreaModel` maps it to an
+  expected log area ``mu(d) = a + b log d`` with a spread ``sigma``, and :func:`area_score` is the paper's box area
+  score ``exp(-(log area - mu)^2 / (2 sigma^2))`` of a box against that expectation.
+
+The area model is fitted without the evaluated boxes: on reference boxes of *other* images only
+(:func:`crossfit_area`, folds of images), the reference boxes being either the pipeline's own one-click CAM boxes
+(self-calibration, the default) or a small annotated set (``--area-calibration``). docs/method.md (two clicks) has
+the derivation and the choices; docs/results.md the measurements.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+#: columns :func:`pair_clicks` adds to a click table: both clicks of the pair (``*_b`` NaN for a lone click)
+PAIR_COLUMNS = ["n_clicks", "x_a", "y_a", "x_b", "y_b"]
+
+
+def pair_clicks(clicks: pd.DataFrame, annotators: Sequence[int] = (1, 2)) -> tuple[pd.DataFrame, dict]:
+    """One row per object from the clicks of two annotators.
+
+    ``clicks`` has ``image_id, class, x, y, annotator, object_index`` (``object_index`` -1 when unknown). Clicks
+    of the two ``annotators`` are paired by ``(image_id, object_index)`` where both carry an index; the others by
+    an optimal assignment (Hungarian, :func:`scipy.optimize.linear_sum_assignment`, on the Euclidean distance)
+    between the two annotators' clicks of the same image and class. A click left without a partner stays a lone
+    click (``n_clicks = 1``), counted in the report. ``x, y`` of a pair is its mean; ``x_a, y_a`` the first
+    annotator's click, ``x_b, y_b`` the second's (NaN for a lone click, whose own click is ``x_a, y_a``).
+
+    Returns ``(objects, report)``: the rows keep the input's other columns of the first annotator's click (its
+    ``annotator`` for a lone click), ordered by image, class, object_index and position;
+    ``report = {"annotators", "pairs", "by_object_index", "by_assignment", "lone": {annotator: n}}``.
+    ValueError when ``annotators`` is not two distinct ids, or when an ``object_index`` pairs clicks of two
+    classes or holds two clicks of one annotator.
+    """
+    ann = [int(a) for a in annotators]
+    if len(ann) != 2 or ann[0] == ann[1]:
+        raise ValueError(f"two distinct annotators are needed to pair clicks, got {list(annotators)}")
+    missing = {"image_id", "class", "x", "y", "annotator"} - set(clicks.columns)
+    if missing:
+        raise ValueError(f"clicks table lacks columns {sorted(missing)}")
+    df = clicks[clicks["annotator"].isin(ann)].copy()
+    if "object_index" not in df:
+        df["object_index"] = -1
+    df["image_id"] = df["image_id"].astype(str)
+    a_rows, b_rows = df[df.annotator == ann[0]], df[df.annotator == ann[1]]
+    pairs: list[tuple[int, int]] = []  # (index in df of the a click, of the b click)
+    by_index = _pair_by_object_index(a_rows, b_rows, pairs)
+    used = {i for p in pairs for i in p}
+    by_assignment = _pair_by_assignment(a_rows[~a_rows.index.isin(used)], b_rows[~b_rows.index.isin(used)], pairs)
+    used = {i for p in pairs for i in p}
+    out = []
+    for ia, ib in pairs:
+        a, b = df.loc[ia], df.loc[ib]
+        row = a.to_dict()
+        row.update(x=(a.x + b.x) / 2, y=(a.y + b.y) / 2, n_clicks=2, x_a=a.x, y_a=a.y, x_b=b.x, y_b=b.y)
+        if int(row["object_index"]) < 0:
+            row["object_index"] = int(b.object_index)
+        out.append(row)
+    lone = df[~df.index.isin(used)]
+    for _, r in lone.iterrows():
+        out.append({**r.to_dict(), "n_clicks": 1, "x_a": r.x, "y_a": r.y, "x_b": np.nan, "y_b": np.nan})
+    cols = list(df.columns) + [c for c in PAIR_COLUMNS if c not in df.columns]
+    objects = pd.DataFrame(out, columns=cols)
+    objects = objects.astype({"n_clicks": int, "object_index": int, "annotator": int})
+    objects = objects.sort_values(["image_id", "class", "object_index", "x_a", "y_a"], kind="mergesort")
+    report = {"annotators": ann, "pairs": len(pairs), "by_object_index": by_index, "by_assignment": by_assignment,
+              "lone": {int(a): int((lone.annotator == a).sum()) for a in ann}}
+    return objects.reset_index(drop=True), report
+
+
+def _pair_by_object_index(a_rows: pd.DataFrame, b_rows: pd.DataFrame, pairs: list) -> int:
+    a_idx, b_idx = a_rows[a_rows.object_index >= 0], b_rows[b_rows.object_index >= 0]
+    for name, rows in (("first", a_idx), ("second", b_idx)):
+        dup = rows.duplicated(["image_id", "object_index"], keep=False)
+        if dup.any():
+            r = rows[dup].iloc[0]
+            raise ValueError(f"the {name} annotator ({int(r.annotator)}) clicked object {int(r.object_index)} of "
+                             f"image {r.image_id} {int(dup.sum())} times; one click per object and annotator")
+    b_by_key = {(r.image_id, int(r.object_index)): i for i, r in b_idx.iterrows()}
+    n = 0
+    for i, r in a_idx.iterrows():
+        j = b_by_key.get((r.image_id, int(r.object_index)))
+        if j is None:
+            continue
+        if b_idx.at[j, "class"] != r["class"]:
+            raise ValueError(f"object {int(r.object_index)} of image {r.image_id}: annotator {int(r.annotator)} "
+                             f"says {r['class']!r}, annotator {int(b_idx.at[j, 'annotator'])} says "
+                             f"{b_idx.at[j, 'class']!r}")
+        pairs.append((i, j))
+        n += 1
+    return n
+
+
+def _pair_by_assignment(a_rows: pd.DataFrame, b_rows: pd.DataFrame, pairs: list) -> int:
+    """Hungarian assignment on distance within each (image, class); returns the number of pairs added."""
+    n = 0
+    b_groups = {k: g for k, g in b_rows.groupby(["image_id", "class"], sort=False)}
+    for key, ga in a_rows.groupby(["image_id", "class"], sort=True):
+        gb = b_groups.get(key)
+        if gb is None:
+            continue
+        pa, pb = ga[["x", "y"]].to_numpy(float), gb[["x", "y"]].to_numpy(float)
+        cost = np.hypot(pa[:, None, 0] - pb[None, :, 0], pa[:, None, 1] - pb[None, :, 1])
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows, cols):
+            pairs.append((ga.index[r], gb.index[c]))
+            n += 1
+    return n
+
+
+def pair_distance(objects: pd.DataFrame) -> np.ndarray:
+    """Distance in pixels between the two clicks of each object (NaN for a lone click)."""
+    return np.hypot(objects["x_a"].to_numpy(float) - objects["x_b"].to_numpy(float),
+                    objects["y_a"].to_numpy(float) - objects["y_b"].to_numpy(float))
+
+
+# -- the box area score -----------------------------------------------------------------------------------
+#: a pair distance below this many pixels counts as this many (two clicks on one pixel say "small", not "empty")
+MIN_DISTANCE_PX = 1.0
+
+
+@dataclass(frozen=True)
+class AreaModel:
+    """Expected log area (pixels^2) of an object from its click pair's distance ``d`` (pixels):
+    ``mu = intercept + slope * log(max(d, MIN_DISTANCE_PX))``, with ``sigma`` the spread of the true log area
+    about ``mu`` (residual standard deviation of the fit)."""
+
+    intercept: float
+    slope: float
+    sigma: float
+
+    def expected_log_area(self, distance) -> np.ndarray:
+        d = np.maximum(np.asarray(distance, dtype=float), MIN_DISTANCE_PX)
+        return self.intercept + self.slope * np.log(d)
+
+
+def fit_area_model(distance, area, slope: float | None = None) -> AreaModel:
+    """Least-squares fit of ``log area`` on ``log distance`` (pairs with a finite distance and a positive area).
+
+    ``slope=None`` fits the slope; a number fixes it (2.0: click errors proportional to the object's side, so the
+    distance grows like the square root of the area) and fits the intercept alone. The slope is clipped to be at
+    least 0 (a larger distance never means a smaller object). ``sigma`` is the residual standard deviation (at
+    least 0.1). ValueError with fewer than 3 usable pairs."""
+    d, a = np.asarray(distance, dtype=float), np.asarray(area, dtype=float)
+    ok = np.isfinite(d) & np.isfinite(a) & (a > 0)
+    if ok.sum() < 3:
+        raise ValueError(f"fitting the area model needs at least 3 click pairs with a reference box, got {ok.sum()}")
+    x, y = np.log(np.maximum(d[ok], MIN_DISTANCE_PX)), np.log(a[ok])
+    if slope is None:
+        vx = float(np.var(x))
+        b = float(np.cov(x, y, bias=True)[0, 1] / vx) if vx > 0 else 0.0
+        b = max(b, 0.0)
+    else:
+        b = float(slope)
+    a0 = float(np.mean(y - b * x))
+    sigma = max(float(np.std(y - a0 - b * x)), 0.1)
+    return AreaModel(a0, b, sigma)
+
+
+def area_score(box_area, expected_log_area, sigma) -> np.ndarray:
+    """The paper's box area score: ``exp(-(log box_area - mu)^2 / (2 sigma^2))`` (1 when the box's area is the
+    expected one); 0 for a box without area."""
+    area = np.asarray(box_area, dtype=float)
+    with np.errstate(divide="ignore"):
+        z = (np.log(np.where(area > 0, area, np.nan)) - np.asarray(expected_log_area, float)) / np.asarray(sigma)
+    return np.nan_to_num(np.exp(-0.5 * z * z), nan=0.0)
+
+
+def image_fold(image_id: str, folds: int) -> int:
+    """A stable fold of an image (md5 of its id): the same image always falls in the same fold."""
+    return int(hashlib.md5(str(image_id).encode()).hexdigest()[:8], 16) % folds
+
+
+def crossfit_area(image_ids, distance, ref_area, folds: int = 5, slope: float | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, list[AreaModel]]:
+    """Cross-fitted expected log areas: each object's ``mu`` and ``sigma`` come from an :class:`AreaModel` fitted
+    on the reference areas (``ref_area``; NaN where an object has none) of the images of the *other* folds
+    (:func:`image_fold`), so no image's own reference box enters its estimate. Returns ``(mu, sigma, models)``
+    (``mu`` NaN for a lone click)."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    ids = [str(i) for i in image_ids]
+    d, ref = np.asarray(distance, float), np.asarray(ref_area, float)
+    fold = np.array([image_fold(i, folds) for i in ids])
+    mu, sigma, models = np.full(len(ids), np.nan), np.full(len(ids), np.nan), []
+    for f in range(folds):
+        model = fit_area_model(d[fold != f], ref[fold != f], slope=slope)
+        models.append(model)
+        here = fold == f
+        mu[here] = np.where(np.isfinite(d[here]), model.expected_log_area(d[here]), np.nan)
+        sigma[here] = model.sigma
+    return mu, sigma, models
+
+
+def log_area(boxes) -> np.ndarray:
+    """``log((x2 - x1) * (y2 - y1))`` of ``(N, 4)`` boxes (NaN for an empty box)."""
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area > 0, np.log(np.where(area > 0, area, 1.0)), np.nan)
+
+
+__all__ = ["PAIR_COLUMNS", "MIN_DISTANCE_PX", "AreaModel", "pair_clicks", "pair_distance", "fit_area_model",
+           "area_score", "image_fold", "crossfit_area", "log_area"]

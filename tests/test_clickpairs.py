@@ -1,0 +1,136 @@
+"""Two clicks per object: pairing, the area model, its cross-fitting and the box area score."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.clickpairs import (AreaModel, area_score, crossfit_area, fit_area_model, image_fold, pair_clicks,
+                                 pair_distance)
+
+
+def _clicks(rows):
+    return pd.DataFrame(rows, columns=["image_id", "class", "x", "y", "annotator", "object_index"])
+
+
+def test_pairs_by_object_index_with_a_lone_click():
+    clicks = _clicks([
+        ("a", "dog", 10, 20, 1, 0), ("a", "dog", 14, 24, 2, 0),
+        ("a", "cat", 100, 50, 1, 1), ("a", "cat", 90, 60, 2, 1),
+        ("b", "dog", 5, 5, 2, 0),  # annotator 1 missed this one
+    ])
+    objects, report = pair_clicks(clicks, (1, 2))
+    assert report == {"annotators": [1, 2], "pairs": 2, "by_object_index": 2, "by_assignment": 0,
+                      "lone": {1: 0, 2: 1}}
+    dog = objects[(objects.image_id == "a") & (objects["class"] == "dog")].iloc[0]
+    assert (dog.x, dog.y, dog.n_clicks) == (12.0, 22.0, 2)
+    assert (dog.x_a, dog.y_a, dog.x_b, dog.y_b) == (10, 20, 14, 24)
+    lone = objects[objects.image_id == "b"].iloc[0]
+    assert (lone.x, lone.y, lone.n_clicks, lone.annotator) == (5, 5, 1, 2)
+    assert np.isnan(lone.x_b)
+    np.testing.assert_allclose(pair_distance(objects.iloc[:2]), sorted([np.hypot(4, 4), np.hypot(10, 10)],
+                                                                       key=lambda d: d != np.hypot(10, 10)))
+
+
+def test_pairs_by_assignment_within_image_and_class():
+    # no object_index: the nearest-total assignment, never across classes; an odd click stays alone
+    clicks = _clicks([
+        ("a", "dog", 10, 10, 1, -1), ("a", "dog", 100, 100, 1, -1), ("a", "dog", 300, 10, 1, -1),
+        ("a", "dog", 98, 103, 2, -1), ("a", "dog", 12, 9, 2, -1),
+        ("a", "cat", 11, 11, 2, -1),  # nearest to the first dog click, but another class
+    ])
+    objects, report = pair_clicks(clicks, (1, 2))
+    assert report["pairs"] == 2 and report["by_assignment"] == 2 and report["by_object_index"] == 0
+    assert report["lone"] == {1: 1, 2: 1}
+    pairs = objects[objects.n_clicks == 2].sort_values("x_a")
+    assert pairs[["x_a", "y_a", "x_b", "y_b"]].to_numpy().tolist() == [[10, 10, 12, 9], [100, 100, 98, 103]]
+    assert set(objects[objects.n_clicks == 1]["class"]) == {"dog", "cat"}
+
+
+def test_assignment_is_optimal_not_greedy():
+    # greedy nearest-first pairs 3-2 (1) and then 0-5 (5): total 6; the optimal assignment 0-2, 3-5 totals 4
+    clicks = _clicks([("a", "dog", 0, 0, 1, -1), ("a", "dog", 3, 0, 1, -1),
+                      ("a", "dog", 2, 0, 2, -1), ("a", "dog", 5, 0, 2, -1)])
+    objects, _ = pair_clicks(clicks, (1, 2))
+    assert pair_distance(objects).sum() == pytest.approx(4.0)
+    assert sorted(objects[["x_a", "x_b"]].to_numpy().tolist()) == [[0, 2], [3, 5]]
+
+
+def test_pairing_errors_name_the_problem():
+    with pytest.raises(ValueError, match="annotator 1 says 'dog', annotator 2 says 'cat'"):
+        pair_clicks(_clicks([("a", "dog", 1, 1, 1, 0), ("a", "cat", 2, 2, 2, 0)]))
+    with pytest.raises(ValueError, match="clicked object 0 of image a 2 times"):
+        pair_clicks(_clicks([("a", "dog", 1, 1, 1, 0), ("a", "dog", 2, 2, 1, 0), ("a", "dog", 2, 2, 2, 0)]))
+    with pytest.raises(ValueError, match="two distinct annotators"):
+        pair_clicks(_clicks([("a", "dog", 1, 1, 1, 0)]), (1, 1))
+
+
+def _simulated_pairs(n=4000, k=0.08, seed=0, square=False):
+    """Objects with log-uniform sides and two clicks each with per-axis error k * side (as the click simulator)."""
+    rng = np.random.default_rng(seed)
+    w, h = np.exp(rng.uniform(np.log(10), np.log(400), (2, n)))
+    if square:
+        h = w
+    ex, ey = rng.standard_normal((2, 2, n))
+    d = np.hypot(k * w * (ex[0] - ex[1]), k * h * (ey[0] - ey[1]))
+    return d, w * h
+
+
+def test_area_model_is_monotone_and_recovers_the_error_model():
+    d, area = _simulated_pairs()
+    free = fit_area_model(d, area)
+    assert free.slope > 0.5  # the distance carries the size
+    # square objects: d^2 / area ~ 2 k^2 chi2_2, so E[log area - 2 log d] = -log(4 k^2) + Euler's gamma
+    fixed = fit_area_model(*_simulated_pairs(square=True), slope=2.0)
+    assert fixed.intercept == pytest.approx(-np.log(4 * 0.08 ** 2) + np.euler_gamma, abs=0.1)
+    grid = np.array([0.0, 0.5, 1, 2, 5, 10, 50, 200])
+    for model in (free, fixed):
+        mu = model.expected_log_area(grid)
+        assert np.all(np.diff(mu) >= 0) and np.all(np.isfinite(mu))
+    # a fitted negative slope is clipped: a larger distance never predicts a smaller object
+    assert fit_area_model([1, 2, 4, 8], [100, 50, 25, 12]).slope == 0.0
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_area_model([1, np.nan, 3], [10, 10, np.nan])
+
+
+def test_crossfit_never_uses_an_images_own_reference_box():
+    d, area = _simulated_pairs(n=400, seed=1)
+    ids = [f"img{i // 2}" for i in range(len(d))]  # two objects per image
+    mu, sigma, models = crossfit_area(ids, d, area, folds=5)
+    assert len(models) == 5 and np.isfinite(mu).all()
+    # wreck the reference boxes of one image: its own estimates must not move, other folds' must
+    target = "img7"
+    mine = np.array([i == target for i in ids])
+    bad = area.copy()
+    bad[mine] = 1e9
+    mu2, sigma2, _ = crossfit_area(ids, d, bad, folds=5)
+    np.testing.assert_array_equal(mu2[mine], mu[mine])
+    np.testing.assert_array_equal(sigma2[mine], sigma[mine])
+    other_folds = np.array([image_fold(i, 5) != image_fold(target, 5) for i in ids])
+    assert np.all(mu2[other_folds] != mu[other_folds])
+    # each image's estimate is the model fitted without its fold
+    f = image_fold(target, 5)
+    np.testing.assert_allclose(mu[mine], models[f].expected_log_area(d[mine]))
+
+
+def test_area_score_hand_values():
+    assert area_score(100.0, np.log(100.0), 0.5) == pytest.approx(1.0)
+    assert area_score(100.0 * np.exp(0.5), np.log(100.0), 0.5) == pytest.approx(np.exp(-0.5))
+    assert area_score(100.0 / np.exp(1.0), np.log(100.0), 0.5) == pytest.approx(np.exp(-2.0))
+    assert area_score(0.0, 1.0, 1.0) == 0.0
+    assert AreaModel(1.0, 2.0, 0.5).expected_log_area(np.e) == pytest.approx(3.0)
+
+
+def test_manifest_with_two_annotators_pairs_every_object(sample_root):
+    from pipeline.clicks import ClickFileError
+    from pipeline.dataset import build_manifest
+
+    root, clicks = sample_root / "VOC2007", sample_root / "clicks_trainval.csv"
+    one = build_manifest(root, clicks, splits=("trainval",), annotator=1, check_images=False).clicks
+    pairs = build_manifest(root, clicks, splits=("trainval",), annotator=(1, 2), check_images=False)
+    assert pairs.report["clicks"]["pairs"]["pairs"] == len(one) == len(pairs.clicks)
+    both = pd.read_csv(clicks, dtype={"image_id": str})
+    mean = both.groupby(["image_id", "object_index"])[["x", "y"]].mean()
+    got = pairs.clicks.set_index(["image_id", "object_index"]).loc[mean.index]
+    np.testing.assert_allclose(got[["x", "y"]].to_numpy(), mean.to_numpy())
+    assert (got.n_clicks == 2).all()
+    with pytest.raises(ClickFileError, match=r"no click of annotator 3; annotators present: \[1, 2\]"):
+        build_manifest(root, clicks, splits=("trainval",), annotator=(1, 3), check_images=False)
