@@ -52,6 +52,7 @@ STATUSES = ("ok", "empty", "nonfinite", "degenerate", "missing")
 PAPER_T_SINGLE, PAPER_T_MULTI = 80.0, 120.0
 
 PSEUDO_COLUMNS = ["image_id", "class", "x1", "y1", "x2", "y2", "score", "click_id", "fallback", "status"]
+CANDIDATE_COLUMNS = ["click_id", "threshold", "x1", "y1", "x2", "y2", "score"]
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,17 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
                            params: BoxParams | None = None,
                            image_sizes: Mapping[str, tuple[int, int]] | None = None,
                            clicks: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Pseudo boxes for many CAM entries.
+    """Pseudo boxes for many CAM entries: :func:`pseudo_boxes_and_candidates` without candidates."""
+    return pseudo_boxes_and_candidates(items, fallback_boxes, n_image_classes, params, image_sizes, clicks)[0]
+
+
+def pseudo_boxes_and_candidates(items: Iterable[tuple[int, np.ndarray | None, Mapping]],
+                                fallback_boxes: pd.DataFrame, n_image_classes: Mapping[str, int],
+                                params: BoxParams | None = None,
+                                image_sizes: Mapping[str, tuple[int, int]] | None = None,
+                                clicks: pd.DataFrame | None = None, candidate_thresholds: Sequence[float] = (),
+                                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pseudo boxes for many CAM entries, and (``candidate_thresholds``) each click's boxes at those thresholds.
 
     ``items`` yields ``(entry_id, fused map or None, meta)`` (as :meth:`pipeline.cam.CamStore.load` gives) with
     meta holding ``image_id, class, x, y`` and optionally ``kind``:
@@ -356,11 +367,13 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
     ``image_sizes`` (image id -> (width, height)), when given, is checked against each map's shape (ValueError).
     ``clicks`` (``click_id, image_id, class, x, y``): all clicks of the images, for ``params.partition`` (see
     :func:`other_clicks`); without it no map is partitioned.
-    Returns :data:`PSEUDO_COLUMNS` plus ``threshold``.
+    Returns ``(boxes, candidates)``: ``boxes`` has :data:`PSEUDO_COLUMNS` plus ``threshold``; ``candidates`` has
+    :data:`CANDIDATE_COLUMNS`, one row per click with a map and threshold that gives a box (:func:`boxes_at_thresholds`;
+    for the per-click threshold choice of :func:`pipeline.clickpairs.choose_by_area`).
     """
     params = params or BoxParams()
     by_image = _clicks_by_image(clicks) if clicks is not None and params.partition != "none" else {}
-    rows = []
+    rows, cands = [], []
     for entry_id, cam, meta in items:
         image_id, cls = str(meta["image_id"]), meta["class"]
         kind = meta.get("kind", "click")
@@ -377,6 +390,9 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
         else:
             others = other_clicks(by_image.get(image_id), int(entry_id), cls, params.partition)
             res = box_from_cam(cam, float(meta["x"]), float(meta["y"]), n_cls, params, others)
+            if len(candidate_thresholds):
+                cands.extend((int(entry_id), r.threshold, *r.box, r.score) for r in boxes_at_thresholds(
+                    cam, float(meta["x"]), float(meta["y"]), candidate_thresholds, params, others) if r.box)
         box, score = res.box, res.score
         if box is None:
             if kind == "image":
@@ -397,7 +413,7 @@ def pseudo_boxes_from_cams(items: Iterable[tuple[int, np.ndarray | None, Mapping
         rows.append((image_id, cls, *box, score, click_id, res.status != "ok", res.status, res.threshold))
     df = pd.DataFrame(rows, columns=PSEUDO_COLUMNS + ["threshold"])
     df["fallback"] = df["fallback"].astype(bool)
-    return df
+    return df, pd.DataFrame(cands, columns=CANDIDATE_COLUMNS)
 
 
 def fallback_counts(boxes: pd.DataFrame) -> dict:

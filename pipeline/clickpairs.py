@@ -210,5 +210,59 @@ def log_area(boxes) -> np.ndarray:
         return np.where(area > 0, np.log(np.where(area > 0, area, 1.0)), np.nan)
 
 
-__all__ = ["PAIR_COLUMNS", "MIN_DISTANCE_PX", "AreaModel", "pair_clicks", "pair_distance", "fit_area_model",
-           "area_score", "image_fold", "crossfit_area", "log_area"]
+
+
+# -- the per-click threshold choice (stage 5 with two clicks) ---------------------------------------------
+#: thresholds (0..255 of the normalised map) among which :func:`choose_by_area` picks a click's box
+AREA_THRESHOLDS = tuple(float(t) for t in range(10, 250, 10))
+
+
+def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame, map_sigma: float | None,
+                   reference_area: pd.Series | None = None, folds: int = 5) -> tuple[pd.DataFrame, dict]:
+    """Stage 5 with two clicks: each paired click's box among its ``candidates`` (its map thresholded at
+    :data:`AREA_THRESHOLDS`, :func:`pipeline.boxes.pseudo_boxes_and_candidates`), the one maximising
+
+        area_score(area; mu(d), sigma) * area_score(area; area of the default box, map_sigma)
+
+    i.e. the box whose log area is nearest to the precision-weighted mean of the click pair's estimate ``mu(d)``
+    (:func:`crossfit_area`) and the log area of the click's box at the default threshold (the map's own answer;
+    ``map_sigma=None`` leaves it out).
+
+    ``boxes``: stage 5's boxes at the default threshold (``click_id, x1..y2, status, threshold``, as
+    :func:`pipeline.boxes.pseudo_boxes_from_cams`); ``clicks``: ``click_id, image_id`` and the pair columns
+    (:data:`PAIR_COLUMNS`). The area model is fitted on ``reference_area`` (click_id -> area of a reference box,
+    e.g. ground truth of a few annotated images) or, by default, on the default boxes that did not fall back
+    (self-calibration); either way cross-fitted by image folds. A lone click, a fallback box, or a click without
+    candidates keeps its box. Returns ``(boxes, report)`` with ``boxes`` updated (``x1..y2, score, threshold``)
+    and ``area_mu``, ``area_sigma`` added (NaN where not used).
+    """
+    out = boxes.copy()
+    c = clicks.set_index("click_id").reindex(out["click_id"])
+    d = np.where(c["n_clicks"].to_numpy(float) == 2, pair_distance(c), np.nan)
+    ok = (out["status"] == "ok").to_numpy()
+    default_area = ((out.x2 - out.x1) * (out.y2 - out.y1)).to_numpy(float)
+    if reference_area is None:
+        ref, source = np.where(ok, default_area, np.nan), "default boxes (self-calibrated)"
+    else:
+        ref, source = reference_area.reindex(out["click_id"]).to_numpy(float), "reference boxes"
+    mu, sigma, models = crossfit_area(c["image_id"].to_numpy(), d, ref, folds=folds)
+    out["area_mu"], out["area_sigma"] = mu, sigma
+    target = mu.copy()
+    if map_sigma is not None:
+        w_click, w_map = 1.0 / sigma ** 2, 1.0 / float(map_sigma) ** 2
+        target = (mu * w_click + np.log(np.maximum(default_area, 1e-9)) * w_map) / (w_click + w_map)
+    use = ok & np.isfinite(target)
+    cand = candidates[candidates["click_id"].isin(out.loc[use, "click_id"])].copy()
+    cand["gap"] = np.abs(log_area(cand[["x1", "y1", "x2", "y2"]]) - pd.Series(target, index=out["click_id"])
+                         .reindex(cand["click_id"]).to_numpy())
+    best = cand.sort_values(["click_id", "gap", "threshold"], kind="mergesort").drop_duplicates("click_id")
+    best = best.set_index("click_id")
+    rows = out["click_id"].isin(best.index).to_numpy()
+    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
+    before = out.loc[rows, "threshold"].to_numpy()
+    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    report = {"reference": source, "reference_boxes": int(np.isfinite(ref).sum()), "paired": int(np.isfinite(d).sum()),
+              "chosen": int(rows.sum()), "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()),
+              "map_sigma": map_sigma, "folds": folds,
+              "models": [{"intercept": m.intercept, "slope": m.slope, "sigma": m.sigma} for m in models]}
+    return out, report

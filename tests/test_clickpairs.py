@@ -134,3 +134,28 @@ def test_manifest_with_two_annotators_pairs_every_object(sample_root):
     assert (got.n_clicks == 2).all()
     with pytest.raises(ClickFileError, match=r"no click of annotator 3; annotators present: \[1, 2\]"):
         build_manifest(root, clicks, splits=("trainval",), annotator=(1, 3), check_images=False)
+
+
+def test_choose_by_area_picks_the_candidate_nearest_the_expected_area():
+    from pipeline.clickpairs import choose_by_area
+
+    rng = np.random.default_rng(0)
+    sides = np.array([10.0, 20.0, 40.0, 80.0])  # candidate box sides at thresholds 200, 150, 100, 50
+    n = 60
+    true = rng.choice(sides, n)
+    clicks = pd.DataFrame({"click_id": range(n), "image_id": [f"i{k}" for k in range(n)],
+                           "n_clicks": 2, "x_a": 100.0, "y_a": 100.0, "x_b": 100.0 + true / 4, "y_b": 100.0})
+    clicks.loc[0, ["n_clicks", "x_b", "y_b"]] = [1, np.nan, np.nan]  # a lone click keeps its box
+    cands = pd.DataFrame([(k, t, 100 - s / 2, 100 - s / 2, 100 + s / 2, 100 + s / 2, 0.5)
+                          for k in range(n) for t, s in zip((200.0, 150.0, 100.0, 50.0), sides)],
+                         columns=["click_id", "threshold", "x1", "y1", "x2", "y2", "score"])
+    default = cands[cands.threshold == 50.0].assign(status="ok").reset_index(drop=True)
+    ref = pd.Series(true ** 2, index=range(n))  # reference boxes (e.g. ground truth of other images)
+    out, report = choose_by_area(default, cands, clicks, map_sigma=None, reference_area=ref)
+    got = (out.x2 - out.x1).to_numpy()
+    assert got[0] == 80.0 and np.isnan(out.area_mu[0])
+    np.testing.assert_array_equal(got[1:], true[1:])  # the distance says the size exactly here
+    assert report["paired"] == n - 1 and report["chosen"] == n - 1
+    # a map term that trusts the default box fully keeps it
+    kept, _ = choose_by_area(default, cands, clicks, map_sigma=1e-6, reference_area=ref)
+    np.testing.assert_array_equal((kept.x2 - kept.x1).to_numpy(), 80.0)
