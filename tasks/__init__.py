@@ -2,6 +2,7 @@
 
     PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
+    PrepareDataset -> SelectiveSearch + TrainClassifier -> MILBoxes -> PseudoLabels (--box-method mil)
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
 """
@@ -11,5 +12,6 @@ from .proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals  #
 from .classifier import TrainClassifier  # noqa: F401
 from .cams import GenerateCAMs, GenerateCAMsShard  # noqa: F401
 from .pseudo import FusePseudoBoxes  # noqa: F401
+from .mil import MILBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401

@@ -41,6 +41,8 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "FusePseudoBoxes": ("params.json", "pseudo_labels.csv", "Annotations/*.xml", "coco.json", "metrics.json",
                         "per_class.csv", "summary.md"),
     "PseudoLabels": ("params.json", "summary.json", "summary.md"),
+    "MILBoxes": ("params.json", "pseudo_labels.csv", "Annotations/*.xml", "coco.json", "metrics.json",
+                 "per_class.csv", "summary.md", "mil.json"),
 }
 
 #: the tiny fast configuration: 8 trainval images of 128 px, 4 proposal shards, a random-weight classifier

@@ -1,6 +1,6 @@
 """Click-supervised MIL (pipeline/mil.py, tasks/mil.py): the box-center score and the initial window against hand
 values, candidates and negatives, the appearance model, re-localisation by the argmax of the product, folds that
-never train on their held-out images, determinism, two clicks."""
+never train on their held-out images, determinism, two clicks, and the MILBoxes stage behind PseudoLabels."""
 import dataclasses
 
 import numpy as np
@@ -252,3 +252,48 @@ def test_two_clicks_add_the_cross_fitted_area_score(tmp_path):
     assert boxes.loc[boxes.click_id == 0, "s_ba"].item() == 1.0
     assert ((boxes.s_ba > 0) & (boxes.s_ba <= 1)).all() and (boxes.s_ba < 1).any()
     np.testing.assert_allclose(boxes.score, boxes.p_app * boxes.s_bc * boxes.s_ba, rtol=1e-6)
+
+
+# -- the stage ---------------------------------------------------------------------------------------------------
+def test_pseudo_labels_box_method_selects_the_stage_and_keeps_the_cam_hash(tmp_path):
+    from tasks.main import PseudoLabels
+    from tasks.mil import MILBoxes
+    from tasks.pseudo import FusePseudoBoxes
+
+    common = dict(data_root=str(tmp_path / "data"))
+    cam, cam_again = PseudoLabels(**common), PseudoLabels(**common, mil_rounds=5)
+    assert isinstance(cam.requires(), FusePseudoBoxes)
+    assert cam.stage_hash == cam_again.stage_hash  # a MIL parameter does not move a CAM run
+    assert "box_method" not in cam.significant_params() and "mil_rounds" not in cam.significant_params()
+    run = PseudoLabels(**common, box_method="mil")
+    assert isinstance(run.requires(), MILBoxes) and run.stage_hash != cam.stage_hash
+    assert "cam_threshold" not in run.significant_params() and "mil_rounds" in run.significant_params()
+    assert PseudoLabels(**common, box_method="mil", mil_rounds=5).stage_hash != run.stage_hash
+    assert set(run.requires().requires()) == {"dataset", "proposals", "classifier"}
+
+
+@pytest.mark.slow
+def test_mil_boxes_stage_writes_the_pseudo_label_files(outputs, tmp_path):
+    """The whole chain on 4 tiny synthetic images (a random-weight classifier), PseudoLabels --box-method mil."""
+    import harness as H
+    import luigi
+
+    from pipeline.export import read_pseudo_labels
+    from pipeline.io import read_json
+    from tasks.main import PseudoLabels
+
+    task = PseudoLabels(data_root=str(tmp_path / "data"), synth_trainval=6, synth_test=1, synth_size=96,
+                        max_side=64, min_size=4, n_shards=1, classifier_weights="random", classifier_epochs=1,
+                        classifier_input_size=64, device="cpu", box_method="mil", mil_folds=2, mil_rounds=2,
+                        mil_image_side=96, mil_negatives_per_image=10, report_images=2, report_worst=1)
+    res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert res.status.name == "SUCCESS", res.summary_text
+    out = task.requires().stage_dir
+    labels = read_pseudo_labels(out / "pseudo_labels.csv")
+    manifest = task.requires().manifest()
+    assert sorted(labels.click_id) == sorted(manifest.clicks.click_id)
+    assert (out / "report" / "index.html").is_file()
+    assert not H.incomplete_outputs(outputs)  # every published directory holds its files (harness.STAGE_FILES)
+    m = read_json(out / "metrics.json")
+    assert m["params"]["box_method"] == "mil" and "corloc" in m["metrics"]
+    assert read_json(task.stage_dir / "summary.json")["files"]["pseudo_labels_csv"].startswith(str(out.resolve()))
