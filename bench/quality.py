@@ -1,8 +1,10 @@
 """Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM (at stage6, the
 last conv layer where Grad-CAM is usually taken, and at the default layers) and SA-CAM with clicks (the default:
 the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer alone, and the effect of the symmetry
-rule, of T_cam and of the same-class partition of stage 5 (``--partition``); with ``--extended`` also of the
-crop-map fusion, of stage 2's same-class exclusion (``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+rule, of T_cam and of the same-class partition of stage 5 (``--partition``); click-supervised MIL (paper 001's
+method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
+1 and 2), the seed's baseline; with ``--extended`` also of the crop-map fusion, of stage 2's same-class exclusion
+(``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
@@ -46,7 +48,7 @@ from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
 from pipeline.metrics import pseudo_box_metrics  # noqa: E402
-from tasks import PrepareDataset, SelectProposals  # noqa: E402
+from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
@@ -233,6 +235,11 @@ def main(argv=None) -> int:
         ens_tasks = {m: FusePseudoBoxes(**common, cam_method=m, cam_ensemble=ensemble) for m in ("sacam", "gradcam")}
         timed("ensemble classifiers + CAMs", list(ens_tasks.values()))
 
+    # paper 001's click-supervised MIL; two clicks: annotators 1 and 2 paired (their own classifier on the pairs'
+    # mean clicks)
+    mil_tasks = {"one": MILBoxes(**common), "two": MILBoxes(**common, clicks_per_object="2", annotators="1,2")}
+    timed("MIL, one and two clicks", list(mil_tasks.values()))
+
     from pipeline.classifier import load_classifier
 
     classifier = sacam.find_upstream("TrainClassifier")
@@ -256,6 +263,8 @@ def main(argv=None) -> int:
         rows.append({"method": f"SA-CAM + clicks, ensemble {members} (--cam-ensemble)",
                      **metrics_of(ens_tasks["sacam"])})
         sa_rows.append(len(rows) - 1)
+    rows.append({"method": "MIL one click (paper 001, --box-method mil)", **metrics_of(mil_tasks["one"])})
+    rows.append({"method": "MIL two clicks (paper 001, --clicks-per-object 2)", **metrics_of(mil_tasks["two"])})
     main_rows = len(rows)
     for layer, task in layer_tasks.items():
         rows.append({"method": f"SA-CAM + clicks, layer {layer} alone", **metrics_of(task)})
