@@ -55,7 +55,7 @@ class MILBoxes(StageTask):
                                                                          "negatives of the classes not clicked in it")
     mil_l2 = luigi.FloatParameter(default=1e-4, description="L2 penalty of the linear appearance model")
     mil_max_iter = luigi.IntParameter(default=50, description="L-BFGS iterations per model fit")
-    mil_image_side = luigi.IntParameter(default=480, description="longest image side of the feature forward (px)")
+    mil_image_side_px = luigi.IntParameter(default=480, description="longest image side of the feature forward (px)")
     mil_layer = luigi.Parameter(default="", description="feature layer; empty: the deepest convolutional layer "
                                                         "(efficientnet conv_head)")
     mil_pca_dims = luigi.IntParameter(default=256, description="features projected on this many principal axes "
@@ -78,7 +78,7 @@ class MILBoxes(StageTask):
         return MILParams(rounds=self.mil_rounds, folds=self.mil_folds, sigma_bc=self.mil_sigma_bc,
                          center_norm=self.mil_center_norm, max_candidates=self.mil_max_candidates,
                          negatives_per_image=self.mil_negatives_per_image, l2=self.mil_l2, max_iter=self.mil_max_iter,
-                         image_side=self.mil_image_side, layer=self.mil_layer, pca_dims=self.mil_pca_dims,
+                         image_side=self.mil_image_side_px, layer=self.mil_layer, pca_dims=self.mil_pca_dims,
                          area_folds=self.mil_area_folds, area_slope=self.mil_area_slope or None, seed=self.seed)
 
     def run_stage(self, work: Path) -> None:

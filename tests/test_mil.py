@@ -285,7 +285,7 @@ def test_mil_boxes_stage_writes_the_pseudo_label_files(outputs, tmp_path):
     task = PseudoLabels(data_root=str(tmp_path / "data"), synth_trainval=6, synth_test=1, synth_size=96,
                         max_side=64, min_size=4, n_shards=1, classifier_weights="random", classifier_epochs=1,
                         classifier_input_size=64, device="cpu", box_method="mil", mil_folds=2, mil_rounds=2,
-                        mil_image_side=96, mil_negatives_per_image=10, report_images=2, report_worst=1)
+                        mil_image_side_px=96, mil_negatives_per_image=10, report_images=2, report_worst=1)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text
     out = task.requires().stage_dir
