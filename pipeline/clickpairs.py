@@ -266,3 +266,27 @@ def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.Dat
               "map_sigma": map_sigma, "folds": folds,
               "models": [{"intercept": m.intercept, "slope": m.slope, "sigma": m.sigma} for m in models]}
     return out, report
+
+
+def reference_areas(clicks: pd.DataFrame, objects: pd.DataFrame) -> pd.Series:
+    """Area of each click's reference box in ``objects`` (ground truth of a few annotated images,
+    ``--box-area-calibration``): the object its ``object_index`` names when that is an object of its class, else
+    the smallest box of its class in its image that contains the click; NaN when none. Indexed by click_id."""
+    objs = objects.assign(image_id=objects["image_id"].astype(str),
+                          area=(objects.x2 - objects.x1) * (objects.y2 - objects.y1))
+    groups = {k: g for k, g in objs.groupby(["image_id", "class"], sort=False)}
+    index = clicks["object_index"] if "object_index" in clicks else pd.Series(-1, index=clicks.index)
+    out = {}
+    for cid, image_id, cls, x, y, idx in zip(clicks["click_id"], clicks["image_id"].astype(str), clicks["class"],
+                                             clicks["x"], clicks["y"], index):
+        g = groups.get((image_id, cls))
+        area = np.nan
+        if g is not None:
+            named = g[g["object_index"] == int(idx)]
+            inside = g[(g.x1 <= x) & (x <= g.x2) & (g.y1 <= y) & (y <= g.y2)]
+            if len(named):
+                area = float(named["area"].iloc[0])
+            elif len(inside):
+                area = float(inside["area"].min())
+        out[int(cid)] = area
+    return pd.Series(out, dtype=float)

@@ -118,12 +118,13 @@ def scan_images(images_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(sorted(rows.items()), columns=["image_id", "path"])
 
 
-def read_ground_truth(gt: str | os.PathLike, images: pd.DataFrame) -> pd.DataFrame:
+def read_ground_truth(gt: str | os.PathLike, images: pd.DataFrame, partial: bool = False) -> pd.DataFrame:
     """Ground-truth objects (:data:`pipeline.voc.OBJECT_COLUMNS`) of ``images`` (``image_id, width, height``) from
     ``gt``: a VOC ``Annotations/`` folder (``<gt>/<image_id>.xml``) or a COCO JSON file with boxes (its
     ``file_name`` matched to the image ids as click files are). Every image needs its annotation (a COCO image
     entry may have no boxes); a missing one, or an annotation whose image size differs from the image's, is a
-    :class:`DatasetError` naming the file."""
+    :class:`DatasetError` naming the file. ``partial=True`` (a calibration set: a few annotated images) skips the
+    images without an annotation instead."""
     from .pointformats import read_coco_boxes, resolve_image_refs
 
     gt = Path(gt)
@@ -133,6 +134,8 @@ def read_ground_truth(gt: str | os.PathLike, images: pd.DataFrame) -> pd.DataFra
         for image_id, (w, h) in sizes.items():
             xml = gt / f"{image_id}.xml"
             if not xml.is_file():
+                if partial:
+                    continue
                 raise DatasetError(f"{xml}: ground-truth annotation of image {image_id} not found (--gt {gt} must "
                                    "annotate every image)")
             ann = parse_annotation(xml)
@@ -155,7 +158,7 @@ def read_ground_truth(gt: str | os.PathLike, images: pd.DataFrame) -> pd.DataFra
                                f"{sizes[image_id][0]}x{sizes[image_id][1]}")
         ids[ref] = image_id
     missing = sorted(set(sizes) - set(ids.values()))
-    if missing:
+    if missing and not partial:
         raise DatasetError(f"{gt}: {len(missing)} image(s) of the folder have no entry in the COCO file "
                            f"(e.g. {missing[:5]}); --gt must annotate every image")
     objects = coco_objects[coco_objects.image_ref.isin(ids)].copy()

@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from pipeline.backbones import BACKBONES, DEFAULT_FUSED_LAYERS
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
-                            classes_per_image, pseudo_boxes_from_cams, rank1_proposals)
+                            classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
+from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, reference_areas
+from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
 from .base import StageTask
@@ -56,6 +58,15 @@ class FusePseudoBoxes(StageTask):
                                                            "its own classifier and CAMs, and a click's fused maps, "
                                                            "each scaled to max 1, are averaged before the threshold "
                                                            "(measured: docs/experiments.md)")
+    box_area_prior = luigi.ChoiceParameter(choices=["off", "on"], default="off",
+                                           description="with --clicks-per-object 2: T_cam per click, the box whose "
+                                                       "area best matches the click pair's estimate, weighed "
+                                                       "against the default box (docs/method.md, two clicks)")
+    box_area_map_sigma = luigi.FloatParameter(default=0.5, description="log-area spread trusted to the default "
+                                                                       "box against the pair's estimate")
+    box_area_calibration = luigi.Parameter(default="", description="ground truth of a few images (VOC "
+                                                                   "Annotations/ folder or COCO JSON) to fit the "
+                                                                   "area model on; empty: self-calibrated")
     difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
                                       description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
@@ -69,6 +80,8 @@ class FusePseudoBoxes(StageTask):
         super().__init__(*args, **kwargs)
         self.ensemble_backbones()  # a bad --cam-ensemble fails here, at creation, before any stage runs
         self.fused_layers(self.classifier_backbone)
+        if self.box_area_prior == "on" and self.clicks_per_object != "2":
+            raise ValueError("--box-area-prior on needs two clicks per object (--clicks-per-object 2)")
 
     def fused_layers(self, backbone: str) -> list[str]:
         """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layer`` (comma-separated), or the
@@ -130,6 +143,20 @@ class FusePseudoBoxes(StageTask):
                 "selected": str(selected_path) if selected_path else None,
                 **({"cam_stores": cam_dirs, "stores_partial": partial} if len(cam_dirs) > 1 else {})}
 
+    def area_choice(self, boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
+                    trainval: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        """``--box-area-prior on``: each paired click's T_cam by :func:`pipeline.clickpairs.choose_by_area`, with
+        the area model fitted on ``--box-area-calibration``'s boxes or self-calibrated; else ``boxes`` as they are."""
+        if self.box_area_prior != "on":
+            return boxes, {}
+        reference = None
+        if self.box_area_calibration:
+            reference = reference_areas(clicks, read_ground_truth(self.box_area_calibration, trainval, partial=True))
+        chosen, report = choose_by_area(boxes, candidates, clicks, self.box_area_map_sigma, reference)
+        log.info("FusePseudoBoxes: area prior on %d paired clicks (%s, %d boxes), %d changed T_cam", report["paired"],
+                 report["reference"], report["reference_boxes"], report["changed"])
+        return chosen.drop(columns=["area_mu", "area_sigma"]), {"area_prior": report}
+
     def run_stage(self, work: Path) -> None:
         params = self.box_params()
         manifest = self.manifest()
@@ -139,12 +166,15 @@ class FusePseudoBoxes(StageTask):
         # the main store first, then the other layers and ensemble members
         with FusedMaps([CamStore(self.input_dir(k)) for k in self.cam_stages()]) as maps:
             items, total = maps.items(clicks)
-            boxes = pseudo_boxes_from_cams(tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback,
-                                           classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks)
+            boxes, candidates = pseudo_boxes_and_candidates(
+                tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback, classes_per_image(clicks),
+                params, image_sizes=sizes, clicks=clicks,
+                candidate_thresholds=AREA_THRESHOLDS if self.box_area_prior == "on" else ())
+            boxes, area = self.area_choice(boxes, candidates, clicks, trainval)
             result = export_pseudo_labels(
                 work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,
                 objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
-                clicks=clicks, params=self.export_params(params, selected_path, maps.partial),
+                clicks=clicks, params={**self.export_params(params, selected_path, maps.partial), **area},
                 load_map=maps.load_map, report_images=self.report_images, report_worst=self.report_worst,
                 seed=self.seed, difficult=self.difficult)
         m = result.get("metrics")

@@ -159,3 +159,18 @@ def test_choose_by_area_picks_the_candidate_nearest_the_expected_area():
     # a map term that trusts the default box fully keeps it
     kept, _ = choose_by_area(default, cands, clicks, map_sigma=1e-6, reference_area=ref)
     np.testing.assert_array_equal((kept.x2 - kept.x1).to_numpy(), 80.0)
+
+
+def test_reference_areas_by_object_index_else_smallest_containing_box():
+    from pipeline.clickpairs import reference_areas
+
+    objects = pd.DataFrame([("a", 0, "dog", 0, 0, 100, 100), ("a", 1, "dog", 10, 10, 30, 30),
+                            ("a", 2, "cat", 0, 0, 50, 50)],
+                           columns=["image_id", "object_index", "class", "x1", "y1", "x2", "y2"])
+    clicks = pd.DataFrame({"click_id": [0, 1, 2, 3], "image_id": ["a", "a", "a", "b"],
+                           "class": ["dog", "dog", "dog", "dog"], "x": [20.0, 20.0, 60.0, 5.0],
+                           "y": [20.0, 20.0, 60.0, 5.0], "object_index": [0, -1, -1, -1]})
+    got = reference_areas(clicks, objects)
+    assert got[0] == 100 * 100  # named by its object_index, though a smaller dog box holds the click
+    assert got[1] == 20 * 20  # the smallest dog box holding the click (not the cat's)
+    assert got[2] == 100 * 100 and np.isnan(got[3])  # only the big box holds it; image b is not annotated

@@ -382,3 +382,45 @@ def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
                         cam_ensemble="efficientnet_lite1")
     with pytest.raises(ValueError, match="each layer once"):
         FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_layer="stage6,stage6")
+
+
+@pytest.mark.slow
+def test_fuse_pseudo_boxes_area_prior_with_two_clicks(tmp_path):
+    """--clicks-per-object 2 --box-area-prior on: the stage's boxes are clickpairs.choose_by_area's choice among the
+    candidates of the pipeline functions (stand-in CAM stores as above); without two clicks the option is an error
+    at creation."""
+    import luigi
+
+    from pipeline.boxes import BoxParams, classes_per_image, ensemble_map, pseudo_boxes_and_candidates, rank1_proposals
+    from pipeline.cam import CamStore, click_entries, write_cam_store
+    from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area
+    from pipeline.io import read_json
+    from tasks.pseudo import FusePseudoBoxes
+
+    with pytest.raises(ValueError, match="needs two clicks per object"):
+        FusePseudoBoxes(data_root=str(tmp_path / "data"), box_area_prior="on")
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=12, synth_test=1, synth_size=96,
+                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
+                           clicks_per_object="2", box_area_prior="on", report_images=0, report_worst=0)
+    reqs = task.requires()
+    sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
+    assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
+    manifest = sel_task.manifest()
+    clicks = manifest.clicks
+    assert (clicks.n_clicks == 2).all() and clicks.x.to_numpy() == pytest.approx((clicks.x_a + clicks.x_b) / 2)
+    selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
+    trainval = manifest.split("trainval")
+    for seed, t in enumerate((cam_task, cam6_task)):
+        write_cam_store(_tiny_classifier(len(manifest.classes), seed=seed), click_entries(selected, manifest.classes),
+                        dict(zip(trainval.image_id, trainval.path)), t.stage_dir, progress=False)
+    res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert res.status.name == "SUCCESS", res.summary_text
+    labels = read_pseudo_labels(task.stage_dir / "pseudo_labels.csv")
+    with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
+        items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in clicks.click_id]
+    boxes, cands = pseudo_boxes_and_candidates(items, rank1_proposals(selected), classes_per_image(clicks),
+                                               BoxParams("fixed", 50.0), clicks=clicks,
+                                               candidate_thresholds=AREA_THRESHOLDS)
+    expected, report = choose_by_area(boxes, cands, clicks, map_sigma=0.5)
+    pd.testing.assert_frame_equal(labels, expected.drop(columns=["area_mu", "area_sigma"]), check_dtype=False)
+    assert read_json(task.stage_dir / "metrics.json")["params"]["area_prior"]["paired"] == len(clicks)
