@@ -1,7 +1,8 @@
 """Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM (at stage6, the
 last conv layer where Grad-CAM is usually taken, and at the default layers) and SA-CAM with clicks (the default:
 the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer alone, and the effect of the symmetry
-rule, of T_cam and of the same-class partition of stage 5 (``--partition``); click-supervised MIL (paper 001's
+rule, of T_cam and of the same-class partition of stage 5 (``--partition``); SA-CAM with two clicks per object
+(paper 001: the pair's mean as the click, and with the area score choosing T_cam); click-supervised MIL (paper 001's
 method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
 1 and 2), the seed's baseline; with ``--extended`` also of the crop-map fusion, of stage 2's same-class exclusion
 (``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
@@ -16,8 +17,9 @@ defaults (3 epochs on a seeded subsample of at most 50 crops per class, 224 px).
 luigi stages (outputs/ caches them, so a rerun only computes what changed), each group of stages in its own fresh
 process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md``, rewrites its block of ``docs/results.md``
 (the tables, the command line, the date, the commit and the machine's core count; not with ``--limit`` unless
-``--results`` names a file) and exits non-zero when the better SA-CAM + clicks row (one classifier or the
-ensemble) is not the best method row or scores below 60 box-CorLoc.
+``--results`` names a file) and exits non-zero when the best SA-CAM + clicks row (one click, the ensemble, two
+clicks) is not the best method row, when the one-click default scores below ``TARGET`` or the better two-click
+row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22).
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -52,7 +54,8 @@ from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
-TARGET = 60.0
+TARGET = 61.0  # the one-click default (issue #22: stays >= 61)
+TWO_CLICK_TARGET = 70.0  # SA-CAM with two clicks per object (issue #22)
 RESULTS = REPO / "docs" / "results.md"
 RESULTS_BEGIN, RESULTS_END = "<!-- begin bench/quality.py -->", "<!-- end bench/quality.py -->"
 log = logging.getLogger("bench.quality")
@@ -235,6 +238,13 @@ def main(argv=None) -> int:
         ens_tasks = {m: FusePseudoBoxes(**common, cam_method=m, cam_ensemble=ensemble) for m in ("sacam", "gradcam")}
         timed("ensemble classifiers + CAMs", list(ens_tasks.values()))
 
+    # paper 001's two-click supervision with SA-CAM: the pair's mean as the click (own classifier and CAMs), and
+    # with the area score choosing T_cam per click (docs/method.md, two clicks)
+    two = dict(clicks_per_object="2", annotators="1,2")
+    two_tasks = {"mean": FusePseudoBoxes(**common, cam_method="sacam", **two),
+                 "area": FusePseudoBoxes(**common, cam_method="sacam", box_area_prior="on", **two)}
+    timed("SA-CAM two clicks", list(two_tasks.values()))
+
     # paper 001's click-supervised MIL; two clicks: annotators 1 and 2 paired (their own classifier on the pairs'
     # mean clicks)
     mil_tasks = {"one": MILBoxes(**common), "two": MILBoxes(**common, clicks_per_object="2", annotators="1,2")}
@@ -263,6 +273,11 @@ def main(argv=None) -> int:
         rows.append({"method": f"SA-CAM + clicks, ensemble {members} (--cam-ensemble)",
                      **metrics_of(ens_tasks["sacam"])})
         sa_rows.append(len(rows) - 1)
+    rows.append({"method": "SA-CAM + two clicks: mean center (--clicks-per-object 2)", **metrics_of(two_tasks["mean"])})
+    rows.append({"method": "SA-CAM + two clicks: mean center + area score (--box-area-prior on)",
+                 **metrics_of(two_tasks["area"])})
+    two_rows = [len(rows) - 2, len(rows) - 1]
+    sa_rows += two_rows
     rows.append({"method": "MIL one click (paper 001, --box-method mil)", **metrics_of(mil_tasks["one"])})
     rows.append({"method": "MIL two clicks (paper 001, --clicks-per-object 2)", **metrics_of(mil_tasks["two"])})
     main_rows = len(rows)
@@ -321,8 +336,12 @@ def main(argv=None) -> int:
     if best not in sa_rows:
         failures.append(f"SA-CAM + clicks ({sa.box_corloc:.1f}) is not the best row: {table.method[best]} "
                         f"({table.box_corloc[best]:.1f})")
-    if sa.box_corloc < TARGET:
-        failures.append(f"SA-CAM + clicks box-CorLoc {sa.box_corloc:.1f} < target {TARGET}")
+    one_click = table.iloc[sa_rows[0]]
+    if one_click.box_corloc < TARGET:
+        failures.append(f"SA-CAM + clicks (one click, default) box-CorLoc {one_click.box_corloc:.1f} < target {TARGET}")
+    two_best = max(table.box_corloc[i] for i in two_rows)
+    if two_best < TWO_CLICK_TARGET:
+        failures.append(f"SA-CAM + two clicks box-CorLoc {two_best:.1f} < target {TWO_CLICK_TARGET} (issue #22)")
     verdict = [f"FAIL: {f}" for f in failures] or ["PASS: SA-CAM + clicks is the best row and reaches the target"]
     print("\n".join(verdict))
     results = args.results if args.results is not None else ("" if args.limit else str(RESULTS))
