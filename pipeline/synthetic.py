@@ -52,7 +52,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -404,17 +404,10 @@ def _layers_ok(masks: list[np.ndarray], areas: list[int], occluder: np.ndarray |
     return True
 
 
-def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size: int = 320) -> Scene:
-    """Draw one image with its objects; a pure function of ``seed`` and ``image_size``."""
-    rng = np.random.default_rng(seed)
-    S = int(image_size)
-    if S < 64:
-        raise ValueError(f"image_size {S} is too small (>= 64 px)")
-    short = int(round(S * rng.uniform(0.7, 1.0)))
-    width, height = (S, short) if rng.random() < 0.7 else (short, S)
-    img = _background(rng, width, height)
-
-    # distractors (background: they never hide objects' pixels from the annotation's point of view)
+def _paste_distractors(rng: np.random.Generator, img: np.ndarray, S: int) -> int:
+    """Paste 1-3 distractors into ``img`` (background: they never hide objects' pixels from the annotation's point
+    of view); how many."""
+    height, width = img.shape[:2]
     n_distract = int(rng.integers(1, 4))
     for _ in range(n_distract):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -428,15 +421,23 @@ def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size:
         else:                  # a generic shape
             sp = _blob_shape(rng, S * rng.uniform(0.03, 0.2), cx, cy)
         sp.paste(img)
+    return n_distract
 
-    # objects: sample, then place with retries so that the layout constraints hold
+
+class _Placed(NamedTuple):
+    sprite: _Sprite
+    mask: np.ndarray       # the sprite's pixels in the image
+    area: int              # the sprite's whole drawn area (inside the image or not)
+    class_index: int
+    length: float
+    centre: tuple[float, float]
+
+
+def _place_objects(rng: np.random.Generator, S: int, width: int, height: int) -> list[_Placed]:
+    """Sample the objects, then place each with retries so that the layout constraints hold (enough of it inside
+    the image and visible; some near another object)."""
     n_obj = int(rng.choice(len(_N_OBJECTS_P), p=_N_OBJECTS_P)) + 1
-    sprites: list[_Sprite] = []
-    masks: list[np.ndarray] = []
-    areas: list[int] = []
-    classes: list[int] = []
-    lengths: list[float] = []
-    centres: list[tuple[float, float]] = []
+    placed: list[_Placed] = []
     attempts = 12
     for _ in range(n_obj):
         ci = int(rng.integers(len(SYNTH_CLASSES)))
@@ -446,13 +447,13 @@ def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size:
         theta += np.pi if rng.random() < 0.5 else 0.0
         draw_seed = int(rng.integers(2**63))
         for attempt in range(attempts):
-            if not sprites and attempt == attempts - 1:
+            if not placed and attempt == attempts - 1:
                 cx, cy = width / 2, height / 2      # the image always gets at least one object
-            elif sprites and rng.random() < _P_NEAR:
-                j = int(rng.integers(len(sprites)))
-                d = rng.uniform(0.25, 0.8) * (lengths[j] + length) / 2
+            elif placed and rng.random() < _P_NEAR:
+                near = placed[int(rng.integers(len(placed)))]
+                d = rng.uniform(0.25, 0.8) * (near.length + length) / 2
                 phi = rng.uniform(0, 2 * np.pi)
-                cx, cy = centres[j][0] + d * math.cos(phi), centres[j][1] + d * math.sin(phi)
+                cx, cy = near.centre[0] + d * math.cos(phi), near.centre[1] + d * math.sin(phi)
             else:
                 cx, cy = rng.uniform(0, width), rng.uniform(0, height)
             sp = _creature(np.random.default_rng(draw_seed), length, elong, ci, cx, cy, theta)
@@ -460,47 +461,38 @@ def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size:
             m = sp.image_mask(width, height)
             if np.count_nonzero(m) < _MIN_INSIDE * area:
                 continue
-            if not _layers_ok(masks + [m], areas + [area], None):
+            if not _layers_ok([p.mask for p in placed] + [m], [p.area for p in placed] + [area], None):
                 continue
-            sprites.append(sp)
-            masks.append(m)
-            areas.append(area)
-            classes.append(ci)
-            lengths.append(length)
-            centres.append((cx, cy))
+            placed.append(_Placed(sp, m, area, ci, length, (cx, cy)))
             break
-    if not sprites:
+    if not placed:
         raise AssertionError("no object could be placed")  # unreachable: a centred object always fits
+    return placed
 
-    # an optional foreground bar (a branch, a pole) over everything
-    occluder = None
-    if rng.random() < 0.2 and sprites:
-        for _attempt in range(4):
-            bar = np.zeros((height, width), np.uint8)
-            p1 = _pts(np.array([rng.uniform(0, width), -5.0])).ravel()
-            p2 = _pts(np.array([rng.uniform(0, width), height + 5.0])).ravel()
-            if rng.random() < 0.5:
-                p1 = _pts(np.array([-5.0, rng.uniform(0, height)])).ravel()
-                p2 = _pts(np.array([width + 5.0, rng.uniform(0, height)])).ravel()
-            cv2.line(bar, tuple(p1), tuple(p2), 1, int(rng.uniform(0.015, 0.05) * S), cv2.LINE_8, _SHIFT)
-            if _layers_ok(masks, areas, bar > 0):
-                occluder = bar > 0
-                break
 
-    for sp in sprites:
-        sp.paste(img)
-    if occluder is not None:
-        img[occluder] = _random_colour(rng, v=(0.1, 0.5)) * rng.uniform(0.9, 1.1, (int(occluder.sum()), 1))
+def _occluder(rng: np.random.Generator, S: int, width: int, height: int, placed: list[_Placed]) -> np.ndarray | None:
+    """An optional foreground bar (a branch, a pole) over everything, leaving every object visible enough."""
+    if not (rng.random() < 0.2 and placed):
+        return None
+    for _attempt in range(4):
+        bar = np.zeros((height, width), np.uint8)
+        p1 = _pts(np.array([rng.uniform(0, width), -5.0])).ravel()
+        p2 = _pts(np.array([rng.uniform(0, width), height + 5.0])).ravel()
+        if rng.random() < 0.5:
+            p1 = _pts(np.array([-5.0, rng.uniform(0, height)])).ravel()
+            p2 = _pts(np.array([width + 5.0, rng.uniform(0, height)])).ravel()
+        cv2.line(bar, tuple(p1), tuple(p2), 1, int(rng.uniform(0.015, 0.05) * S), cv2.LINE_8, _SHIFT)
+        if _layers_ok([p.mask for p in placed], [p.area for p in placed], bar > 0):
+            return bar > 0
+    return None
 
-    # camera: slight blur and sensor noise
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 0.9))
-    img += rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
-    image = np.clip(np.round(img), 0, 255).astype(np.uint8)
 
-    # annotations from the visible masks
+def _annotate(placed: list[_Placed], occluder: np.ndarray | None, S: int, width: int,
+              height: int) -> list[SynthObject]:
+    """The objects' annotations from their visible masks (later objects and the occluder cover earlier ones)."""
     covered = occluder.copy() if occluder is not None else np.zeros((height, width), bool)
     objs: list[SynthObject] = []
-    for sp, m, area, ci in reversed(list(zip(sprites, masks, areas, classes))):
+    for sp, m, area, ci, _, _ in reversed(placed):
         vis = m & ~covered
         covered |= m
         pm = sp.image_mask(width, height, "part")
@@ -516,7 +508,31 @@ def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size:
         objs.append(SynthObject(SYNTH_CLASSES[ci], x1, y1, x2, y2, bool(difficult), bool(truncated), area, inside,
                                 nvis, p_full, p_vis, _tight_box(pvis)))
     objs.reverse()
-    return Scene(image, objs, n_distract)
+    return objs
+
+
+def render_scene(seed: int | Sequence[int] | np.random.SeedSequence, image_size: int = 320) -> Scene:
+    """Draw one image with its objects; a pure function of ``seed`` and ``image_size``."""
+    rng = np.random.default_rng(seed)
+    S = int(image_size)
+    if S < 64:
+        raise ValueError(f"image_size {S} is too small (>= 64 px)")
+    short = int(round(S * rng.uniform(0.7, 1.0)))
+    width, height = (S, short) if rng.random() < 0.7 else (short, S)
+    img = _background(rng, width, height)
+    n_distract = _paste_distractors(rng, img, S)
+    placed = _place_objects(rng, S, width, height)
+    occluder = _occluder(rng, S, width, height, placed)
+    for p in placed:
+        p.sprite.paste(img)
+    if occluder is not None:
+        img[occluder] = _random_colour(rng, v=(0.1, 0.5)) * rng.uniform(0.9, 1.1, (int(occluder.sum()), 1))
+
+    # camera: slight blur and sensor noise
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 0.9))
+    img += rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
+    image = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return Scene(image, _annotate(placed, occluder, S, width, height), n_distract)
 
 
 # ----------------------------------------------------------------------------------------------------------------
