@@ -713,3 +713,31 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "auto"
     model.meta = dict(payload.get("meta", {}))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(dev).eval()
+
+
+def stage_training_set(manifest, selected_path: str | os.PathLike | None, *, input_size: int,
+                       mean: Sequence[float], std: Sequence[float], seed: int = 0,
+                       max_crops_per_class: int | None = None) -> tuple[CropDataset, dict]:
+    """The training set of a classifier stage and where it came from: the selected crops of every click at
+    ``selected_path`` (a ``selected.parquet``; :func:`selection_dataset`), or with ``selected_path=None`` the
+    manifest's trainval images with their image-level labels (:func:`image_label_dataset`). ``manifest`` is a
+    :class:`pipeline.dataset.Manifest`."""
+    trainval = manifest.split("trainval")
+    common = dict(input_size=input_size, mean=mean, std=std, seed=seed)
+    if selected_path is None:
+        dataset = image_label_dataset(trainval, manifest.image_labels(), manifest.classes, **common)
+        return dataset, {"labels": "objects of the trainval images (all, difficult included)"
+                         if len(manifest.objects) else "classes clicked in each trainval image (no ground truth)"}
+    selected = pd.read_parquet(selected_path)
+    dataset = selection_dataset(selected, trainval, manifest.classes, source=str(selected_path),
+                                max_crops_per_class=max_crops_per_class, **common)
+    return dataset, {"selected": str(selected_path), "selected_crops": len(selected),
+                     "fallback_crops": int(selected["fallback"].sum()) if "fallback" in selected else None}
+
+
+def items_per_class(dataset: CropDataset, classes: Sequence[str]) -> dict[str, int]:
+    """Training items per class: positives of each class (multi-label), or crops labelled with it."""
+    if dataset.multilabel:
+        return dict(zip(classes, dataset.targets.sum(0).astype(int).tolist()))
+    return dict(zip(classes, pd.Series(dataset.targets).value_counts().reindex(
+        range(len(classes)), fill_value=0).astype(int).tolist()))

@@ -640,3 +640,26 @@ def import_proposals(source: str, path: str | os.PathLike, images: Sequence[tupl
                                 f"(e.g. {missing[:5]})")
     for image_id, w, h in images:
         yield image_id, postprocess_boxes(table[image_id], w, h, min_size, max_boxes, seed), (int(w), int(h))
+
+
+def import_proposal_store(source: str, path: str | os.PathLike, images: Sequence[tuple[str, int, int]],
+                          out: str | os.PathLike, params: SelectiveSearchParams,
+                          attrs: Mapping[str, Any] | None = None) -> Path:
+    """:func:`import_proposals` of ``images`` (``(image_id, width, height)``) written as a store at ``out``, with
+    ``params``' box filter (``min_size``, ``max_boxes``, ``seed``)."""
+    return write_proposal_store(out, import_proposals(source, path, images, params.min_size, params.max_boxes,
+                                                      params.seed), attrs)
+
+
+def store_report(path: str | os.PathLike, image_ids: Sequence[str]) -> dict:
+    """Images and boxes of the store at ``path``, checked to hold exactly ``image_ids`` in that order (raises
+    ``RuntimeError`` otherwise)."""
+    store = ProposalStore(path)
+    if store.image_ids != list(image_ids):
+        raise RuntimeError(f"{path}: images differ from the {len(image_ids)} expected ones")
+    counts = store.counts()
+    return {"images": len(store), "boxes": int(counts.sum()),
+            "boxes_per_image": {"mean": float(counts.mean()) if len(counts) else 0.0,
+                                "min": int(counts.min()) if len(counts) else 0,
+                                "max": int(counts.max()) if len(counts) else 0},
+            "images_without_boxes": int((counts == 0).sum())}
