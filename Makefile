@@ -29,7 +29,7 @@ help: ## list the targets
 	@echo
 	@echo "  Own data:  make pseudo-labels IMAGES=<folder> CLICKS=<csv|coco json|cvat xml|label studio json> [GT=...]"
 	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
-	@echo "  Detector:  make evaluate ARGS='--box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
+	@echo "  Detector:  make evaluate ARGS='--det-box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
 	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
 
 install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)

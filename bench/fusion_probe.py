@@ -39,6 +39,7 @@ from pipeline.classifier import load_classifier  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
 from pipeline.io import write_csv  # noqa: E402
 from pipeline.metrics import clicked_iou, pseudo_box_metrics  # noqa: E402
+from tasks.defaults import TUNED  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 FUSIONS = {
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crop-size", type=int, default=0, help="CAM crop size (default: the model's input size)")
     ap.add_argument("--clicks", type=int, default=500, help="seeded subset of the annotator-1 clicks")
     ap.add_argument("--thresholds", default="40,60,80,100,120")
-    ap.add_argument("--partition", default="same_class", choices=PARTITION_MODES,
-                    help="cut each click's map against the image's other clicks, as FusePseudoBoxes --partition")
+    ap.add_argument("--box-partition", default=TUNED.box_partition, choices=PARTITION_MODES,
+                    help="cut each click's map against the image's other clicks, as FusePseudoBoxes --box-partition")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from tasks import SelectProposals, TrainClassifier
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             target = classes.index(r["class"])
             maps = cam(x, [target] * len(x)).numpy()
             prob = torch.softmax(cam.outputs.float(), 1)[:, target].numpy()  # the CAM pass's own forward
-            others = other_clicks(by_image[r.image_id], int(cid), r["class"], args.partition)
+            others = other_clicks(by_image[r.image_id], int(cid), r["class"], args.box_partition)
             for name, weights in FUSIONS.items():
                 fused = paste_and_fuse(maps, boxes, image.shape[:2], weights=weights(maps, boxes, prob))
                 for t in thresholds:

@@ -2,7 +2,7 @@
 (image decode, selective search, mapping/sorting/filtering, checkpoint chunks and HDF5 writes) with 1 and 2
 processes, on a fixed set of voc07-sample images.
 
-    .venv/bin/python bench/proposals.py [--n-images 16] [--repeats 2] [--mode fast] [--max-side 500]
+    .venv/bin/python bench/proposals.py [--n-images 16] [--repeats 2] [--ss-mode fast] [--ss-image-max-px 500]
 
 Targets (exit status 1 when missed): the stage's single-process overhead over raw OpenCV <= 10%, and 2 processes
 >= 1.7x faster than 1. Run it on an otherwise idle machine with at least 2 free cores; each figure is the best of
@@ -25,6 +25,7 @@ import cv2  # noqa: E402
 from pipeline.imageio import read_image  # noqa: E402
 from pipeline.proposals import (SelectiveSearchParams, raw_selective_search, resize_for_proposals,  # noqa: E402
                                 run_proposal_shard)
+from tasks.defaults import TUNED  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc07-sample"
 MAX_OVERHEAD = 0.10
@@ -67,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voc-root", type=Path, default=SAMPLE / "VOC2007")
     ap.add_argument("--n-images", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--mode", choices=["fast", "quality"], default="fast")
-    ap.add_argument("--max-side", type=int, default=500)
+    ap.add_argument("--ss-mode", choices=["fast", "quality"], default=TUNED.ss_mode)
+    ap.add_argument("--ss-image-max-px", type=int, default=TUNED.ss_image_max_px)
     args = ap.parse_args(argv)
     if not (args.voc_root / "JPEGImages").is_dir():
         print(f"{args.voc_root}: no JPEGImages/ (voc07-sample missing?)", file=sys.stderr)
         return 2
     ids, paths = fixed_images(args.voc_root, args.n_images)
-    params = SelectiveSearchParams(mode=args.mode, max_side=args.max_side)
-    print(f"{len(ids)} images of {args.voc_root} ({ids[0]} ... {ids[-1]}), mode={args.mode}, "
-          f"max_side={args.max_side}, best of {args.repeats}, {os.cpu_count()} CPUs, "
+    params = SelectiveSearchParams(mode=args.ss_mode, max_side=args.ss_image_max_px, min_size=TUNED.ss_box_min_px)
+    print(f"{len(ids)} images of {args.voc_root} ({ids[0]} ... {ids[-1]}), mode={args.ss_mode}, "
+          f"max_side={args.ss_image_max_px}, best of {args.repeats}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     time_raw(paths[:1], params)  # warm-up (library loading, page cache)
     raw = min(time_raw(paths, params) for _ in range(args.repeats))

@@ -1,11 +1,11 @@
 """Pseudo-box quality on real images: the click-only floors, the image-label-only baseline, Grad-CAM (at stage6, the
 last conv layer where Grad-CAM is usually taken, and at the default layers) and SA-CAM with clicks (the default:
 the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer alone, and the effect of the symmetry
-rule, of T_cam and of the same-class partition of stage 5 (``--partition``); SA-CAM with two clicks per object
+rule, of T_cam and of the same-class partition of stage 5 (``--box-partition``); SA-CAM with two clicks per object
 (paper 001: the pair's mean as the click, and with the area score choosing T_cam); click-supervised MIL (paper 001's
 method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
 1 and 2), the seed's baseline; with ``--extended`` also of the crop-map fusion, of stage 2's same-class exclusion
-(``--exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+(``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     data = dict(voc_root=str(root), clicks=str(clicks), annotator=1,
                 ss_workers=args.workers)
     overrides = {"classifier_epochs": args.epochs, "classifier_max_crops_per_class": args.max_crops_per_class,
-                 "classifier_input_size": args.input_size}
+                 "classifier_input_px": args.input_size}
     common = dict(data, device=args.device, classifier_backbone=args.backbone,
                   **{k: v for k, v in overrides.items() if v is not None})
     timings = {}
@@ -220,10 +220,10 @@ def main(argv=None) -> int:
     timed("proposals + selection", [SelectProposals(**data)])
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
-    fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (DEFAULT_FUSED_LAYERS)
+    fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (tasks/defaults.py)
     last = "conv5_3" if args.backbone == "vgg16" else "stage6"  # Grad-CAM's layer in its paper and in ours
     gradcam = FusePseudoBoxes(**common, cam_method="gradcam")
-    gradcam_last = FusePseudoBoxes(**common, cam_method="gradcam", cam_layer=last)
+    gradcam_last = FusePseudoBoxes(**common, cam_method="gradcam", cam_layers=last)
     timed("Grad-CAM", [gradcam, gradcam_last])
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     model_dir = Path(classifier.output().path)
     model = load_classifier(model_dir / "model.pt", "cpu")
     layers = [x for x in (args.layers.split(",") if args.layers else model.cam_layers) if x]
-    layer_tasks = {layer: FusePseudoBoxes(**common, cam_method="sacam", cam_layer=layer) for layer in layers}
+    layer_tasks = {layer: FusePseudoBoxes(**common, cam_method="sacam", cam_layers=layer) for layer in layers}
     timed("SA-CAM layer ablation", list(layer_tasks.values()))
 
     rows = floor_rows(data)
@@ -286,19 +286,19 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
 
     # effect of the symmetry rule and of T_cam (only the last stage reruns)
-    variants = {f"symmetry={s}": dict(symmetry=s) for s in ("max", "mean", "min", "none")}
-    variants["T_cam paper rule (80 / 120)"] = dict(cam_threshold_rule="paper")
-    variants.update({f"T_cam fixed {v}": dict(cam_threshold_rule="fixed", cam_threshold=float(v))
+    variants = {f"box_symmetry={s}": dict(box_symmetry=s) for s in ("max", "mean", "min", "none")}
+    variants["T_cam paper rule (80 / 120)"] = dict(box_threshold_rule="paper")
+    variants.update({f"T_cam fixed {v}": dict(box_threshold_rule="fixed", box_threshold=float(v))
                      for v in (30, 40, 60, 70, 80, 100, 120)})
-    variants["partition=all (map cut against the other clicks of any class)"] = dict(partition="all")
-    variants["partition=none (stage 5 as in the paper)"] = dict(partition="none")
+    variants["box_partition=all (map cut against the other clicks of any class)"] = dict(box_partition="all")
+    variants["box_partition=none (stage 5 as in the paper)"] = dict(box_partition="none")
     if args.extended:
-        variants["fusion=sum (the paper's Eq. 4; default prob)"] = dict(cam_fusion="sum")
-        variants["exclusive=False (stage 2 as in the paper; own classifier and CAMs)"] = dict(exclusive=False)
-        variants["exclusive=False, partition=none (no same-class exclusion at all)"] = dict(exclusive=False,
-                                                                                           partition="none")
+        variants["cam_fusion=sum (the paper's Eq. 4; default prob)"] = dict(cam_fusion="sum")
+        variants["sel_exclusive=False (stage 2 as in the paper; own classifier and CAMs)"] = dict(sel_exclusive=False)
+        variants["sel_exclusive=False, box_partition=none (no same-class exclusion at all)"] = dict(
+            sel_exclusive=False, box_partition="none")
     if ensemble:
-        variants.update({f"ensemble {members}, T_cam fixed {v}": dict(cam_ensemble=ensemble, cam_threshold=float(v))
+        variants.update({f"ensemble {members}, T_cam fixed {v}": dict(cam_ensemble=ensemble, box_threshold=float(v))
                          for v in (50, 70, 80)})
     variant_tasks = {k: FusePseudoBoxes(**common, cam_method="sacam", report_images=0, report_worst=0, **v)
                      for k, v in variants.items()}
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     images = len(SelectProposals(**data).manifest().split("trainval"))
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
               f"{args.device}; classifier {classifier.classifier_epochs} epochs on <= "
-              f"{classifier.classifier_max_crops_per_class} crops/class at {classifier.classifier_input_size}px; "
+              f"{classifier.classifier_max_crops_per_class} crops/class at {classifier.classifier_input_px}px; "
               f"this run took {time.time() - t0:.0f}s")
     caption = ("Symmetry rule (at the default T_cam), T_cam, "
                + ("crop-map fusion and the same-class exclusion of stages 2 and 5 " if args.extended

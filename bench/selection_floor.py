@@ -9,7 +9,8 @@ click, for:
 (a) ``median-size box``: a box centred on the click with the class's median ground-truth width and height,
     clipped to the image. The medians are computed from the ground truth of the evaluated images themselves
     (printed), so this floor knows a little more than clicks alone.
-(b) ``rank-1 proposal``: the nearest-centred selected proposal of the click (stage 2, N=8, T_iou=0.7).
+(b) ``rank-1 proposal``: the nearest-centred selected proposal of the click (stage 2 with the pipeline's defaults:
+    N=8, T_iou=0.7, the same-class exclusion; ``--sel-*``).
 Also printed, for orientation: (c) the largest click-centred window inside the image (the selection's fallback),
 and the best of the N selected proposals per click (an oracle upper bound of what picking among them can reach,
 not a floor).
@@ -43,6 +44,7 @@ from pipeline.metrics import box_accuracy, mean_iou, match_boxes  # noqa: E402
 from pipeline.proposals import (ProposalStore, SelectiveSearchParams, merge_proposal_stores,  # noqa: E402
                                 run_proposal_shard)
 from pipeline.selection import fallback_windows, select_proposals  # noqa: E402
+from tasks.defaults import TUNED  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 XY = ["x1", "y1", "x2", "y2"]
@@ -51,7 +53,7 @@ XY = ["x1", "y1", "x2", "y2"]
 def proposals_store(images: pd.DataFrame, limit: int, workers: int, chunk: int = 25) -> Path:
     """A store of the first ``limit`` (0: all) images' proposals, from a cache of ``chunk``-image stores in
     trainval order under outputs/bench/selection_floor/ (kept across runs and limits; a killed run resumes)."""
-    params = SelectiveSearchParams()
+    params = SelectiveSearchParams(TUNED.ss_mode, TUNED.ss_image_max_px, TUNED.ss_box_min_px)  # the pipeline's
     key = hashlib.md5(json.dumps(params.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
     cache = REPO / "outputs" / "bench" / "selection_floor" / f"proposals_{key}"
     n = len(images) if not limit else min(limit, len(images))
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use the first N trainval images only (0: all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--proposals", type=Path, help="an existing proposals_trainval.h5 to use instead")
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--iou", type=float, default=0.7)
+    ap.add_argument("--sel-per-click", type=int, default=TUNED.sel_per_click)
+    ap.add_argument("--sel-nms-iou", type=float, default=TUNED.sel_nms_iou)
+    ap.add_argument("--sel-exclusive", type=int, choices=(0, 1), default=int(TUNED.sel_exclusive))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     voc_root = args.sample / "VOC2007"
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"proposals: {store.path} ({np.mean([store.num_boxes(i) for i in keep]):.0f} boxes/image, "
           f"params {store.params})")
-    selected, report = select_proposals(clicks, store, n=args.n, iou=args.iou)
+    selected, report = select_proposals(clicks, store, n=args.sel_per_click, iou=args.sel_nms_iou,
+                                        exclusive=bool(args.sel_exclusive))
     print(f"selection: {report}")
 
     methods: dict[str, pd.DataFrame] = {}

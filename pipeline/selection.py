@@ -5,11 +5,11 @@ Euclidean distance from their center to the click (ties: store order, which is l
 and drop a proposal whose IoU with an already kept one exceeds ``iou`` (greedy NMS with the ranking as score), and
 keep the first ``n``. A click inside no proposal gets :func:`fallback_windows` instead (flagged ``fallback``).
 
-``exclusive`` (default on, an addition to the paper): before ranking, drop the proposals that also contain another
-click of the same class in the image: such a crop shows two instances, and its CAM lights both, which merges them
-in the fused map of either click. When that would leave a click no proposal, its proposals are kept as they are
-(counted as ``exclusion_waived`` in the report). Measured on voc07-sample by ``bench/quality.py``
-(docs/experiments.md).
+``exclusive`` (an addition to the paper; off by default here, on in the pipeline: tasks/defaults.py): before
+ranking, drop the proposals that also contain another click of the same class in the image: such a crop shows two
+instances, and its CAM lights both, which merges them in the fused map of either click. When that would leave a
+click no proposal, its proposals are kept as they are (counted as ``exclusion_waived`` in the report). Measured on
+voc07-sample by ``bench/quality.py`` (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def select_for_click(boxes: np.ndarray, x: float, y: float, width: int, height: 
 
 def select_proposals(clicks: pd.DataFrame, proposals, sizes: Mapping[str, tuple[int, int]] | Callable | None = None,
                      n: int = 8, iou: float = 0.7, fallback_scales: Sequence[float] = DEFAULT_FALLBACK_SCALES,
-                     exclusive: bool = True, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+                     exclusive: bool = False, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Select up to ``n`` proposals per click (``exclusive``: see the module docstring).
 
     ``clicks``: columns ``click_id, image_id, class, x, y``. ``proposals``: ``proposals[image_id] -> (K, 4)``

@@ -1,13 +1,15 @@
 """The stage framework: parameter-hashed, atomically published output directories (gokart style).
 
-A stage's output is the directory ``<outputs_root>/<Stage>/<hash>/`` where ``hash`` covers the task's significant
-parameters and the hashes of the stages it requires, so any upstream change gives a new directory and the same
-parameters reuse the old one. ``run()`` works in ``<hash>.partial/`` (kept across kills, so a stage can resume from
-checkpoints or finished parts it wrote there), writes ``params.json``, calls :meth:`StageTask.run_stage`, and renames
-the work directory to ``<hash>/`` only when the stage finished: a directory named by a bare hash is always complete.
-The whole run holds an exclusive ``flock`` on ``<hash>.lock`` (:func:`stage_lock`), so processes that run the same
-stage on one outputs root take turns on the work directory; one that gets the lock after the output was published
-does nothing.
+A stage's output is the directory ``<outputs_root>/<Stage>/<hash>/`` where ``hash`` covers the task's own
+significant parameters and the refs of the stages it requires (one policy, :meth:`StageTask.significant_params` and
+:meth:`StageTask.hash_refs`), so any upstream change gives a new directory and the same parameters reuse the old
+one. A stage's own parameters are those its class defines (its body and its parameter mixins); the ones
+``@inherits`` adds reach the hash only through the upstream stages that own them. ``run()`` works in
+``<hash>.partial/`` (kept across kills, so a stage can resume from checkpoints or finished parts it wrote there),
+writes ``params.json``, calls :meth:`StageTask.run_stage`, and renames the work directory to ``<hash>/`` only when
+the stage finished: a directory named by a bare hash is always complete. The whole run holds an exclusive ``flock``
+on ``<hash>.lock`` (:func:`stage_lock`), so processes that run the same stage on one outputs root take turns on the
+work directory; one that gets the lock after the output was published does nothing.
 """
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ from pathlib import Path
 from typing import Iterator
 
 import luigi
+import luigi.util
 from luigi.task import flatten
 
 from pipeline.device import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
 from pipeline.io import read_json, write_json
+
+from .defaults import TUNED
 
 log = logging.getLogger("clickscale")
 
@@ -36,6 +41,15 @@ class clickscale(luigi.Config):  # noqa: N801 (luigi config sections are named b
     """``[clickscale]`` section of luigi.cfg."""
 
     outputs_root = luigi.Parameter(default="outputs", description="root of all stage output directories")
+
+
+class TrainingSeed:
+    """``seed``, a parameter mixin of the stages that train (TrainClassifier, TrainFastRCNN): each hashes it as its
+    own, since either may run without the other upstream. The dataset's randomness has ``data_seed``."""
+
+    seed = luigi.IntParameter(default=TUNED.seed, description="seed of the training: head initialisation, crop "
+                                                              "subsample, order, augmentation (the report's sample "
+                                                              "too); the dataset has --data-seed")
 
 
 def gpu_resource() -> str:
@@ -72,17 +86,45 @@ class StageTask(luigi.Task):
         return res
 
     # -- identity -----------------------------------------------------------------------------------------
+    #: upstream stages this one reads only part of: task family -> the property naming that part in the hash
+    #: (the proposal stages: ``{"PrepareDataset": "images_ref"}``, the images without the clicks)
+    reads_part_of: dict[str, str] = {}
+    _own_params: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        """Record the stage's own parameters: those of its class statement (body, parameter mixins, a stage class
+        it subclasses), taken before a decorator (``@inherits``) adds the upstream ones."""
+        super().__init_subclass__(**kwargs)
+        inherited = set()
+        for base in cls.__mro__[1:]:
+            if isinstance(base, type) and issubclass(base, StageTask):
+                inherited |= base.inherited_param_names()
+        # (not get_params(): ABCMeta has not finished the class yet, so no dunder lookups)
+        names = {n for n in dir(cls) if not n.startswith("__") and isinstance(getattr(cls, n, None), luigi.Parameter)}
+        cls._own_params = frozenset(names - inherited)
+
+    @classmethod
+    def own_param_names(cls) -> frozenset[str]:
+        return cls._own_params
+
+    @classmethod
+    def inherited_param_names(cls) -> frozenset[str]:
+        """Parameters added by ``@inherits``: they configure upstream stages and are hashed there."""
+        return frozenset(name for name, _ in cls.get_params()) - cls._own_params
+
     def significant_params(self) -> dict:
+        """The stage's own significant parameters: with :meth:`hash_refs`, all its hash covers."""
         return {name: p.serialize(getattr(self, name))
-                for name, p in self.get_params() if p.significant}
+                for name, p in self.get_params() if p.significant and name in self._own_params}
 
     def upstream(self) -> list[luigi.Task]:
         return flatten(self.requires())
 
     def hash_refs(self) -> list[str]:
-        """What identifies the upstream stages in this stage's hash: their ``stage_ref`` by default. A stage that
-        reads only part of an upstream output may name just that part (see ``PrepareDataset.images_ref``)."""
-        return [t.stage_ref if isinstance(t, StageTask) else t.task_id for t in self.upstream()]
+        """What identifies the upstream stages in this stage's hash: their ``stage_ref``, or for a family in
+        :attr:`reads_part_of` the part of its output this stage reads (see ``PrepareDataset.images_ref``)."""
+        return [getattr(t, self.reads_part_of.get(t.task_family, "stage_ref")) if isinstance(t, StageTask)
+                else t.task_id for t in self.upstream()]
 
     @property
     def stage_hash(self) -> str:
@@ -185,6 +227,20 @@ class StageTask(luigi.Task):
             return
         os.replace(work, self.stage_dir)
         log.info("%s: done in %.1fs -> %s", self.stage_ref, time.time() - t0, self.stage_dir)
+
+
+def inherits(*upstream: type[luigi.Task], without: tuple[str, ...] = ()):
+    """``luigi.util.inherits`` (every parameter of ``upstream`` on the decorated class, so ``clone`` passes them down
+    the chain), less the names in ``without``: an upstream parameter that a stage sets itself for each task it
+    requires (``FusePseudoBoxes`` sets ``GenerateCAMs``' ``cam_layer`` from its own ``cam_layers``)."""
+    def decorate(cls):
+        before = set(dir(cls))
+        cls = luigi.util.inherits(*upstream)(cls)
+        for name in without:
+            if name not in before:
+                delattr(cls, name)
+        return cls
+    return decorate
 
 
 def remove_temporaries(directory: Path) -> int:

@@ -9,7 +9,7 @@ workers, on one machine or several, share the stage; each shard holds the GPU re
 shard reruns alone and resumes from its finished parts; finished shards are kept. ``GenerateCAMs`` publishes the
 shards' parts as one :class:`pipeline.cam.CamStore` (hard links, one index) and needs no GPU. A part holds the
 same maps whatever the shard count; the shard count is part of the output's identity all the same (as
-``SelectiveSearch``'s ``n_shards``).
+``SelectiveSearch``'s ``ss_shards``).
 
 Parameters carry a ``cam_`` prefix (luigi's ``@inherits``/``clone`` pass every parameter down the chain by name).
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import luigi
 import pandas as pd
-from luigi.util import inherits
 
 from pipeline.cam import (CAM_METHODS, FUSIONS, CamStoreSettings, click_entries, image_entries, merge_cam_stores,
                           write_cam_store)
@@ -29,8 +28,9 @@ from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
 from pipeline.io import read_json, write_json, write_text
 
-from .base import StageTask
+from .base import StageTask, inherits
 from .classifier import TrainClassifier
+from .defaults import TUNED
 from .proposals import SelectProposals
 
 log = logging.getLogger("clickscale")
@@ -39,20 +39,18 @@ log = logging.getLogger("clickscale")
 class _CamParams:
     """Parameters shared by the CAM tasks (a mixin: luigi finds parameters on base classes)."""
 
-    cam_method = luigi.ChoiceParameter(choices=list(CAM_METHODS), default="sacam",
+    cam_method = luigi.ChoiceParameter(choices=list(CAM_METHODS), default=TUNED.cam_method,
                                        description="sacam (Eq. 3, = LayerCAM) or gradcam (Eq. 1-2)")
-    cam_layer = luigi.Parameter(default="", description="layer the CAM is taken at; empty: the backbone's "
+    cam_layer = luigi.Parameter(default="", description="the one layer the CAM is taken at; empty: the backbone's "
                                                         "default (vgg16 conv5_2, efficientnet_lite0/1/2 stage6). "
-                                                        "FusePseudoBoxes and the tasks after it take a comma-"
-                                                        "separated list (one GenerateCAMs each, maps averaged); "
-                                                        "empty there: pipeline.backbones.DEFAULT_FUSED_LAYERS "
-                                                        "(efficientnet stage5_expand,stage6; vgg16 conv5_2)")
-    cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default="prob",
+                                                        "FusePseudoBoxes and the tasks after it take --cam-layers "
+                                                        "instead (one GenerateCAMs per layer)")
+    cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default=TUNED.cam_fusion,
                                        description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
                                                    "prob (each weighted by the classifier's probability of the "
                                                    "click's class on that crop; measured: docs/experiments.md)")
-    cam_crop_size = luigi.IntParameter(default=0, description="crops resized to this square (px); 0: the "
-                                                              "classifier's input size")
+    cam_crop_px = luigi.IntParameter(default=0, description="crops resized to this square (px); 0: the "
+                                                            "classifier's input size")
     cam_max_crops = luigi.IntParameter(default=0, description="use the first n selected crops of a click; 0: all")
     cam_inspect_images = luigi.IntParameter(default=0, description="also store each crop's map for the first n "
                                                                    "images (inspection)")
@@ -123,7 +121,7 @@ class GenerateCAMsShard(_CamParams, StageTask):
         device = resolve_device(self.device)
         model = load_classifier(self.input_dir("classifier") / "model.pt", device)
         settings = CamStoreSettings(
-            method=self.cam_method, layer=self.cam_layer_of(model), crop_size=self.cam_crop_size or model.input_size,
+            method=self.cam_method, layer=self.cam_layer_of(model), crop_size=self.cam_crop_px or model.input_size,
             batch_size=self.cam_batch_size, fusion=self.cam_fusion, inspect_images=self.cam_inspect_images,
             images_per_part=self.cam_images_per_part, shard=(self.cam_shard, self.cam_shards), device=device,
             num_workers=self.decode_workers(device), progress=True)

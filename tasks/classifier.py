@@ -5,8 +5,9 @@ images with image-level labels).
     PrepareDataset  -> TrainClassifier          (classifier_mode=image_labels)
 
 The classifier's parameters carry a ``classifier_`` prefix: luigi's ``@inherits``/``clone`` hand every parameter
-down the chain by name, and the upstream proposal tasks already have ``mode`` and ``ss_workers`` (later stages such
-as the detector will have ``epochs``, ``lr``, ``backbone`` of their own). ``seed`` is the pipeline's shared seed.
+down the chain by name (the detector has ``det_epochs``, ``det_lr``, ``det_backbone`` of its own). ``seed`` seeds the
+training (head initialisation, crop subsample, order, augmentation); the dataset has its own ``data_seed``, so a
+reseeded classifier reuses the dataset and the proposals.
 
 Several GPUs: ``--classifier-nproc N`` trains with torch DDP in N processes (``torchrun --standalone``, one GPU
 each; gloo processes on a CPU-only machine), started from the stage's run() and writing into its work directory;
@@ -20,17 +21,16 @@ from pathlib import Path
 
 import luigi
 import luigi.configuration
-import pandas as pd
-from luigi.util import inherits
 
 from pipeline.backbones import BACKBONES, build_backbone
-from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, image_label_dataset, save_classifier,
-                                 selection_dataset, train_classifier_distributed)
+from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, items_per_class, save_classifier,
+                                 stage_training_set, train_classifier_distributed)
 from pipeline.device import resolve_device
 from pipeline.io import write_json
 
-from .base import StageTask
+from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
+from .defaults import TUNED
 from .proposals import SelectProposals
 
 log = logging.getLogger("clickscale")
@@ -39,7 +39,7 @@ MODES = ("crops", "image_labels")
 
 
 @inherits(SelectProposals)
-class TrainClassifier(StageTask):
+class TrainClassifier(TrainingSeed, StageTask):
     """Fine-tuned classifier: ``model.pt`` (:func:`pipeline.classifier.load_classifier`), ``train_log.csv`` (per
     epoch: loss, accuracy, lr, seconds, crops/s) and ``report.json``.
 
@@ -53,22 +53,24 @@ class TrainClassifier(StageTask):
     classifier_mode = luigi.ChoiceParameter(choices=list(MODES), default="crops",
                                             description="crops: selected proposals labelled with their click's "
                                                         "class; image_labels: whole images, multi-label")
-    classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default="efficientnet_lite0")
+    classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default=TUNED.classifier_backbone)
     classifier_weights = luigi.Parameter(default="imagenet",
                                          description="imagenet, a path to a state dict, or random (tests only)")
-    # CPU-budget defaults (the ones bench/quality.py runs with): 224 px crops, at most 50 crops per class (larger
-    # crops helped, more crops or epochs did not: docs/experiments.md)
-    classifier_epochs = luigi.IntParameter(default=3)
+    # the CPU budget bench/quality.py runs with (tasks/defaults.py)
+    classifier_epochs = luigi.IntParameter(default=TUNED.classifier_epochs)
     classifier_batch_size = luigi.IntParameter(default=32)
-    classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default="sgd")
-    classifier_lr = luigi.FloatParameter(default=TrainConfig.lr,
+    classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default=TUNED.classifier_optimizer)
+    classifier_lr = luigi.FloatParameter(default=TUNED.classifier_lr,
                                          description="backbone learning rate; the new head gets 10x")
-    classifier_freeze_bn = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    classifier_freeze_bn = luigi.BoolParameter(default=TUNED.classifier_freeze_bn,
+                                               parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                                description="keep the pretrained BatchNorm statistics while "
                                                            "fine-tuning (efficientnet_lite0; VGG16 has none)")
-    classifier_input_size = luigi.IntParameter(default=224, description="crops are resized to this square (px)")
-    classifier_max_crops_per_class = luigi.IntParameter(default=50, description="seeded subsample of the "
-                                                                              "training crops per class; 0 = all")
+    classifier_input_px = luigi.IntParameter(default=TUNED.classifier_input_px,
+                                             description="crops are resized to this square (px)")
+    classifier_max_crops_per_class = luigi.IntParameter(default=TUNED.classifier_max_crops_per_class,
+                                                        description="seeded subsample of the training crops per "
+                                                                    "class; 0 = all")
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu or cuda")
     classifier_workers = luigi.IntParameter(default=-1, significant=False,
                                             description="DataLoader workers; -1 = auto")
@@ -98,46 +100,29 @@ class TrainClassifier(StageTask):
         manifest = self.manifest()
         classes = manifest.classes
         model = build_backbone(self.classifier_backbone, len(classes), self.classifier_weights, seed=self.seed)
-        model.input_size = self.classifier_input_size
-        trainval = manifest.split("trainval")
-        common = dict(input_size=self.classifier_input_size, mean=model.mean, std=model.std, seed=self.seed)
-        if self.classifier_mode == "image_labels":
-            labels = manifest.image_labels()
-            dataset = image_label_dataset(trainval, labels, classes, **common)
-            source = {"labels": "objects of the trainval images (all, difficult included)" if len(manifest.objects)
-                      else "classes clicked in each trainval image (no ground truth)"}
-        else:
-            path = self.input_dir() / "selected.parquet"
-            selected = pd.read_parquet(path)
-            dataset = selection_dataset(selected, trainval, classes, source=str(path),
-                                        max_crops_per_class=self.classifier_max_crops_per_class or None, **common)
-            source = {"selected": str(path), "selected_crops": len(selected),
-                      "fallback_crops": int(selected["fallback"].sum()) if "fallback" in selected else None}
+        model.input_size = self.classifier_input_px
+        selected = None if self.classifier_mode == "image_labels" else self.input_dir() / "selected.parquet"
+        dataset, source = stage_training_set(manifest, selected, input_size=self.classifier_input_px,
+                                             mean=model.mean, std=model.std, seed=self.seed,
+                                             max_crops_per_class=self.classifier_max_crops_per_class or None)
         cfg = self.train_config()
         if self.classifier_nproc < 1:
             raise ValueError(f"--classifier-nproc must be >= 1, got {self.classifier_nproc}")
         t0 = time.time()
         train_log = train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc)
+        final = train_log.iloc[-1].to_dict()
         meta = {"mode": self.classifier_mode, "weights": self.classifier_weights, "train": cfg.result_args(),
-                "final": train_log.iloc[-1].to_dict(), "stage": self.stage_ref}
+                "final": final, "stage": self.stage_ref}
         save_classifier(work / "model.pt", model, classes, meta)
         (work / CHECKPOINT_NAME).unlink(missing_ok=True)  # model.pt is the product; the checkpoint only resumes
-        if dataset.multilabel:
-            per_class = dict(zip(classes, dataset.targets.sum(0).astype(int).tolist()))
-        else:
-            per_class = dict(zip(classes, pd.Series(dataset.targets).value_counts().reindex(
-                range(len(classes)), fill_value=0).astype(int).tolist()))
         write_json(work / "report.json", {
             "mode": self.classifier_mode, "backbone": self.classifier_backbone, "weights": self.classifier_weights,
-            "classes": len(classes), "input_size": self.classifier_input_size,
-            "training_items": len(dataset), "items_per_class": per_class,
+            "classes": len(classes), "input_size": self.classifier_input_px, "training_items": len(dataset),
+            "items_per_class": items_per_class(dataset, classes),
             "max_crops_per_class": self.classifier_max_crops_per_class or None, **source,
             "device": str(resolve_device(self.device)), "processes": self.classifier_nproc,
-            "train": cfg.result_args(),
-            "final": train_log.iloc[-1].to_dict(), "seconds_this_run": round(time.time() - t0, 1),
-            "train_log": LOG_NAME,
-        })
-        last = train_log.iloc[-1]
-        log.info("TrainClassifier: %d %s, %d epochs, final loss %.4f accuracy %.3f, %.1f crops/s",
-                 len(dataset), "images" if dataset.multilabel else "crops", len(train_log), last["loss"],
-                 last["accuracy"], last["crops_per_s"])
+            "train": cfg.result_args(), "final": final, "seconds_this_run": round(time.time() - t0, 1),
+            "train_log": LOG_NAME})
+        log.info("TrainClassifier: %d %s, %d epochs, final loss %.4f accuracy %.3f, %.1f crops/s", len(dataset),
+                 "images" if dataset.multilabel else "crops", len(train_log), final["loss"], final["accuracy"],
+                 final["crops_per_s"])

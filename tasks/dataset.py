@@ -14,6 +14,7 @@ from pipeline.io import write_csv
 from pipeline.pointformats import POINT_FORMATS
 
 from .base import StageTask
+from .defaults import TUNED
 
 log = logging.getLogger("clickscale")
 
@@ -47,17 +48,21 @@ class PrepareDataset(StageTask):
     annotators = luigi.Parameter(default="1,2", description="with --clicks-per-object 2: the two annotators")
     on_bad_click = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
     on_bad_image = luigi.ChoiceParameter(choices=["error", "skip"], default="error")
-    click_sigma = luigi.FloatParameter(default=0.08, description="error of simulated clicks, x box side")
-    seed = luigi.IntParameter(default=0)
-    synth_trainval = luigi.IntParameter(default=300)
-    synth_test = luigi.IntParameter(default=200)
-    synth_size = luigi.IntParameter(default=320)
-    data_root = luigi.Parameter(default="data", significant=False)
+    sim_click_sigma = luigi.FloatParameter(default=0.08, description="error of simulated clicks (no click file), "
+                                                                     "a fraction of the box side")
+    data_seed = luigi.IntParameter(default=TUNED.data_seed,
+                                   description="seed of the dataset: synthetic images, simulated clicks (and the "
+                                               "proposal subsets of --ss-max-boxes); training has --seed")
+    synth_trainval = luigi.IntParameter(default=300, description="synthetic dataset: trainval images")
+    synth_test = luigi.IntParameter(default=200, description="synthetic dataset: test images")
+    synth_image_px = luigi.IntParameter(default=320, description="synthetic dataset: image side (px, square)")
+    data_root = luigi.Parameter(default="data", significant=False, description="where the synthetic dataset is "
+                                                                               "generated")
 
-    #: parameters that change the clicks only, never the images (the synthetic images depend on the seed and the
-    #: synth_* sizes, not on click_sigma); ``gt`` is read for the metrics only
+    #: parameters that change the clicks only, never the images (the synthetic images depend on data_seed and the
+    #: synth_* sizes, not on sim_click_sigma); ``gt`` is read for the metrics only
     CLICK_PARAMS = ("clicks", "clicks_format", "annotator", "clicks_per_object", "annotators", "on_bad_click",
-                    "click_sigma", "gt", "classes")
+                    "sim_click_sigma", "gt", "classes")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -104,10 +109,10 @@ class PrepareDataset(StageTask):
             return root, clicks
         from pipeline.synthetic import ensure_dataset
 
-        out = Path(self.data_root) / (f"synthetic-s{self.seed}-{self.synth_trainval}-{self.synth_test}"
-                                      f"-{self.synth_size}-c{self.click_sigma:g}")
+        out = Path(self.data_root) / (f"synthetic-s{self.data_seed}-{self.synth_trainval}-{self.synth_test}"
+                                      f"-{self.synth_image_px}-c{self.sim_click_sigma:g}")
         root = ensure_dataset(out, n_trainval=self.synth_trainval, n_test=self.synth_test,
-                              image_size=self.synth_size, seed=self.seed, click_sigma=self.click_sigma)
+                              image_size=self.synth_image_px, seed=self.data_seed, click_sigma=self.sim_click_sigma)
         return root, Path(self.clicks) if self.clicks else out / "clicks_trainval.csv"
 
     def annotator_ids(self) -> int | list[int]:
@@ -133,7 +138,7 @@ class PrepareDataset(StageTask):
                 from pipeline.synthetic import SYNTH_CLASSES
 
                 common["classes"] = SYNTH_CLASSES
-            manifest = build_manifest(root, clicks, click_sigma=self.click_sigma, seed=self.seed, **common)
+            manifest = build_manifest(root, clicks, click_sigma=self.sim_click_sigma, seed=self.data_seed, **common)
         manifest.save(work)
         write_csv(summary_table(manifest), work / "summary.csv")
 

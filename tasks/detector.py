@@ -7,15 +7,15 @@ proposals, classifier, CAMs, pseudo boxes) is inherited, so one command line con
 
     luigi --module tasks EvaluateVOC07 --local-scheduler                       # embedded synthetic dataset
     luigi --module tasks EvaluateVOC07 --voc-root .../VOC2007 --local-scheduler  # the paper's protocol (vgg16)
-    luigi --module tasks EvaluateVOC07 --box-source gt --local-scheduler       # fully supervised upper bound
+    luigi --module tasks EvaluateVOC07 --det-box-source gt --local-scheduler   # fully supervised upper bound
 
-The output hash of these stages covers their own parameters and their upstream stages' hashes (not the inherited
-parameters themselves), so e.g. the ground-truth detector does not change when a CAM parameter does.
+As every stage's, the output hash of these stages covers their own parameters and their upstream stages' refs (not
+the inherited parameters themselves, tasks/base.py), so e.g. the ground-truth detector does not change when a CAM
+parameter does. Evaluation's parameters carry ``eval_``, the comparison's ``compare_``.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,16 +23,15 @@ from pathlib import Path
 import luigi
 import numpy as np
 import pandas as pd
-from luigi.util import inherits
 
-from pipeline.detector import (BOX_SOURCES, PRESETS, DetectionDataset, DetectorConfig, build_detector, detect,
+from pipeline.detector import (BOX_SOURCES, PRESETS, DetectionDataset, DetectorConfig, build_detector,
                                load_detector, load_training_boxes, preset, strip_checkpoint, train_detector_distributed)
 from pipeline.device import resolve_device
+from pipeline.evaluation import detector_corloc, evaluate_split, pct, summary_markdown
 from pipeline.io import read_json, write_csv, write_json, write_text
 from pipeline.proposals import ProposalStore
-from pipeline.voc_eval import evaluate_detections, plot_pr_curves, write_voc_results
 
-from .base import StageTask
+from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
 from .proposals import SelectiveSearch
 from .pseudo import FusePseudoBoxes
@@ -40,20 +39,9 @@ from .pseudo import FusePseudoBoxes
 log = logging.getLogger("clickscale")
 
 
-class _OwnHash:
-    """Hash only the parameters a stage declares itself (plus ``seed``); inherited upstream parameters reach the
-    hash through the upstream stages' hashes, and only those the stage really requires."""
-
-    _upstream_param_class: type = luigi.Task
-
-    def significant_params(self) -> dict:
-        inherited = set(self._upstream_param_class.get_param_names()) - {"seed"}
-        return {k: v for k, v in super().significant_params().items() if k not in inherited}
-
-
 @inherits(FusePseudoBoxes)
-class TrainFastRCNN(_OwnHash, StageTask):
-    """Fast R-CNN trained on ``box_source`` boxes of the trainval images with the selective-search proposals.
+class TrainFastRCNN(TrainingSeed, StageTask):
+    """Fast R-CNN trained on ``det_box_source`` boxes of the trainval images with the selective-search proposals.
 
     Output: ``model.pth`` (checkpoint dict: model, epoch, args, classes, log), ``train_log.csv``,
     ``train_boxes.csv`` (the boxes trained on), ``report.json``. A killed run resumes from its last epoch.
@@ -61,12 +49,11 @@ class TrainFastRCNN(_OwnHash, StageTask):
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
 
-    _upstream_param_class = FusePseudoBoxes
-
-    box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES), default="pseudo",
-                                       description="pseudo: FusePseudoBoxes' pseudo_labels.csv; gt: ground truth "
-                                                   "(upper bound); voc_dir / coco: external labels at --box-path")
-    box_path = luigi.Parameter(default="", description="VOC Annotations/ folder or COCO JSON (voc_dir / coco)")
+    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES), default="pseudo",
+                                           description="pseudo: FusePseudoBoxes' pseudo_labels.csv; gt: ground "
+                                                       "truth (upper bound); voc_dir / coco: external labels at "
+                                                       "--det-box-path")
+    det_box_path = luigi.Parameter(default="", description="VOC Annotations/ folder or COCO JSON (voc_dir / coco)")
     det_preset = luigi.ChoiceParameter(choices=["auto"] + list(PRESETS), default="auto",
                                        description="paper: VGG16, 600 px, 20 epochs; cpu: efficientnet_lite0, "
                                                    "384 px, 8 epochs; auto: paper with --voc-root, else cpu")
@@ -75,8 +62,8 @@ class TrainFastRCNN(_OwnHash, StageTask):
     det_epochs = luigi.OptionalIntParameter(default=None)
     det_lr = luigi.OptionalFloatParameter(default=None)
     det_lr_steps = luigi.OptionalListParameter(default=None, description="epochs after which lr drops 10x")
-    det_min_size = luigi.OptionalIntParameter(default=None, description="shorter image side")
-    det_max_size = luigi.OptionalIntParameter(default=None, description="longer image side cap")
+    det_image_min_px = luigi.OptionalIntParameter(default=None, description="shorter image side (px)")
+    det_image_max_px = luigi.OptionalIntParameter(default=None, description="longer image side cap (px)")
     det_max_proposals = luigi.OptionalIntParameter(default=None)
     det_images_per_batch = luigi.OptionalIntParameter(default=None, description="images per optimizer step "
                                                                                 "(split over --det-nproc processes)")
@@ -96,12 +83,12 @@ class TrainFastRCNN(_OwnHash, StageTask):
 
     def requires(self):
         reqs = {"proposals": self.clone(SelectiveSearch)}
-        if self.box_source == "pseudo":
+        if self.det_box_source == "pseudo":
             reqs["pseudo"] = self.clone(FusePseudoBoxes)
         else:
             reqs["dataset"] = self.clone(PrepareDataset)
-            if self.box_source in ("voc_dir", "coco") and not self.box_path:
-                raise ValueError(f"TrainFastRCNN --box-source {self.box_source} needs --box-path")
+            if self.det_box_source in ("voc_dir", "coco") and not self.det_box_path:
+                raise ValueError(f"TrainFastRCNN --det-box-source {self.det_box_source} needs --det-box-path")
         return reqs
 
     def detector_config(self) -> DetectorConfig:
@@ -109,7 +96,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
         if name == "auto":
             name = "paper" if self.voc_root else "cpu"
         over = {"backbone": self.det_backbone, "weights": self.det_weights, "epochs": self.det_epochs,
-                "lr": self.det_lr, "min_size": self.det_min_size, "max_size": self.det_max_size,
+                "lr": self.det_lr, "min_size": self.det_image_min_px, "max_size": self.det_image_max_px,
                 "max_proposals": self.det_max_proposals, "bg_iou_lo": self.det_bg_iou_lo, "pooler": self.det_pooler,
                 "images_per_batch": self.det_images_per_batch,
                 "lr_steps": tuple(int(s) for s in self.det_lr_steps) if self.det_lr_steps is not None else None}
@@ -121,11 +108,11 @@ class TrainFastRCNN(_OwnHash, StageTask):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         kw = dict(image_ids=list(trainval.image_id), classes=manifest.classes, images=trainval)
-        if self.box_source == "pseudo":
+        if self.det_box_source == "pseudo":
             return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", **kw)
-        if self.box_source == "gt":
+        if self.det_box_source == "gt":
             return load_training_boxes("gt", objects=manifest.objects, **kw)
-        return load_training_boxes(self.box_source, path=self.box_path, **kw)
+        return load_training_boxes(self.det_box_source, path=self.det_box_path, **kw)
 
     def run_stage(self, work: Path) -> None:
         manifest = self.manifest()
@@ -133,7 +120,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
         device = resolve_device(self.device)
         boxes = self.training_boxes(manifest)
         if boxes.empty:
-            raise ValueError(f"TrainFastRCNN: no training boxes from box source {self.box_source!r}")
+            raise ValueError(f"TrainFastRCNN: no training boxes from box source {self.det_box_source!r}")
         write_csv(boxes, work / "train_boxes.csv")
         trainval = manifest.split("trainval")
         images = trainval[trainval.image_id.isin(set(boxes.image_id))]
@@ -141,7 +128,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
         dataset = DetectionDataset(images, store, manifest.classes, boxes, flip=cfg.flip, seed=cfg.seed)
         model = build_detector(manifest.classes, cfg)
         log.info("TrainFastRCNN: %s on %d images / %d %s boxes, %s", cfg.backbone, len(images), len(boxes),
-                 self.box_source, device)
+                 self.det_box_source, device)
         t0 = time.time()
         if self.det_nproc < 1:
             raise ValueError(f"--det-nproc must be >= 1, got {self.det_nproc}")
@@ -150,7 +137,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
         strip_checkpoint(work / "model.pth")
         write_csv(train_log, work / "train_log.csv")
         write_json(work / "report.json", {
-            "box_source": self.box_source, "box_path": self.box_path, "images": int(len(images)),
+            "box_source": self.det_box_source, "box_path": self.det_box_path, "images": int(len(images)),
             "boxes": int(len(boxes)), "classes": list(manifest.classes), "device": str(device),
             "processes": self.det_nproc, "seconds_this_run": round(time.time() - t0, 2),
             "seconds_training": float(train_log["seconds"].sum()),
@@ -159,7 +146,7 @@ class TrainFastRCNN(_OwnHash, StageTask):
 
 
 @inherits(TrainFastRCNN)
-class EvaluateVOC07(_OwnHash, StageTask):
+class EvaluateVOC07(StageTask):
     """Detections on the test split scored by the VOC2007 rules, and the detector's CorLoc on trainval.
 
     Output: ``metrics.json`` (mAP, per-class AP, CorLoc, fps, training time), ``ap_per_class.csv``,
@@ -171,11 +158,9 @@ class EvaluateVOC07(_OwnHash, StageTask):
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
 
-    _upstream_param_class = TrainFastRCNN
-
-    test_split = luigi.Parameter(default="test")
-    corloc = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                 description="also detect on trainval and report the detector's CorLoc")
+    eval_split = luigi.Parameter(default="test", description="the split detected on and scored")
+    eval_corloc = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                      description="also detect on trainval and report the detector's CorLoc")
     eval_batch = luigi.IntParameter(default=1, significant=False, description="images per forward pass")
 
     def __init__(self, *args, **kwargs):
@@ -185,105 +170,63 @@ class EvaluateVOC07(_OwnHash, StageTask):
             raise ValueError("EvaluateVOC07: evaluation needs a test split with ground truth; an --images dataset "
                              "has none (its pseudo boxes come from PseudoLabels). Evaluate on a VOC root with "
                              "ImageSets/Main/test.txt")
-        if self.voc_root and not (Path(self.voc_root) / "ImageSets" / "Main" / f"{self.test_split}.txt").is_file():
+        if self.voc_root and not (Path(self.voc_root) / "ImageSets" / "Main" / f"{self.eval_split}.txt").is_file():
             raise ValueError(f"EvaluateVOC07: evaluation needs a test split with ground truth; "
-                             f"{Path(self.voc_root) / 'ImageSets' / 'Main' / f'{self.test_split}.txt'} not found")
+                             f"{Path(self.voc_root) / 'ImageSets' / 'Main' / f'{self.eval_split}.txt'} not found")
 
     def requires(self):
         # trainval proposals (the detector's CorLoc) and the test split's, which only evaluation computes
         return {"detector": self.clone(TrainFastRCNN), "proposals": self.clone(SelectiveSearch),
-                "test_proposals": self.clone(SelectiveSearch, splits=[self.test_split])}
+                "test_proposals": self.clone(SelectiveSearch, ss_splits=[self.eval_split])}
 
     def run_stage(self, work: Path) -> None:
-        from pipeline.metrics import corloc
-
         manifest = self.manifest()
-        classes = manifest.classes
         device = resolve_device(self.device)
         det_dir = self.input_dir("detector")
         model = load_detector(det_dir / "model.pth", device)
-        test = manifest.split(self.test_split)
+        test = manifest.split(self.eval_split)
         if test.empty:
-            raise ValueError(f"EvaluateVOC07: the dataset has no images in split {self.test_split!r}")
-        test_proposals = self.input_dir("test_proposals") / f"proposals_{self.test_split}.h5"
-        with ProposalStore(test_proposals) as store:
-            dets, stats = detect(model, DetectionDataset(test, store, classes), device, self.eval_batch)
-        write_csv(dets, work / "detections_test.csv")
-        write_voc_results(dets, work / "results", classes, image_set=self.test_split)
-        ids = list(test.image_id)
-        table, m_ap, curves = evaluate_detections(dets, manifest.objects, classes, image_ids=ids,
-                                                  return_curves=True)
-        table_all, m_ap_all = evaluate_detections(dets, manifest.objects, classes, image_ids=ids,
-                                                  use_07_metric=False)
-        table.insert(2, "ap_all_point", table_all["ap"])
-        write_csv(table, work / "ap_per_class.csv")
-        plot_pr_curves(curves, work / "pr_curves.png", title=f"VOC07 11-point mAP {100 * m_ap:.1f}")
-        metrics = {"mAP": m_ap, "mAP_all_point": m_ap_all, "ap": dict(zip(table["class"], table["ap"])),
-                   "test_images": len(test), "detections": int(len(dets)), "test": stats}
-        if self.corloc:
-            trainval = manifest.split("trainval")
-            with ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5") as store:
-                # the top box of every class in every image, however low its score (no threshold, no cap)
-                top, tv_stats = detect(model, DetectionDataset(trainval, store, classes), device, self.eval_batch,
-                                       top_per_class=True)
-            write_csv(top, work / "corloc_boxes.csv")
-            objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
-            per_class, mean = corloc(top, objects, classes=classes)
-            write_csv(per_class.rename("corloc").rename_axis("class").reset_index(), work / "corloc_per_class.csv")
-            metrics.update(corloc=mean, corloc_per_class=per_class.to_dict(), trainval=tv_stats)
+            raise ValueError(f"EvaluateVOC07: the dataset has no images in split {self.eval_split!r}")
+        common = dict(device=device, batch_size=self.eval_batch)
+        table, metrics = evaluate_split(model, test, self.input_dir("test_proposals") /
+                                        f"proposals_{self.eval_split}.h5", manifest.objects, manifest.classes, work,
+                                        split=self.eval_split, **common)
+        if self.eval_corloc:
+            metrics.update(detector_corloc(model, manifest.split("trainval"), self.input_dir("proposals") /
+                                           "proposals_trainval.h5", manifest.objects, manifest.classes, work,
+                                           **common))
         train_report = read_json(det_dir / "report.json")
         metrics["training"] = {k: train_report.get(k) for k in ("box_source", "images", "boxes", "device",
                                                                   "seconds_training", "s_per_iter")}
         metrics["detector"] = train_report.get("config")
         write_json(work / "metrics.json", metrics)
         write_text(work / "summary.md", summary_markdown(table, metrics))
-        log.info("EvaluateVOC07: mAP %.1f (11-point), %.1f (all-point)%s, %.2f images/s", 100 * m_ap,
-                 100 * m_ap_all, f", CorLoc {100 * metrics['corloc']:.1f}" if self.corloc else "", stats["fps"])
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def summary_markdown(table: pd.DataFrame, metrics: dict) -> str:
-    tr = metrics.get("training", {})
-    lines = [f"# VOC2007 evaluation ({tr.get('box_source')} boxes)", "",
-             f"mAP (11-point, VOC2007): **{_pct(metrics['mAP'])}**; all-point: {_pct(metrics['mAP_all_point'])}; "
-             f"CorLoc (trainval): {_pct(metrics.get('corloc'))}", "",
-             f"test: {metrics['test_images']} images, {metrics['test']['fps']:.2f} images/s "
-             f"({metrics['test']['model_fps']:.2f} model only) on {metrics['test']['device']}; training: "
-             f"{tr.get('seconds_training', float('nan')):.0f} s, {tr.get('s_per_iter', float('nan')):.3f} s/iteration",
-             "", "| class | AP | AP all-point | GT | detections | CorLoc |", "|---|---:|---:|---:|---:|---:|"]
-    cl = metrics.get("corloc_per_class", {})
-    for r in table.itertuples(index=False):
-        lines.append(f"| {r[0]} | {_pct(r.ap)} | {_pct(r.ap_all_point)} | {r.n_gt} | {r.n_det} | "
-                     f"{_pct(cl.get(r[0]))} |")
-    return "\n".join(lines) + "\n"
+        log.info("EvaluateVOC07: mAP %.1f (11-point), %.1f (all-point)%s, %.2f images/s", 100 * metrics["mAP"],
+                 100 * metrics["mAP_all_point"], f", CorLoc {100 * metrics['corloc']:.1f}" if self.eval_corloc
+                 else "", metrics["test"]["fps"])
 
 
 # --------------------------------------------------------------------------------------------- comparison
 #: detectors compared by CompareDetectors: name -> parameter overrides of EvaluateVOC07 (upstream ones included)
 COMPARE_VARIANTS: dict[str, dict] = {
-    "pseudo_sacam": {"box_source": "pseudo", "cam_method": "sacam"},
-    "pseudo_gradcam": {"box_source": "pseudo", "cam_method": "gradcam"},
-    "pseudo_image_labels": {"box_source": "pseudo", "classifier_mode": "image_labels"},
-    "ground_truth": {"box_source": "gt"},
+    "pseudo_sacam": {"det_box_source": "pseudo", "cam_method": "sacam"},
+    "pseudo_gradcam": {"det_box_source": "pseudo", "cam_method": "gradcam"},
+    "pseudo_image_labels": {"det_box_source": "pseudo", "classifier_mode": "image_labels"},
+    "ground_truth": {"det_box_source": "gt"},
 }
 
 
 @inherits(EvaluateVOC07)
-class CompareDetectors(_OwnHash, StageTask):
+class CompareDetectors(StageTask):
     """Detectors trained on SA-CAM / Grad-CAM / image-label-only pseudo labels and on ground truth, evaluated
     alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
 
-    _upstream_param_class = EvaluateVOC07
-
-    variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
+    compare_variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
 
     def requires(self):
         out = {}
         names = set(self.get_param_names())
-        for v in self.variants:
+        for v in self.compare_variants:
             if v not in COMPARE_VARIANTS:
                 raise ValueError(f"CompareDetectors: unknown variant {v!r}; choose from {list(COMPARE_VARIANTS)}")
             over = {k: val for k, val in COMPARE_VARIANTS[v].items() if k in names}
@@ -296,7 +239,7 @@ class CompareDetectors(_OwnHash, StageTask):
 
     def run_stage(self, work: Path) -> None:
         rows = []
-        for v in self.variants:
+        for v in self.compare_variants:
             m = read_json(self.input_dir(v) / "metrics.json")
             rows.append({"variant": v, "mAP": m["mAP"], "mAP_all_point": m["mAP_all_point"],
                          "corloc": m.get("corloc", float("nan")),
@@ -311,7 +254,7 @@ class CompareDetectors(_OwnHash, StageTask):
                  "|---|---:|---:|---:|---:|---:|"]
         for r in df.itertuples(index=False):
             ratio = "n/a" if np.isnan(r.ratio_to_gt) else f"{r.ratio_to_gt:.3f}"
-            lines.append(f"| {r.variant} | {_pct(r.mAP)} | {ratio} | {_pct(r.corloc)} | "
+            lines.append(f"| {r.variant} | {pct(r.mAP)} | {ratio} | {pct(r.corloc)} | "
                          f"{(r.train_seconds or float('nan')):.0f} | {r.test_fps:.2f} |")
         write_text(work / "summary.md", "\n".join(lines) + "\n")
         log.info("CompareDetectors:\n%s", "\n".join(lines))

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import luigi
-from luigi.util import inherits
 
 from pipeline.io import read_json, write_json, write_text
 
-from .base import StageTask
+from .base import StageTask, inherits
 from .mil import MILBoxes
 from .pseudo import FusePseudoBoxes
 
@@ -24,7 +23,8 @@ BOX_STAGES = {"cam": FusePseudoBoxes, "mil": MILBoxes}
 class PseudoLabels(StageTask):
     """Stages 1-5 (dataset -> proposals -> selection -> classifier -> CAMs -> pseudo boxes; or, with
     ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes); writes ``summary.md`` /
-    ``summary.json`` pointing at the labels, the exports and the HTML report."""
+    ``summary.json`` pointing at the labels, the exports and the HTML report. Its hash covers ``box_method`` and the
+    box stage in use (tasks/base.py), so the other method's parameters do not move it."""
 
     box_method = luigi.ChoiceParameter(choices=list(BOX_STAGES), default="cam",
                                        description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
@@ -32,16 +32,6 @@ class PseudoLabels(StageTask):
 
     def requires(self):
         return self.clone(BOX_STAGES[self.box_method])
-
-    def significant_params(self) -> dict:
-        """The parameters of the box stage in use: those only the other one has are left out of the hash (and
-        ``box_method`` itself with the default, so a CAM run keeps its directory)."""
-        used, other = BOX_STAGES[self.box_method], [t for k, t in BOX_STAGES.items() if k != self.box_method]
-        drop = {n for t in other for n in t.get_param_names()} - set(used.get_param_names())
-        params = {k: v for k, v in super().significant_params().items() if k not in drop}
-        if self.box_method == "cam":
-            params.pop("box_method")
-        return params
 
     def run_stage(self, work: Path) -> None:
         boxes_dir = self.input_dir().resolve()

@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 import luigi
-from luigi.util import inherits
 from tqdm import tqdm
 
 from pipeline.classifier import load_classifier
@@ -24,7 +23,7 @@ from pipeline.io import write_json
 from pipeline.mil import CENTER_NORMS, MILParams, build_mil_data, mil_boxes
 from pipeline.proposals import ProposalStore
 
-from .base import StageTask
+from .base import StageTask, inherits
 from .classifier import TrainClassifier
 from .dataset import PrepareDataset
 from .proposals import SelectiveSearch
@@ -66,7 +65,7 @@ class MILBoxes(StageTask):
                                                                    "on log pair distance (2: click errors "
                                                                    "proportional to the object's side); 0: fitted")
     # the export settings of FusePseudoBoxes (the same parameter objects: PseudoLabels passes one value to either)
-    difficult = FusePseudoBoxes.difficult
+    metrics_difficult = FusePseudoBoxes.metrics_difficult
     report_images = FusePseudoBoxes.report_images
     report_worst = FusePseudoBoxes.report_worst
 
@@ -94,10 +93,11 @@ class MILBoxes(StageTask):
         result = export_pseudo_labels(
             work, boxes, images, manifest.classes,
             objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
-            clicks=manifest.clicks, params={"box_method": "mil", **params.as_dict(), "difficult": self.difficult,
+            clicks=manifest.clicks, params={"box_method": "mil", **params.as_dict(),
+                                            "difficult": self.metrics_difficult,
                                             "classifier": str(self.input_dir("classifier"))},
             report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
-            difficult=self.difficult)
+            difficult=self.metrics_difficult)
         m = result.get("metrics")
         log.info("MILBoxes: %d boxes, %d without a proposal, rounds changed %s%s", len(boxes),
                  report["no_proposal"], report["changed_per_round"],

@@ -1,7 +1,10 @@
 """Stage 5: fused CAMs -> one pseudo box per click, its exports, metrics and report.
 
-    GenerateCAMs (one per CAM layer of --cam-layer, for the classifier and for each --cam-ensemble backbone)
+    GenerateCAMs (one per CAM layer of --cam-layers, for the classifier and for each --cam-ensemble backbone)
         + SelectProposals -> FusePseudoBoxes
+
+The box parameters carry a ``box_`` prefix; ``cam_layers`` and ``cam_ensemble`` choose the GenerateCAMs stages
+whose maps are averaged (each sets its own single ``cam_layer``, which is therefore not a parameter here).
 """
 from __future__ import annotations
 
@@ -10,10 +13,9 @@ from pathlib import Path
 
 import luigi
 import pandas as pd
-from luigi.util import inherits
 from tqdm import tqdm
 
-from pipeline.backbones import BACKBONES, DEFAULT_FUSED_LAYERS
+from pipeline.backbones import BACKBONES
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
@@ -21,14 +23,15 @@ from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, reference_areas
 from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
-from .base import StageTask
+from .base import StageTask, inherits
 from .cams import GenerateCAMs
+from .defaults import TUNED
 from .proposals import SelectProposals
 
 log = logging.getLogger("clickscale")
 
 
-@inherits(GenerateCAMs)
+@inherits(GenerateCAMs, without=("cam_layer",))
 class FusePseudoBoxes(StageTask):
     """One pseudo box per click from its fused CAM (pipeline/boxes.py), rank-1 proposal as counted fallback.
 
@@ -36,23 +39,26 @@ class FusePseudoBoxes(StageTask):
     (with ground truth), ``summary.md`` and ``report/index.html``.
     """
 
-    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0; docs/results.md): the maps of
-    # two layers averaged (DEFAULT_FUSED_LAYERS), a fixed T_cam of 50 on the 0..255 normalised map, "max"
-    # symmetry, and the same-class partition of the map
-    cam_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default="fixed",
-                                               description="fixed: --cam-threshold on 0..255 (default 50); paper: "
-                                                           "T_cam 80 (<2 image classes) / 120; fraction: of the max")
-    cam_threshold = luigi.OptionalFloatParameter(default=50.0, description="value for the fixed/fraction rules")
-    symmetry = luigi.ChoiceParameter(choices=list(SYMMETRY_MODES), default="max",
-                                     description="half-extents about the click: max/mean/min of the two sides; "
-                                                 "none: the region's own box")
-    box_score = luigi.ChoiceParameter(choices=list(SCORE_MODES), default="box_mean",
+    # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0): tasks/defaults.py
+    box_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default=TUNED.box_threshold_rule,
+                                               description="fixed: --box-threshold on the 0..255 map; paper: T_cam "
+                                                           "80 (<2 image classes) / 120; fraction: of the max")
+    box_threshold = luigi.OptionalFloatParameter(default=TUNED.box_threshold,
+                                                 description="T_cam of the fixed (0..255) / fraction (0..1) rules")
+    box_symmetry = luigi.ChoiceParameter(choices=list(SYMMETRY_MODES), default=TUNED.box_symmetry,
+                                         description="half-extents about the click: max/mean/min of the two sides; "
+                                                     "none: the region's own box")
+    box_score = luigi.ChoiceParameter(choices=list(SCORE_MODES), default=TUNED.box_score,
                                       description="confidence of a pseudo box")
-    min_box_side = luigi.FloatParameter(default=2.0, description="narrower boxes fall back to the proposal (px)")
-    partition = luigi.ChoiceParameter(choices=list(PARTITION_MODES), default="same_class",
-                                      description="keep each click's map on the pixels nearer to it than to the "
-                                                  "image's other clicks of its class (same_class), of any class "
-                                                  "(all), or not at all (none, the paper)")
+    box_min_px = luigi.FloatParameter(default=TUNED.box_min_px,
+                                      description="boxes with a shorter side fall back to the proposal (px)")
+    box_partition = luigi.ChoiceParameter(choices=list(PARTITION_MODES), default=TUNED.box_partition,
+                                          description="keep each click's map on the pixels nearer to it than to the "
+                                                      "image's other clicks of its class (same_class), of any class "
+                                                      "(all), or not at all (none, the paper)")
+    cam_layers = luigi.Parameter(default="", description="comma-separated CAM layers whose maps are averaged, one "
+                                                         "GenerateCAMs each; empty: the backbone's TUNED.cam_layers "
+                                                         "(tasks/defaults.py)")
     cam_ensemble = luigi.Parameter(default="", description="comma-separated further classifier backbones (e.g. "
                                                            "efficientnet_lite1,efficientnet_lite2): each trains "
                                                            "its own classifier and CAMs, and a click's fused maps, "
@@ -67,8 +73,8 @@ class FusePseudoBoxes(StageTask):
     box_area_calibration = luigi.Parameter(default="", description="ground truth of a few images (VOC "
                                                                    "Annotations/ folder or COCO JSON) to fit the "
                                                                    "area model on; empty: self-calibrated")
-    difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
-                                      description="how difficult ground truths count in the metrics")
+    metrics_difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
+                                              description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
     report_worst = luigi.IntParameter(default=3, significant=False, description="worst boxes drawn per class")
 
@@ -84,12 +90,12 @@ class FusePseudoBoxes(StageTask):
             raise ValueError("--box-area-prior on needs two clicks per object (--clicks-per-object 2)")
 
     def fused_layers(self, backbone: str) -> list[str]:
-        """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layer`` (comma-separated), or the
-        backbone's :data:`pipeline.backbones.DEFAULT_FUSED_LAYERS`."""
-        layers = [x.strip() for x in self.cam_layer.split(",") if x.strip()]
+        """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layers`` (comma-separated), or the
+        backbone's ``TUNED.cam_layers`` (tasks/defaults.py)."""
+        layers = [x.strip() for x in self.cam_layers.split(",") if x.strip()]
         if len(set(layers)) != len(layers):
-            raise ValueError(f"--cam-layer {self.cam_layer!r}: each layer once")
-        return layers or list(DEFAULT_FUSED_LAYERS.get(backbone, ("",)))
+            raise ValueError(f"--cam-layers {self.cam_layers!r}: each layer once")
+        return layers or list(TUNED.cam_layers.get(backbone, ("",)))
 
     def cam_stages(self) -> dict[str, luigi.Task]:
         """One GenerateCAMs per (backbone, layer): ``cams`` (the classifier's first layer), ``cams@<layer>``,
@@ -124,8 +130,8 @@ class FusePseudoBoxes(StageTask):
         return reqs
 
     def box_params(self) -> BoxParams:
-        return BoxParams(self.cam_threshold_rule, self.cam_threshold, self.symmetry, self.box_score,
-                         self.min_box_side, self.partition)
+        return BoxParams(self.box_threshold_rule, self.box_threshold, self.box_symmetry, self.box_score,
+                         self.box_min_px, self.box_partition)
 
     def fallback_boxes(self) -> tuple[Path | None, pd.DataFrame]:
         """``(selected.parquet or None, each click's rank-1 proposal)``: the fallback box of a click without one
@@ -138,7 +144,7 @@ class FusePseudoBoxes(StageTask):
     def export_params(self, params: BoxParams, selected_path: Path | None, partial: int) -> dict:
         """The parameters recorded in metrics.json and the report."""
         cam_dirs = {k: str(self.input_dir(k)) for k in self.cam_stages()}
-        return {**params.as_dict(), "difficult": self.difficult, "cams": cam_dirs["cams"],
+        return {**params.as_dict(), "difficult": self.metrics_difficult, "cams": cam_dirs["cams"],
                 "cam_layers": {b: self.fused_layers(b) for b in [self.classifier_backbone, *self.ensemble_backbones()]},
                 "selected": str(selected_path) if selected_path else None,
                 **({"cam_stores": cam_dirs, "stores_partial": partial} if len(cam_dirs) > 1 else {})}
@@ -176,7 +182,7 @@ class FusePseudoBoxes(StageTask):
                 objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
                 clicks=clicks, params={**self.export_params(params, selected_path, maps.partial), **area},
                 load_map=maps.load_map, report_images=self.report_images, report_worst=self.report_worst,
-                seed=self.seed, difficult=self.difficult)
+                seed=self.seed, difficult=self.metrics_difficult)
         m = result.get("metrics")
         log.info("FusePseudoBoxes: %d boxes, %d fallbacks%s", len(boxes), result["boxes"]["fallback"],
                  f"; CorLoc {100 * m['corloc']:.1f}, box-CorLoc {100 * m['box_accuracy']:.1f}, "

@@ -48,8 +48,8 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 #: the tiny fast configuration: 8 trainval images of 128 px, 4 proposal shards, a random-weight classifier
 #: trained 1 epoch on 64 px crops, 4 CAM shards of one 2-image part each. The whole chain takes ~8 s of compute on one core.
 TINY = {
-    "synth-trainval": 8, "synth-test": 2, "synth-size": 128, "splits": '["trainval"]', "n-shards": 4,
-    "classifier-weights": "random", "classifier-epochs": 1, "classifier-input-size": 64,
+    "synth-trainval": 8, "synth-test": 2, "synth-image-px": 128, "ss-splits": '["trainval"]', "ss-shards": 4,
+    "classifier-weights": "random", "classifier-epochs": 1, "classifier-input-px": 64,
     "classifier-batch-size": 16, "device": "cpu", "report-images": 0, "report-worst": 0, "cam-images-per-part": 2,
 }
 
@@ -59,7 +59,7 @@ VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "comp
 
 
 def tiny_args(data_root: str | os.PathLike, **overrides) -> list[str]:
-    """Command-line parameters of the tiny configuration (``overrides`` use python names: n_shards=4)."""
+    """Command-line parameters of the tiny configuration (``overrides`` use python names: ss_shards=4)."""
     params = dict(TINY)
     params.update({k.replace("_", "-"): v for k, v in overrides.items()})
     params["data-root"] = str(data_root)

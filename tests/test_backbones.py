@@ -57,9 +57,9 @@ def test_cam_layers_and_normalisation(nets):
 
 
 def test_stage5_expand_is_the_non_negative_stride16_expansion(nets):
-    """stage5_expand (a default fused layer, pipeline.backbones.DEFAULT_FUSED_LAYERS) is the ReLU6 output of stage5's
+    """stage5_expand (a default fused layer, tasks.defaults.TUNED.cam_layers) is the ReLU6 output of stage5's
     first 1x1 expansion: inside the stage5 block, stride 16, non-negative, unlike the linear stage outputs."""
-    from pipeline.backbones import DEFAULT_FUSED_LAYERS
+    from tasks.defaults import TUNED
 
     eff = nets["efficientnet_lite0"]
     assert eff.layer_module("stage5_expand") is eff.body.stage5[0].bn1
@@ -73,9 +73,10 @@ def test_stage5_expand_is_the_non_negative_stride16_expansion(nets):
         h.remove()
     assert acts["stage5_expand"].shape == (2, 672, 14, 14) and acts["stage5_expand"].min() >= 0
     assert acts["stage5"].shape == (2, 192, 7, 7) and acts["stage5"].min() < 0
-    assert DEFAULT_FUSED_LAYERS["efficientnet_lite0"] == ("stage5_expand", "stage6")
-    assert DEFAULT_FUSED_LAYERS["vgg16"] == ("conv5_2",)
-    for name, layers in DEFAULT_FUSED_LAYERS.items():
+    assert TUNED.cam_layers["efficientnet_lite0"] == ("stage5_expand", "stage6")
+    assert TUNED.cam_layers["vgg16"] == ("conv5_2",)
+    assert set(TUNED.cam_layers) == set(BACKBONES)
+    for name, layers in TUNED.cam_layers.items():
         assert set(layers) <= set(nets[name].cam_layers), name
 
 

@@ -175,7 +175,7 @@ def test_image_without_clicks_is_counted_and_the_chain_goes_on(voc, outputs):
     clicks = voc / "clicks_trainval.csv"
     df = pd.read_csv(clicks, dtype={"image_id": str})
     df[df.image_id != "000002"].to_csv(clicks, index=False)
-    task = SelectProposals(voc_root=str(voc / "VOC2007"), clicks=str(clicks), splits=["trainval"], n_shards=1)
+    task = SelectProposals(voc_root=str(voc / "VOC2007"), clicks=str(clicks), ss_splits=["trainval"], ss_shards=1)
     ok, msg = build(task)
     assert ok, msg
     man = read_json(task.find_upstream("PrepareDataset").stage_dir / "manifest.json")["report"]["clicks"]
@@ -207,7 +207,7 @@ def tiny_classifier(voc: Path, **kw):
     from tasks.classifier import TrainClassifier
 
     return TrainClassifier(voc_root=str(voc / "VOC2007"), clicks=str(voc / "clicks_trainval.csv"),
-                           splits=["trainval"], n_shards=1, classifier_weights="random", classifier_input_size=32,
+                           ss_splits=["trainval"], ss_shards=1, classifier_weights="random", classifier_input_px=32,
                            classifier_batch_size=16, device="cpu", **kw)
 
 
@@ -227,7 +227,7 @@ def test_disk_full_while_writing_fails_cleanly_and_reruns(voc, outputs, monkeypa
     import tasks.proposals as tp
 
     task = tp.SelectProposals(voc_root=str(voc / "VOC2007"), clicks=str(voc / "clicks_trainval.csv"),
-                              splits=["trainval"], n_shards=1)
+                              ss_splits=["trainval"], ss_shards=1)
     real = tp.write_json
 
     def full(path, obj):  # the disk fills up while report.json (after selected.parquet) is written

@@ -206,17 +206,17 @@ def test_partition_keeps_a_click_off_its_neighbours_region():
     others = np.array([[45.0, 15.0]])
     merged = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none", partition="none"), others=others)
     assert merged.box == pytest.approx((10.0, 10.0, 50.0, 20.0))
-    own = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none"), others=others)
+    own = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="none", partition="same_class"), others=others)
     assert own.box == pytest.approx((10.0, 10.0, 30.0, 20.0))
     broken = m.copy()
     broken[15, 45] = np.inf  # in the neighbour's cell: still a broken map, not cut away
     assert box_from_cam(broken, 15.0, 15.0, params=BoxParams(), others=others).status == "nonfinite"
-    sym = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="max"), others=others)
+    sym = box_from_cam(m, 15.0, 15.0, params=BoxParams(symmetry="max", partition="same_class"), others=others)
     assert sym.box == pytest.approx((0.0, 10.0, 30.0, 20.0))  # L = 5, R = 15 -> hw 15, clipped at 0
     # a weak instance next to a strong one: the whole-map normalisation puts it under T = 60 (0.2 -> 51) and the
     # click's nearest region is the neighbour; inside its own cell it is normalised to 255 and found
     m = block_map(blocks=((10, 20, 5, 20, 0.2), (10, 20, 40, 55, 1.0)))
-    params = BoxParams("fixed", 60.0, symmetry="none")
+    params = BoxParams("fixed", 60.0, symmetry="none", partition="same_class")
     assert box_from_cam(m, 12.0, 15.0, params=params).box == pytest.approx((40.0, 10.0, 55.0, 20.0))
     assert box_from_cam(m, 12.0, 15.0, params=params, others=np.array([[47.0, 15.0]])).box == \
         pytest.approx((5.0, 10.0, 20.0, 20.0))

@@ -486,9 +486,9 @@ def test_generate_cams_stage_on_tiny_synthetic_run(outputs, tmp_path):
     from pipeline.dataset import Manifest
     from tasks.cams import GenerateCAMs
 
-    common = dict(synth_trainval=5, synth_test=1, synth_size=96, data_root=str(tmp_path / "data"),
-                  classifier_weights="random", classifier_epochs=1, classifier_input_size=48, n_shards=1,
-                  splits=["trainval"], classifier_workers=0, cam_images_per_part=2, cam_inspect_images=1)
+    common = dict(synth_trainval=5, synth_test=1, synth_image_px=96, data_root=str(tmp_path / "data"),
+                  classifier_weights="random", classifier_epochs=1, classifier_input_px=48, ss_shards=1,
+                  ss_splits=["trainval"], classifier_workers=0, cam_images_per_part=2, cam_inspect_images=1)
     task = GenerateCAMs(**common)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text

@@ -370,9 +370,9 @@ def test_train_classifier_stage_in_both_modes(outputs, tmp_path):
 
     from tasks.classifier import TrainClassifier
 
-    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=2, synth_size=96, max_side=64,
-                  min_size=4, n_shards=1, classifier_weights="random", classifier_epochs=1,
-                  classifier_batch_size=8, classifier_input_size=32, classifier_workers=0, device="cpu",
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=2, synth_image_px=96,
+                  ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", classifier_epochs=1,
+                  classifier_batch_size=8, classifier_input_px=32, classifier_workers=0, device="cpu",
                   classifier_max_crops_per_class=2)
     crops = TrainClassifier(**common)
     images = TrainClassifier(classifier_mode="image_labels", **common)

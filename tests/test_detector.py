@@ -366,17 +366,17 @@ def test_evaluate_voc07_end_to_end_on_tiny_synthetic_data(outputs, tmp_path):
     from pipeline.voc_eval import evaluate_detections, read_voc_results_dir
     from tasks.detector import EvaluateVOC07, TrainFastRCNN
 
-    params = dict(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_size=192, n_shards=1,
-                  box_source="gt", det_weights="random", det_epochs=2, det_max_iters=2, det_min_size=160,
-                  det_max_size=256)
+    params = dict(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_image_px=192, ss_shards=1,
+                  det_box_source="gt", det_weights="random", det_epochs=2, det_max_iters=2, det_image_min_px=160,
+                  det_image_max_px=256)
     # the ground-truth detector does not depend on pseudo-label parameters; the pseudo one does
-    assert TrainFastRCNN(**params).stage_dir == TrainFastRCNN(**params, symmetry="min").stage_dir
-    p = {**params, "box_source": "pseudo"}
-    assert TrainFastRCNN(**p).stage_dir != TrainFastRCNN(**p, symmetry="min").stage_dir
+    assert TrainFastRCNN(**params).stage_dir == TrainFastRCNN(**params, box_symmetry="min").stage_dir
+    p = {**params, "det_box_source": "pseudo"}
+    assert TrainFastRCNN(**p).stage_dir != TrainFastRCNN(**p, box_symmetry="min").stage_dir
     task = EvaluateVOC07(**params)
     # the pseudo boxes' chain computes trainval proposals only; evaluation adds the test split's
-    assert task.requires()["test_proposals"].splits == ("test",)
-    assert task.requires()["detector"].requires()["proposals"].splits == ("trainval",)
+    assert task.requires()["test_proposals"].ss_splits == ("test",)
+    assert task.requires()["detector"].requires()["proposals"].ss_splits == ("trainval",)
     assert luigi.build([task], local_scheduler=True, log_level="WARNING")
     out = task.stage_dir
     manifest = Manifest.load(task.find_upstream("PrepareDataset").stage_dir)
@@ -407,7 +407,7 @@ def test_compare_detectors_builds_the_four_variants(outputs):
 
     reqs = CompareDetectors(synth_trainval=8).requires()
     assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
-    got = {k: (t.box_source, t.cam_method, t.classifier_mode, t.synth_trainval) for k, t in reqs.items()}
+    got = {k: (t.det_box_source, t.cam_method, t.classifier_mode, t.synth_trainval) for k, t in reqs.items()}
     assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", 8), "pseudo_gradcam": ("pseudo", "gradcam", "crops", 8),
                    "pseudo_image_labels": ("pseudo", "sacam", "image_labels", 8),
                    "ground_truth": ("gt", "sacam", "crops", 8)}
@@ -489,10 +489,10 @@ def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
 
     from tasks.detector import CompareDetectors
 
-    task = CompareDetectors(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_size=128,
-                            classifier_weights="random", classifier_epochs=1, classifier_input_size=64, device="cpu",
-                            report_images=0, report_worst=0, det_preset="cpu", det_epochs=1, det_min_size=128,
-                            det_max_size=192, det_max_proposals=300, det_weights="random")
+    task = CompareDetectors(data_root=str(tmp_path / "data"), synth_trainval=8, synth_test=4, synth_image_px=128,
+                            classifier_weights="random", classifier_epochs=1, classifier_input_px=64, device="cpu",
+                            report_images=0, report_worst=0, det_preset="cpu", det_epochs=1, det_image_min_px=128,
+                            det_image_max_px=192, det_max_proposals=300, det_weights="random")
     assert luigi.build([task], local_scheduler=True, log_level="WARNING")
     table = pd.read_csv(task.stage_dir / "comparison.csv")
     assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]

@@ -169,12 +169,12 @@ def test_generate_cams_stage_one_vs_three_shards(outputs, tmp_path):
     from tasks.base import gpu_resource
     from tasks.cams import GenerateCAMs, GenerateCAMsShard
 
-    common = dict(synth_trainval=5, synth_test=1, synth_size=96, data_root=str(tmp_path / "data"),
-                  splits=["trainval"], n_shards=1, max_side=64, min_size=4, classifier_weights="random",
-                  classifier_epochs=1, classifier_input_size=32, classifier_batch_size=8, classifier_workers=0,
+    common = dict(synth_trainval=5, synth_test=1, synth_image_px=96, data_root=str(tmp_path / "data"),
+                  ss_splits=["trainval"], ss_shards=1, ss_image_max_px=64, ss_box_min_px=4, classifier_weights="random",
+                  classifier_epochs=1, classifier_input_px=32, classifier_batch_size=8, classifier_workers=0,
                   device="cpu", cam_images_per_part=2, cam_inspect_images=1)
     one, three = GenerateCAMs(cam_shards=1, **common), GenerateCAMs(cam_shards=3, **common)
-    assert one.stage_dir != three.stage_dir  # the shard count is significant (as SelectiveSearch's n_shards)
+    assert one.stage_dir != three.stage_dir  # the shard count is significant (as SelectiveSearch's ss_shards)
     assert len(three.requires()["shards"]) == 3
     assert three.requires()["shards"][0].resources == {gpu_resource(): 1} and three.resources == {}
     assert GenerateCAMsShard(**common).uses_gpu
@@ -313,10 +313,10 @@ def test_train_classifier_stage_with_two_processes(outputs, tmp_path):
     from tasks.base import gpu_resource
     from tasks.classifier import TrainClassifier
 
-    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=1, synth_size=96, max_side=64,
-                  min_size=4, n_shards=1, splits=["trainval"], classifier_weights="random", classifier_epochs=2,
-                  classifier_batch_size=4, classifier_input_size=32, classifier_workers=0, device="cpu",
-                  classifier_max_crops_per_class=3)
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=1, synth_image_px=96,
+                  ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, ss_splits=["trainval"], classifier_weights="random",
+                  classifier_epochs=2, classifier_batch_size=4, classifier_input_px=32, classifier_workers=0,
+                  device="cpu", classifier_max_crops_per_class=3)
     task = TrainClassifier(classifier_nproc=2, **common)
     assert task.stage_dir == TrainClassifier(**common).stage_dir
     # a DDP run takes as many units of the machine's GPU resource as it has processes, at most the configured ones

@@ -23,11 +23,11 @@ import harness as H
 pytestmark = pytest.mark.slow  # luigi subprocess runs
 
 BOX = ["x1", "y1", "x2", "y2"]
-DET = {"det-epochs": 3, "det-min-size": 128, "det-max-size": 192, "det-max-proposals": 300, "det-preset": "cpu"}
+DET = {"det-epochs": 3, "det-image-min-px": 128, "det-image-max-px": 192, "det-max-proposals": 300, "det-preset": "cpu"}
 
 
 def _args(data: Path) -> list[str]:
-    args = H.tiny_args(data, splits='["trainval", "test"]', synth_test=4)
+    args = H.tiny_args(data, ss_splits='["trainval", "test"]', synth_test=4)
     for k, v in DET.items():
         args += [f"--{k}", str(v)]
     return args

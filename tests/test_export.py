@@ -257,12 +257,12 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     from pipeline.metrics import pseudo_box_metrics
     from tasks.pseudo import FusePseudoBoxes
 
-    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
-                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
-                           symmetry="mean", report_images=4, report_worst=1)
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_image_px=96,
+                           ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
+                           box_symmetry="mean", report_images=4, report_worst=1)
     reqs = task.requires()
     sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
-    assert set(reqs) == {"selected", "cams", "cams@stage6"}  # pipeline.backbones.DEFAULT_FUSED_LAYERS
+    assert set(reqs) == {"selected", "cams", "cams@stage6"}  # tasks.defaults.TUNED.cam_layers
     assert (cam_task.cam_layer, cam6_task.cam_layer) == ("stage5_expand", "stage6")
     assert cam_task.requires()["classifier"].stage_dir == cam6_task.requires()["classifier"].stage_dir
     assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
@@ -281,8 +281,8 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
     with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
         items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in manifest.clicks.click_id]
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams("fixed", 50.0, symmetry="mean"),  # the stage defaults
-                                      clicks=manifest.clicks)  # --partition same_class
+                                      BoxParams("fixed", 50.0, symmetry="mean", partition="same_class"),
+                                      clicks=manifest.clicks)  # the stage defaults, --box-symmetry mean
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     assert len(labels) == len(manifest.clicks)
     objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
@@ -312,9 +312,9 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
     from pipeline.io import read_json
     from tasks.pseudo import FusePseudoBoxes
 
-    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96,
-                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
-                           cam_ensemble="efficientnet_lite1", cam_layer="stage6", report_images=2, report_worst=1)
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_image_px=96,
+                           ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
+                           cam_ensemble="efficientnet_lite1", cam_layers="stage6", report_images=2, report_worst=1)
     reqs = task.requires()
     assert set(reqs) == {"selected", "cams", "cams:efficientnet_lite1"}  # one layer per member
     sel_task, main_cams, lite1_cams = reqs["selected"], reqs["cams"], reqs["cams:efficientnet_lite1"]
@@ -348,12 +348,12 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
             assert used == (1 if cid == dropped else 2)
             items.append((cid, fused, meta))
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                      BoxParams("fixed", 50.0), clicks=manifest.clicks)
+                                      BoxParams("fixed", 50.0, partition="same_class"), clicks=manifest.clicks)
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     with CamStore(main_cams.stage_dir) as a:  # the ensemble changes boxes: not the main store's alone
         alone = pseudo_boxes_from_cams([(cid, *a.load(cid)) for cid in manifest.clicks.click_id],
                                        rank1_proposals(selected), classes_per_image(manifest.clicks),
-                                       BoxParams("fixed", 50.0), clicks=manifest.clicks)
+                                       BoxParams("fixed", 50.0, partition="same_class"), clicks=manifest.clicks)
     assert not np.allclose(alone[["x1", "y1", "x2", "y2"]].to_numpy(), labels[["x1", "y1", "x2", "y2"]].to_numpy())
     params = read_json(task.stage_dir / "metrics.json")["params"]
     assert params["cam_stores"] == {"cams": str(main_cams.stage_dir),
@@ -381,7 +381,7 @@ def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
         FusePseudoBoxes(data_root=str(tmp_path / "data"), classifier_mode="image_labels",
                         cam_ensemble="efficientnet_lite1")
     with pytest.raises(ValueError, match="each layer once"):
-        FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_layer="stage6,stage6")
+        FusePseudoBoxes(data_root=str(tmp_path / "data"), cam_layers="stage6,stage6")
 
 
 @pytest.mark.slow
@@ -399,8 +399,8 @@ def test_fuse_pseudo_boxes_area_prior_with_two_clicks(tmp_path):
 
     with pytest.raises(ValueError, match="needs two clicks per object"):
         FusePseudoBoxes(data_root=str(tmp_path / "data"), box_area_prior="on")
-    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=12, synth_test=1, synth_size=96,
-                           max_side=64, min_size=4, n_shards=1, classifier_weights="random", device="cpu",
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=12, synth_test=1, synth_image_px=96,
+                           ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
                            clicks_per_object="2", box_area_prior="on", report_images=0, report_worst=0)
     reqs = task.requires()
     sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
@@ -419,7 +419,7 @@ def test_fuse_pseudo_boxes_area_prior_with_two_clicks(tmp_path):
     with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
         items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in clicks.click_id]
     boxes, cands = pseudo_boxes_and_candidates(items, rank1_proposals(selected), classes_per_image(clicks),
-                                               BoxParams("fixed", 50.0), clicks=clicks,
+                                               BoxParams("fixed", 50.0, partition="same_class"), clicks=clicks,
                                                candidate_thresholds=AREA_THRESHOLDS)
     expected, report = choose_by_area(boxes, cands, clicks, map_sigma=0.5)
     pd.testing.assert_frame_equal(labels, expected.drop(columns=["area_mu", "area_sigma"]), check_dtype=False)

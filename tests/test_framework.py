@@ -29,6 +29,35 @@ def test_hash_follows_significant_params_and_upstream(outputs):
     assert ToyA(value=1).stage_dir.parent == outputs / "ToyA"
 
 
+def test_one_hash_policy_own_params_and_upstream_refs(outputs):
+    # ToyB's own parameters are those of its class statement; @inherits adds ToyA's, hashed only through ToyA's ref
+    assert ToyB.own_param_names() == {"scale", "fail"} and ToyB.inherited_param_names() == {"value", "note", "sleep"}
+    assert ToyB(value=3).significant_params() == {"scale": "10"}
+    assert ToyB(value=3).hash_refs() == [ToyA(value=3).stage_ref]
+
+
+def test_every_stage_hashes_only_its_own_params():
+    import tasks
+    from tasks.detector import CompareDetectors
+
+    stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
+              tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
+              tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors]
+    owners: dict[str, list[str]] = {}
+    for cls in stages:
+        for name in cls.own_param_names():
+            owners.setdefault(name, []).append(cls.task_family)
+    # each parameter has one owning stage, but for a shard and its merge, and the seed of the two trainings
+    shared = {k: v for k, v in owners.items() if len(v) > 1}
+    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"})
+               for k, v in shared.items() if k not in ("seed", "device")), shared
+    assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
+    assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch"}
+    # FusePseudoBoxes sets each GenerateCAMs' single cam_layer from its own list, so cam_layer is not its parameter
+    assert "cam_layer" in tasks.GenerateCAMs.get_param_names()
+    assert "cam_layer" not in tasks.PseudoLabels.get_param_names()
+
+
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
     counter = tmp_path / "count.txt"
     monkeypatch.setenv("TOY_COUNTER", str(counter))

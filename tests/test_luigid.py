@@ -7,16 +7,15 @@ from collections import Counter
 
 import pytest
 
-from pipeline.backbones import DEFAULT_FUSED_LAYERS
-
 import harness as H
+from tasks.defaults import TUNED
 
 pytestmark = pytest.mark.slow  # luigid and luigi worker subprocesses
 
 N_SHARDS = 4  # = harness.TINY: the one-worker reference is shared with the other test modules
 WORKERS = 4
 CAM_SHARDS = 4  # GenerateCAMs' default --cam-shards
-CAM_LAYERS = len(DEFAULT_FUSED_LAYERS["efficientnet_lite0"])  # one GenerateCAMs per default CAM layer
+CAM_LAYERS = len(TUNED.cam_layers["efficientnet_lite0"])  # one GenerateCAMs per default CAM layer
 #: 8 trainval images in CAM parts of 2: one part for each CAM shard (with the default 64 one shard gets all)
 CAM = {"cam_images_per_part": 2}
 
@@ -53,7 +52,7 @@ def test_gpu_stages_declare_a_per_host_resource():
 def test_four_worker_processes_under_luigid_equal_one_worker(tmp_path):
     ref, ref_data = reference(tmp_path)  # one worker, local scheduler
     multi = tmp_path / "out-4workers"
-    args = H.tiny_args(tmp_path / "data-4", n_shards=N_SHARDS, **CAM)
+    args = H.tiny_args(tmp_path / "data-4", ss_shards=N_SHARDS, **CAM)
     logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
     with H.luigid(tmp_path / "luigid") as port:
         procs = []
@@ -80,7 +79,7 @@ def test_four_worker_processes_under_luigid_equal_one_worker(tmp_path):
     assert families == {"PrepareDataset": 1, "SelectiveSearchShard": N_SHARDS, "SelectiveSearch": 1,
                         "SelectProposals": 1, "TrainClassifier": 1, "GenerateCAMsShard": CAM_LAYERS * CAM_SHARDS,
                         "GenerateCAMs": CAM_LAYERS, "FusePseudoBoxes": 1, "PseudoLabels": 1}, families
-    shards = sorted(int(p.split(" shard=")[1].split(",")[0]) for _, fam, p in runs if fam == "SelectiveSearchShard")
+    shards = sorted(int(p.split(" ss_shard=")[1].split(",")[0]) for _, fam, p in runs if fam == "SelectiveSearchShard")
     assert shards == list(range(N_SHARDS))
     cam_shards = sorted(int(p.split("cam_shard=")[1].split(",")[0]) for _, fam, p in runs
                         if fam == "GenerateCAMsShard")

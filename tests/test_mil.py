@@ -255,7 +255,7 @@ def test_two_clicks_add_the_cross_fitted_area_score(tmp_path):
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------
-def test_pseudo_labels_box_method_selects_the_stage_and_keeps_the_cam_hash(tmp_path):
+def test_pseudo_labels_box_method_selects_the_stage_and_hashes_only_its_ref(tmp_path):
     from tasks.main import PseudoLabels
     from tasks.mil import MILBoxes
     from tasks.pseudo import FusePseudoBoxes
@@ -264,10 +264,10 @@ def test_pseudo_labels_box_method_selects_the_stage_and_keeps_the_cam_hash(tmp_p
     cam, cam_again = PseudoLabels(**common), PseudoLabels(**common, mil_rounds=5)
     assert isinstance(cam.requires(), FusePseudoBoxes)
     assert cam.stage_hash == cam_again.stage_hash  # a MIL parameter does not move a CAM run
-    assert "box_method" not in cam.significant_params() and "mil_rounds" not in cam.significant_params()
+    assert cam.significant_params() == {"box_method": "cam"}  # the rest is in the box stage's ref
     run = PseudoLabels(**common, box_method="mil")
     assert isinstance(run.requires(), MILBoxes) and run.stage_hash != cam.stage_hash
-    assert "cam_threshold" not in run.significant_params() and "mil_rounds" in run.significant_params()
+    assert run.significant_params() == {"box_method": "mil"}
     assert PseudoLabels(**common, box_method="mil", mil_rounds=5).stage_hash != run.stage_hash
     assert set(run.requires().requires()) == {"dataset", "proposals", "classifier"}
 
@@ -282,10 +282,10 @@ def test_mil_boxes_stage_writes_the_pseudo_label_files(outputs, tmp_path):
     from pipeline.io import read_json
     from tasks.main import PseudoLabels
 
-    task = PseudoLabels(data_root=str(tmp_path / "data"), synth_trainval=6, synth_test=1, synth_size=96,
-                        max_side=64, min_size=4, n_shards=1, classifier_weights="random", classifier_epochs=1,
-                        classifier_input_size=64, device="cpu", box_method="mil", mil_folds=2, mil_rounds=2,
-                        mil_image_side_px=96, mil_negatives_per_image=10, report_images=2, report_worst=1)
+    task = PseudoLabels(data_root=str(tmp_path / "data"), synth_trainval=6, synth_test=1, synth_image_px=96,
+                        ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random",
+                        classifier_epochs=1, classifier_input_px=64, device="cpu", box_method="mil", mil_folds=2,
+                        mil_rounds=2, mil_image_side_px=96, mil_negatives_per_image=10, report_images=2, report_worst=1)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text
     out = task.requires().stage_dir

@@ -252,7 +252,7 @@ def test_same_pseudo_boxes_from_voc_root_image_folder_with_and_without_gt(sample
     clicks = tmp_path / "clicks.csv"
     raw[raw.image_id.isin(ids)].to_csv(clicks, index=False)
     common = {k: v for k, v in H.TINY.items() if not k.startswith("synth")}
-    common.update({"max-side": 200, "n-shards": 1})
+    common.update({"ss-image-max-px": 200, "ss-shards": 1})
     # a VOC root has VOC's 20 classes; a folder's classes are those of its clicks (fewer on 10 images): the same
     # class list makes the same classifier
     from pipeline.voc import VOC_CLASSES

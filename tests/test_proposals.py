@@ -304,9 +304,9 @@ def _build(*tasks):
 def test_stages_sharded_equals_unsharded_import_and_selection(outputs, tmp_path):
     from tasks.proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals
 
-    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=2, synth_size=96,
-                  max_side=64, min_size=4, splits=["trainval", "test"])
-    one, three = SelectiveSearch(n_shards=1, **common), SelectiveSearch(n_shards=3, ss_workers=2, **common)
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=5, synth_test=2, synth_image_px=96,
+                  ss_image_max_px=64, ss_box_min_px=4, ss_splits=["trainval", "test"])
+    one, three = SelectiveSearch(ss_shards=1, **common), SelectiveSearch(ss_shards=3, ss_workers=2, **common)
     assert one.stage_dir != three.stage_dir
     res = _build(one, three)
     assert res.status.name == "SUCCESS", res.summary_text
@@ -320,17 +320,17 @@ def test_stages_sharded_equals_unsharded_import_and_selection(outputs, tmp_path)
             np.testing.assert_array_equal(a[i], b[i])
             row = manifest.images[manifest.images.image_id == i].iloc[0]
             assert a.size(i) == (row.width, row.height)
-    shard = SelectiveSearchShard(split="trainval", shard=1, n_shards=3, **{k: v for k, v in common.items()
-                                                                          if k != "splits"})
+    shard = SelectiveSearchShard(ss_split="trainval", ss_shard=1, ss_shards=3, **{k: v for k, v in common.items()
+                                                                          if k != "ss_splits"})
     assert ProposalStore(shard.stage_dir / "proposals.h5").image_ids == list(manifest.split("trainval").image_id[2:4])
 
     # import: the same boxes written as a .npz per split are indistinguishable downstream
     for split in ("trainval", "test"):
         a = ProposalStore(one.store_path(split))
         np.savez(tmp_path / f"props_{split}.npz", **{i: a[i] for i in a.image_ids})
-    imported = SelectiveSearch(source="npz", proposals_path=str(tmp_path / "props_{split}.npz"), **common)
-    sel_ss, sel_imp = SelectProposals(n_shards=1, **common), SelectProposals(
-        source="npz", proposals_path=str(tmp_path / "props_{split}.npz"), **common)
+    imported = SelectiveSearch(ss_source="npz", ss_import_path=str(tmp_path / "props_{split}.npz"), **common)
+    sel_ss, sel_imp = SelectProposals(ss_shards=1, **common), SelectProposals(
+        ss_source="npz", ss_import_path=str(tmp_path / "props_{split}.npz"), **common)
     res = _build(imported, sel_ss, sel_imp)
     assert res.status.name == "SUCCESS", res.summary_text
     assert len(list((outputs / "SelectiveSearchShard").iterdir())) == 8  # the import ran no shard
@@ -355,19 +355,21 @@ def test_proposals_are_reused_across_click_files_and_annotators(outputs, tmp_pat
     from tasks.dataset import PrepareDataset
     from tasks.proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals
 
-    common = dict(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_size=96, max_side=64,
-                  min_size=4, n_shards=2)
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1, synth_image_px=96,
+                  ss_image_max_px=64, ss_box_min_px=4, ss_shards=2)
     a1, a2 = SelectProposals(annotator=1, **common), SelectProposals(annotator=2, **common)
     # clicks change the dataset stage and the selection, never the proposals
     assert a1.find_upstream("PrepareDataset").stage_dir != a2.find_upstream("PrepareDataset").stage_dir
     assert a1.stage_dir != a2.stage_dir
     assert a1.requires()["proposals"].stage_dir == a2.requires()["proposals"].stage_dir
-    assert SelectiveSearch(clicks="elsewhere.csv", click_sigma=0.2, **common).stage_dir == a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(clicks="elsewhere.csv", sim_click_sigma=0.2, **common).stage_dir == \
+        a1.requires()["proposals"].stage_dir
     # ... while anything that changes the images (or the proposals' own parameters) does
-    assert SelectiveSearch(**{**common, "synth_size": 80}).stage_dir != a1.requires()["proposals"].stage_dir
-    assert SelectiveSearch(**{**common, "seed": 1}).stage_dir != a1.requires()["proposals"].stage_dir
-    assert SelectiveSearch(**{**common, "max_side": 48}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(**{**common, "synth_image_px": 80}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(**{**common, "data_seed": 1}).stage_dir != a1.requires()["proposals"].stage_dir
+    assert SelectiveSearch(**{**common, "ss_image_max_px": 48}).stage_dir != a1.requires()["proposals"].stage_dir
     assert PrepareDataset(annotator=1).images_ref == PrepareDataset(annotator=2).images_ref
+    assert SelectiveSearch(**{**common, "ss_max_boxes": 100}).stage_dir != a1.requires()["proposals"].stage_dir
     res = _build(a1)
     assert res.status.name == "SUCCESS", res.summary_text
     shards = sorted(p.name for p in (outputs / "SelectiveSearchShard").iterdir())
@@ -378,3 +380,18 @@ def test_proposals_are_reused_across_click_files_and_annotators(outputs, tmp_pat
     t1 = pd.read_parquet(a1.stage_dir / "selected.parquet")
     t2 = pd.read_parquet(a2.stage_dir / "selected.parquet")
     assert len(t1) and len(t2) and not t1[["x", "y"]].equals(t2[["x", "y"]])
+
+
+def test_training_seed_keeps_the_dataset_and_proposals_data_seed_changes_them(tmp_path):
+    from tasks.classifier import TrainClassifier
+
+    common = dict(data_root=str(tmp_path / "data"), synth_trainval=4, synth_test=1)
+    base, reseeded, redrawn = (TrainClassifier(**common, **extra) for extra in ({}, {"seed": 1}, {"data_seed": 1}))
+    assert base.stage_dir != reseeded.stage_dir and base.stage_dir != redrawn.stage_dir
+    for stage in ("PrepareDataset", "SelectiveSearchShard", "SelectiveSearch", "SelectProposals"):
+        assert base.find_upstream(stage).stage_dir == reseeded.find_upstream(stage).stage_dir, stage
+        assert base.find_upstream(stage).stage_dir != redrawn.find_upstream(stage).stage_dir, stage
+    # the synthetic images (and their simulated clicks) come from data_seed alone
+    dataset = base.find_upstream("PrepareDataset")
+    assert dataset.images_ref != redrawn.find_upstream("PrepareDataset").images_ref
+    assert "seed" not in dataset.get_param_names()

@@ -107,7 +107,7 @@ def test_select_proposals_table_and_report(tmp_path):
     assert report == {"clicks": 3, "images": 2, "crops": 14, "fallbacks": 1, "mean_crops_per_click": 14 / 3,
                       "clicks_with_fewer_than_n": 3, "mean_candidates_per_click": (8 + 0 + 3) / 3,
                       "n": 8, "iou": 0.7, "fallback_scales": [1.0, 0.75, 0.5, 0.25],
-                      "exclusive": True, "clicks_sharing_class": 0, "exclusion_waived": 0}  # cat and cow differ
+                      "exclusive": False, "clicks_sharing_class": 0, "exclusion_waived": 0}  # the paper's default
     # a dict of boxes plus sizes gives the same table
     t2, _ = select_proposals(clicks, {"img1": PROPOSALS, "img2": np.array([E])},
                              {"img1": (200, 200), "img2": (200, 100)}, progress=False)
@@ -132,7 +132,7 @@ def test_exclusive_selection_drops_proposals_holding_another_click_of_the_class(
     clicks = pd.DataFrame({"click_id": [1, 2, 3, 4, 5], "image_id": ["img1", "img1", "img1", "img3", "img3"],
                            "class": ["cat", "cat", "dog", "cat", "cat"], "x": [50.0, 75.0, 52.0, 50.0, 55.0],
                            "y": [50.0, 75.0, 52.0, 50.0, 55.0]})
-    table, report = select_proposals(clicks, store, n=8, iou=0.7, progress=False)
+    table, report = select_proposals(clicks, store, n=8, iou=0.7, exclusive=True, progress=False)
     boxes = {c: g[["x1", "y1", "x2", "y2"]].to_numpy() for c, g in table.groupby("click_id")}
     np.testing.assert_array_equal(boxes[1], np.array([A, B, H, G, F]))  # D and K hold the other cat's click
     np.testing.assert_array_equal(boxes[2], np.array([E]))              # D and K hold click 1
