@@ -139,7 +139,7 @@ class CamStoreSettings:
     method: str = "sacam"  # a name of pipeline.cam_methods.CAM_METHODS
     layer: str | None = None  # None: the model's default CAM layer
     crop_size: int | None = None  # crops resized to this square; None: the model's input size
-    batch_size: int = 32  # crops per forward/backward pass (an image's crops together unless one image has more)
+    batch_size: int = 32  # crops per forward/backward pass (cut across images; the last of a part smaller)
     fusion: str = "sum"  # one of FUSIONS
     inspect_images: int = 0  # the first that many images also store each crop's raw map (crop_maps)
     images_per_part: int = 64  # images per HDF5 part: the unit of resuming and of sharding
@@ -175,15 +175,15 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
 
     Images are processed in sorted id order, in parts of ``images_per_part`` images; each part is one HDF5 file
     ``cams-NNNNN.h5`` written atomically into ``out_dir``, and a part whose file exists is skipped, so a killed run
-    resumes where it stopped and gives the same content as an uninterrupted one (passes never span parts). A
-    ``plan.json`` records the work; stale parts from a different plan are removed. Per pass up to ``batch_size``
-    crops: one forward and one backward. Writes ``index.csv`` and ``summary.json`` when all parts exist. Every
-    entry also stores its crops' class probabilities (``crop_probs``).
+    resumes where it stopped and gives the same content as an uninterrupted one (batches never span parts). A
+    ``plan.json`` records the work; stale parts from a different plan are removed. Per batch of ``batch_size``
+    crops (cut across the images of a part): one forward and one backward. Writes ``index.csv`` and
+    ``summary.json`` when all parts exist. Every entry also stores its crops' class probabilities (``crop_probs``).
 
     ``shard=(i, n)``: compute only the parts :func:`pipeline.cam_store.shard_parts` ``(n_parts, i, n)`` of the
     global plan of ``entries`` (which are all entries, in every shard), under their global part names; the
     directory is then a store of that shard's entries, and :func:`pipeline.cam_store.merge_cam_stores` joins the
-    shards. A part's content does not depend on ``n`` (the same images, the same passes).
+    shards. A part's content does not depend on ``n`` (the same images, the same batches).
     """
     s = replace(settings or CamStoreSettings(), **options)
     out_dir = Path(out_dir)
@@ -263,26 +263,22 @@ class _PassContext:
 
 def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Iterator, by_image: dict,
                 recorded: dict) -> int:
-    """Compute one part (the next ``len(image_ids)`` images of ``images``) into ``path``, atomically, in passes
-    of up to ``ctx.batch_size`` crops (an image's crops together); returns the number of crops."""
-    n_crops = 0
+    """Compute one part (the next ``len(image_ids)`` images of ``images``) into ``path``, atomically, in one pass
+    over its images: forward/backward batches of exactly ``ctx.batch_size`` crops (the last one of the part
+    smaller), cut across images; returns the number of crops.
+
+    Batches of one size make every batch allocate the same tensors, so the heap that
+    :func:`pipeline.device.keep_freed_memory` keeps is reused batch after batch; batches that ended at image
+    boundaries varied in size, and the kept heap grew with the sizes it had seen (docs/results.md, "Memory")."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         f.attrs.update({"format": STORE_FORMAT, **{k: str(v) for k, v in recorded.items()}})
         pending: list[tuple[str, torch.Tensor, list[CamEntry]]] = []
-        pending_crops = 0
         for _ in image_ids:
             image_id, img_path, img = next(images)
             ents = by_image[image_id]
-            k = sum(len(e.crops) for e in ents)
-            if pending and pending_crops + k > ctx.batch_size:
-                n_crops += _run_pass(ctx, pending, f)
-                pending, pending_crops = [], 0
             _check_size(img, ents, img_path)
             pending.append((image_id, img, ents))
-            pending_crops += k
-        if pending:
-            n_crops += _run_pass(ctx, pending, f)
-    return n_crops
+        return _run_pass(ctx, pending, f) if pending else 0
 
 
 def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
@@ -297,9 +293,8 @@ def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
 
 
 def _run_pass(ctx: _PassContext, pending: list, f: h5py.File) -> int:
-    """One batched forward/backward over all crops of the pending images (in chunks of ``batch_size`` only when
-    one image alone has more crops), then per entry: paste, fuse (``ctx.fusion``), store. Returns the number of
-    crops."""
+    """The crops of the pending images (a part's) in forward/backward batches of ``batch_size`` crops in entry
+    order (:func:`_crop_maps`), then per entry: paste, fuse (``ctx.fusion``), store. Returns the number of crops."""
     gpu_imgs = [img.to(ctx.device, non_blocking=True) for _, img, _ in pending]
     maps, probs = _crop_maps(ctx, gpu_imgs, [ents for _, _, ents in pending])
     k = 0
@@ -310,7 +305,6 @@ def _run_pass(ctx: _PassContext, pending: list, f: h5py.File) -> int:
             k += len(e.crops)
             fused = paste_maps(m, e.crops, hw, fusion_weights(ctx.fusion, p)).cpu().numpy()
             _store_entry(ctx, f, e, fused, p, m if image_id in ctx.inspect else None)
-    ctx.bar.update(k)
     return k
 
 
@@ -332,6 +326,7 @@ def _crop_maps(ctx: _PassContext, gpu_imgs: list[torch.Tensor],
                        for j in np.unique(owner_a[sl])]).contiguous(memory_format=ctx.memory_format)
         maps.append(ctx.cam(x, t[sl]))
         probs.append(torch.softmax(ctx.cam.outputs.float(), 1).gather(1, t[sl, None])[:, 0])
+        ctx.bar.update(len(x))
     return torch.cat(maps), torch.cat(probs)
 
 

@@ -61,7 +61,7 @@ class _CamParams:
     cam_shards = luigi.IntParameter(default=4, description="GenerateCAMsShard tasks (ranges of parts) the stage is "
                                                            "split into")
     cam_batch_size = luigi.IntParameter(default=64, significant=False,
-                                        description="crops per forward/backward pass (an image's crops together)")
+                                        description="crops per forward/backward pass (cut across images)")
     cam_workers = luigi.IntParameter(default=-1, significant=False,
                                      description="image-decoding DataLoader workers; -1: auto (0 on CPU)")
 

@@ -293,6 +293,25 @@ def toy_data(tmp_path):
     return paths, selected, sizes
 
 
+def test_forward_batches_have_one_size_within_a_part(tmp_path, toy_data, monkeypatch):
+    """Every forward/backward batch holds exactly batch_size crops, cut across images, but the last of each part
+    (parts of 2 images: 3 + 6, 3 + 6 and 3 crops): batches of one size reuse the same allocations, so the heap
+    that pipeline.device.keep_freed_memory keeps does not grow with the sizes seen."""
+    paths, selected, _ = toy_data
+    sizes = []
+    real = cam_writer.BaseCAM.__call__
+
+    def recording(self, x, targets):
+        sizes.append(int(x.shape[0]))
+        return real(self, x, targets)
+
+    monkeypatch.setattr(cam_writer.BaseCAM, "__call__", recording)
+    entries = click_entries(selected, ("a", "b", "c"))
+    write_cam_store(tiny_classifier(), entries, paths, tmp_path / "cams", images_per_part=2, batch_size=4,
+                    progress=False)
+    assert sizes == [4, 4, 1, 4, 4, 1, 3]
+
+
 def test_prob_fusion_weights_each_crop_by_its_class_probability(tmp_path, toy_data):
     paths, selected, _ = toy_data
     net = tiny_classifier()
@@ -383,9 +402,9 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
     work = tmp_path / "work"
     write_cam_store(net, entries, paths, work, stop_after_parts=1, **kw)  # killed after one part
     assert [p.name for p in work.glob("cams-*.h5")] == ["cams-00000.h5"] and not (work / "index.csv").exists()
-    # killed in the middle of the next part: nothing half-written is left behind
+    # killed in the middle of the next part (after its first entry was stored): nothing half-written is left behind
     calls = {"n": 0}
-    real = cam_writer._run_pass
+    real = cam_writer._store_entry
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -393,10 +412,10 @@ def test_resume_after_kill_gives_same_content(tmp_path, toy_data, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(cam_writer, "_run_pass", dying)
+    monkeypatch.setattr(cam_writer, "_store_entry", dying)
     with pytest.raises(KeyboardInterrupt):
         write_cam_store(net, entries, paths, work, **kw)
-    monkeypatch.setattr(cam_writer, "_run_pass", real)
+    monkeypatch.setattr(cam_writer, "_store_entry", real)
     assert sorted(p.name for p in work.iterdir()) == ["cams-00000.h5", "plan.json"]
     partial = CamStore(work)  # an unfinished store is readable too
     assert set(partial.click_ids()) < set(full)
