@@ -242,10 +242,10 @@ def _start_plan(out_dir: Path, entries: Sequence[CamEntry], plan: list[list[str]
     write_json(plan_path, record)
 
 
-# -- one part, one pass ---------------------------------------------------------------------------------------
+# -- one part: batches of crops ------------------------------------------------------------------------------
 @dataclass
 class _PassContext:
-    """What every pass of one :func:`write_cam_store` call shares."""
+    """What every batch of one :func:`write_cam_store` call shares."""
 
     cam: BaseCAM
     crop_size: int
@@ -263,22 +263,19 @@ class _PassContext:
 
 def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Iterator, by_image: dict,
                 recorded: dict) -> int:
-    """Compute one part (the next ``len(image_ids)`` images of ``images``) into ``path``, atomically, in one pass
-    over its images: forward/backward batches of exactly ``ctx.batch_size`` crops (the last one of the part
-    smaller), cut across images; returns the number of crops.
-
-    Batches of one size make every batch allocate the same tensors, so the heap that
-    :func:`pipeline.device.keep_freed_memory` keeps is reused batch after batch; batches that ended at image
-    boundaries varied in size, and the kept heap grew with the sizes it had seen (docs/results.md, "Memory")."""
+    """Compute one part (the next ``len(image_ids)`` images of ``images``) into ``path``, atomically; returns the
+    number of crops. The part's crops, in entry order, go through forward/backward batches of exactly
+    ``ctx.batch_size`` crops, cut across images (the last batch of the part smaller): :class:`_CropQueue`."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         f.attrs.update({"format": STORE_FORMAT, **{k: str(v) for k, v in recorded.items()}})
-        pending: list[tuple[str, torch.Tensor, list[CamEntry]]] = []
+        queue = _CropQueue(ctx, f)
         for _ in image_ids:
             image_id, img_path, img = next(images)
             ents = by_image[image_id]
             _check_size(img, ents, img_path)
-            pending.append((image_id, img, ents))
-        return _run_pass(ctx, pending, f) if pending else 0
+            queue.add(image_id, img, ents)
+        queue.finish()
+    return queue.n_crops
 
 
 def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
@@ -292,42 +289,70 @@ def _check_size(img: torch.Tensor, ents: list[CamEntry], path: str) -> None:
                              f"{c.tolist()}")
 
 
-def _run_pass(ctx: _PassContext, pending: list, f: h5py.File) -> int:
-    """The crops of the pending images (a part's) in forward/backward batches of ``batch_size`` crops in entry
-    order (:func:`_crop_maps`), then per entry: paste, fuse (``ctx.fusion``), store. Returns the number of crops."""
-    gpu_imgs = [img.to(ctx.device, non_blocking=True) for _, img, _ in pending]
-    maps, probs = _crop_maps(ctx, gpu_imgs, [ents for _, _, ents in pending])
-    k = 0
-    for (image_id, _, ents), gimg in zip(pending, gpu_imgs):
-        hw = tuple(gimg.shape[-2:])
-        for e in ents:
-            m, p = maps[k:k + len(e.crops)], probs[k:k + len(e.crops)]
-            k += len(e.crops)
-            fused = paste_maps(m, e.crops, hw, fusion_weights(ctx.fusion, p)).cpu().numpy()
-            _store_entry(ctx, f, e, fused, p, m if image_id in ctx.inspect else None)
-    return k
+class _CropQueue:
+    """The crops of one part's images in arrival order, computed in forward/backward batches of exactly
+    ``ctx.batch_size`` crops as soon as that many are waiting (so image decoding in DataLoader workers overlaps the
+    batches), the rest in one smaller batch at :meth:`finish`; an image's entries are pasted, fused
+    (``ctx.fusion``) and stored once all its crops have maps.
 
+    Why one batch size: :func:`pipeline.device.keep_freed_memory` keeps freed blocks in the heap, and batches of
+    one size allocate the same tensors every time, so the heap is reused; passes that ended at image boundaries
+    varied in size, and the kept heap grew with the sizes it had seen (docs/results.md, "Memory"). A crop's map
+    does not depend on the batch it is computed in (tests/test_cam.py)."""
 
-def _crop_maps(ctx: _PassContext, gpu_imgs: list[torch.Tensor],
-               ents_per_image: list[list[CamEntry]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every crop's raw map ``(N, h, w)`` and its class probability ``(N,)``, in entry order."""
-    owner, boxes, targets = [], [], []
-    for j, ents in enumerate(ents_per_image):
-        for e in ents:
-            owner += [j] * len(e.crops)
-            boxes.append(np.asarray(e.crops, np.float32))
-            targets += [e.class_index] * len(e.crops)
-    owner_a, boxes_a = np.asarray(owner), np.concatenate(boxes)
-    t = torch.tensor(targets, dtype=torch.long, device=ctx.device)
-    maps, probs = [], []
-    for i in range(0, len(owner_a), ctx.batch_size):
-        sl = slice(i, i + ctx.batch_size)
-        x = torch.cat([extract_crops(gpu_imgs[j], boxes_a[sl][owner_a[sl] == j], ctx.crop_size, ctx.mean, ctx.std)
-                       for j in np.unique(owner_a[sl])]).contiguous(memory_format=ctx.memory_format)
-        maps.append(ctx.cam(x, t[sl]))
-        probs.append(torch.softmax(ctx.cam.outputs.float(), 1).gather(1, t[sl, None])[:, 0])
-        ctx.bar.update(len(x))
-    return torch.cat(maps), torch.cat(probs)
+    def __init__(self, ctx: _PassContext, f: h5py.File):
+        self.ctx, self.f = ctx, f
+        self.images: list[tuple[str, torch.Tensor, list[CamEntry], int]] = []  # not stored yet: id, image, crops
+        self.todo: list[tuple[int, np.ndarray, int]] = []  # crops without maps: (index in images, box, class)
+        self.first = 0  # self.images[0]'s index among the part's images
+        self.maps: list[torch.Tensor] = []  # maps (and probabilities) of the crops of self.images computed so far
+        self.probs: list[torch.Tensor] = []
+        self.n_crops = 0
+
+    def add(self, image_id: str, img: torch.Tensor, ents: list[CamEntry]) -> None:
+        j = self.first + len(self.images)
+        crops = [(j, box, e.class_index) for e in ents for box in np.asarray(e.crops, np.float32)]
+        self.images.append((image_id, img.to(self.ctx.device, non_blocking=True), ents, len(crops)))
+        self.todo += crops
+        while len(self.todo) >= self.ctx.batch_size:
+            self._batch(self.ctx.batch_size)
+        self._store_finished()
+
+    def finish(self) -> None:
+        while self.todo:
+            self._batch(min(self.ctx.batch_size, len(self.todo)))
+        self._store_finished()
+
+    def _batch(self, n: int) -> None:
+        ctx, batch, self.todo = self.ctx, self.todo[:n], self.todo[n:]
+        owners = [j for j, _, _ in batch]
+        x = torch.cat([extract_crops(self.images[j - self.first][1],
+                                     np.stack([box for o, box, _ in batch if o == j]), ctx.crop_size, ctx.mean,
+                                     ctx.std) for j in dict.fromkeys(owners)]).contiguous(
+            memory_format=ctx.memory_format)
+        t = torch.tensor([c for _, _, c in batch], dtype=torch.long, device=ctx.device)
+        self.maps.append(ctx.cam(x, t))
+        self.probs.append(torch.softmax(ctx.cam.outputs.float(), 1).gather(1, t[:, None])[:, 0])
+        ctx.bar.update(n)
+
+    def _store_finished(self) -> None:
+        """Store the leading images whose crops all have maps."""
+        done = sum(len(m) for m in self.maps)
+        if not self.images or self.images[0][3] > done:
+            return
+        maps, probs = torch.cat(self.maps), torch.cat(self.probs)
+        k = 0
+        while self.images and k + self.images[0][3] <= done:
+            image_id, gimg, ents, n = self.images.pop(0)
+            self.first += 1
+            hw = tuple(gimg.shape[-2:])
+            for e in ents:
+                m, p = maps[k:k + len(e.crops)], probs[k:k + len(e.crops)]
+                k += len(e.crops)
+                fused = paste_maps(m, e.crops, hw, fusion_weights(self.ctx.fusion, p)).cpu().numpy()
+                _store_entry(self.ctx, self.f, e, fused, p, m if image_id in self.ctx.inspect else None)
+            self.n_crops += n
+        self.maps, self.probs = [maps[k:]], [probs[k:]]
 
 
 def _store_entry(ctx: _PassContext, f: h5py.File, e: CamEntry, fused: np.ndarray, probs: torch.Tensor,
