@@ -16,6 +16,8 @@ Pieces:
   shuffled together) so that an image's several crops are cut while it is still in the worker's cache.
 - :func:`train_classifier`: crops, logits and loss plugged into :func:`pipeline.engine.fit` (SGD/AdamW, head
   learning rate x ``head_lr_mult``, warmup + cosine per iteration, AMP on CUDA, DataLoader workers, tqdm).
+  On a CPU with frozen BatchNorm a batch is forwarded and backpropagated in micro-batches (:func:`micro_batch_size`;
+  the same gradient up to rounding, one micro-batch's activations held at a time).
   Checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, log}`` (torchvision references style)
   written atomically after every epoch; ``resume`` continues from it and ends with the same weights as an
   uninterrupted run (bit-identical on CPU). A NaN/inf loss raises :class:`NonFiniteLossError` and leaves the last
@@ -46,8 +48,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed as D
 from .device import resolve_device
-from .engine import (EpochStats, FitSpec, NonFiniteLossError, Step, epoch_seed, fit,  # noqa: F401 (re-export)
-                     freeze_batchnorm, normalize)
+from .engine import (EpochStats, FitSpec, NonFiniteLossError, Step, batchnorm_layers, epoch_seed,  # noqa: F401
+                     fit, freeze_batchnorm, normalize)
 from .geometry import crop_and_resize, crop_bounds  # noqa: F401 (crop_bounds: re-exported)
 from .imageio import read_image
 from .io import atomic_path
@@ -417,8 +419,10 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True                 # float16 autocast + GradScaler, CUDA only
     workers: int = -1                # DataLoader workers; -1 = auto
-    #: fields that do not change the result and may differ when resuming
-    RUNTIME_FIELDS = ("workers", "device")
+    micro_batch: int = -1            # items per forward/backward (a batch's gradients summed over its micro-batches
+                                     # before the step); 0 = the whole batch; -1 = auto (micro_batch_size)
+    #: fields that do not change the result (micro_batch: up to rounding) and may differ when resuming
+    RUNTIME_FIELDS = ("workers", "device", "micro_batch")
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -430,6 +434,26 @@ class TrainConfig:
 
     def result_args(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+#: training items per forward/backward on a CPU with frozen BatchNorm (``TrainConfig.micro_batch=-1``): the
+#: activations of a batch of 32 crops of 224 px through efficientnet_lite0 held the classifier stage's peak memory
+#: (docs/results.md, "Memory")
+CPU_MICRO_BATCH = 8
+
+
+def micro_batch_size(cfg: TrainConfig, device: torch.device, model: nn.Module) -> int:
+    """Items per forward/backward of a training batch, 0 for the whole batch at once. Auto (``micro_batch=-1``):
+    :data:`CPU_MICRO_BATCH` on a CPU when no BatchNorm layer trains its statistics (frozen, or none), the whole
+    batch otherwise. Micro-batches give the batch's gradient up to rounding only when every sample's forward is
+    independent of the others', so an explicit size with BatchNorm statistics in training is an error."""
+    bn_training = not cfg.freeze_bn_stats and any(True for _ in batchnorm_layers(model))
+    if cfg.micro_batch < 0:
+        return CPU_MICRO_BATCH if device.type == "cpu" and not bn_training else 0
+    if cfg.micro_batch and bn_training:
+        raise ValueError("micro-batches need frozen BatchNorm statistics (freeze_bn_stats=True): BatchNorm in "
+                         "training mode normalises each micro-batch by its own statistics")
+    return int(cfg.micro_batch)
 
 
 def auto_workers(device: torch.device) -> int:
@@ -502,6 +526,7 @@ class _CropTask:
         self.criterion = _loss_fn(cfg).to(device)
         self.world = world
         self.hits = torch.zeros((), dtype=torch.int64, device=device)
+        self.micro = micro_batch_size(cfg, device, model)
 
     def start_epoch(self, epoch: int) -> None:
         self.model.train()
@@ -514,6 +539,12 @@ class _CropTask:
         if self.loader is None:  # (workers persist across epochs; the sampler yields (index, epoch) keys)
             self.loader = _loader(self.dataset, self.sampler, self.cfg, self.device, *self.loader_args)
         return self.loader
+
+    def micro_batches(self, batch) -> list[tuple[tuple[torch.Tensor, torch.Tensor], int]]:
+        """The batch in pieces of :func:`micro_batch_size` items (the engine sums their gradients)."""
+        x, y = batch
+        m = self.micro or len(x)
+        return [((x[i:i + m], y[i:i + m]), len(x[i:i + m])) for i in range(0, len(x), m)]
 
     def step(self, net: nn.Module, batch) -> Step:
         x, y = batch
@@ -598,9 +629,10 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(device) // max(1, D.env_info().local_world_size)
     sampler = EpochSampler(dataset.image_ids, seed=cfg.seed, window=cfg.shuffle_window)
     task = _CropTask(model, dataset, cfg, device, sampler, drop_last, workers, rank, world)
-    log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d, %s, %d workers, amp=%s%s)",
+    log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d%s, %s, %d workers, amp=%s%s)",
              getattr(model, "name", type(model).__name__), len(dataset),
-             "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size, device,
+             "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size,
+             f" in micro-batches of {task.micro}" if task.micro and world == 1 else "", device,
              workers, use_amp, f", rank {rank} of {world}" if world > 1 else "")
     spec = FitSpec(model, optimizer, task, out_dir / CHECKPOINT_NAME, asdict(cfg), cfg.epochs, device,
                    scheduler=scheduler, scheduler_interval="iteration", amp=use_amp,

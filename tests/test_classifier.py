@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline.backbones import build_backbone
-from pipeline.classifier import (Augment, CropDataset, EpochSampler, NonFiniteLossError, TrainConfig, colour_jitter,
-                                 crop_bounds, evaluate_classifier, image_label_dataset, image_label_targets,
-                                 load_classifier, lr_factor, save_classifier, selection_crops, selection_dataset,
-                                 train_classifier)
+from pipeline.classifier import (CPU_MICRO_BATCH, Augment, CropDataset, EpochSampler, NonFiniteLossError, TrainConfig,
+                                 colour_jitter, crop_bounds, evaluate_classifier, image_label_dataset,
+                                 image_label_targets, load_classifier, lr_factor, micro_batch_size, save_classifier,
+                                 selection_crops, selection_dataset, train_classifier)
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 NO_AUG = None
@@ -324,6 +324,34 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(to
     assert all(torch.equal(ckpt["model"][k], good[k]) for k in good)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert pd.read_csv(tmp_path / "train_log.csv").epoch.tolist() == [1]
+
+
+def test_micro_batches_train_the_weights_of_whole_batches(toy_crops, tmp_path):
+    """Frozen BatchNorm: batches of 8 stepped in micro-batches of 2 give the whole batches' weights up to rounding
+    (dropout draws the same masks piece by piece); BatchNorm training its statistics refuses micro-batches, and the
+    auto size takes them only on a CPU with frozen statistics."""
+    torch.set_num_threads(1)
+    weights = {}
+    for micro in (0, 2):
+        model, ds = toy_setup(toy_crops)
+        log = train_classifier(model, ds, tmp_path / str(micro), small_config(epochs=1, micro_batch=micro),
+                               progress=False)
+        weights[micro] = (model.state_dict(), log)
+    (whole, whole_log), (pieces, pieces_log) = weights[0], weights[2]
+    for k, v in whole.items():
+        torch.testing.assert_close(pieces[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert pieces_log.loss.tolist() == pytest.approx(whole_log.loss.tolist(), rel=1e-4)
+    assert pieces_log.accuracy.tolist() == whole_log.accuracy.tolist()
+
+    model, ds = toy_setup(toy_crops)
+    with pytest.raises(ValueError, match="micro-batches need frozen BatchNorm"):
+        train_classifier(model, ds, tmp_path / "bn", small_config(micro_batch=2, freeze_bn_stats=False),
+                         progress=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert micro_batch_size(TrainConfig(), cpu, model) == CPU_MICRO_BATCH
+    assert micro_batch_size(TrainConfig(), cuda, model) == 0
+    assert micro_batch_size(TrainConfig(freeze_bn_stats=False), cpu, model) == 0
+    assert micro_batch_size(TrainConfig(micro_batch=0), cpu, model) == 0
 
 
 def test_image_label_mode_trains_with_multi_hot_targets(toy_crops, tmp_path):

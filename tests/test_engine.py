@@ -122,6 +122,47 @@ def test_log_csv_and_epoch_scheduler(tmp_path):
         FitSpec(model, opt, ToyTask(model), tmp_path / "c.pt", {}, 1, torch.device("cpu"), scheduler_interval="x")
 
 
+# ------------------------------------------------------------------------------------------------ micro-batches
+class MicroToyTask(ToyTask):
+    """ToyTask whose batches are stepped in pieces of ``micro`` rows (the engine sums their gradients)."""
+
+    def __init__(self, model, micro: int, **kw):
+        super().__init__(model, **kw)
+        self.micro = micro
+
+    def micro_batches(self, batch):
+        return [(batch[i:i + self.micro], len(batch[i:i + self.micro])) for i in range(0, len(batch), self.micro)]
+
+
+@pytest.mark.parametrize("micro", [1, 4])  # 4: pieces of 4 and 2 rows of each batch of 6
+def test_micro_batches_take_the_steps_of_whole_batches(tmp_path, micro):
+    """Pieces of a batch forwarded and backpropagated one at a time give the whole batch's optimizer steps up to
+    rounding (the toy model's dropout draws the same masks piece by piece), and the same logged losses."""
+    whole_iters, micro_iters = [], []
+    whole = toy_spec(tmp_path / "whole.pt")
+    want = fit(whole, progress=False, on_iteration=whole_iters.append)
+    model = toy_model()
+    spec = toy_spec(tmp_path / "micro.pt", model=model, task=MicroToyTask(model, micro))
+    got = fit(spec, progress=False, on_iteration=micro_iters.append)
+    for k, v in whole.model.state_dict().items():
+        torch.testing.assert_close(spec.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and a["items"] == b["items"] == 24
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["mse"] == pytest.approx(b["mse"], rel=1e-5)
+    assert [(r["iteration"], r["items"]) for r in micro_iters] == [(r["iteration"], r["items"]) for r in whole_iters]
+    assert [r["mse"] for r in micro_iters] == pytest.approx([r["mse"] for r in whole_iters], rel=1e-5)
+
+
+def test_a_non_finite_micro_batch_stops_before_the_step(tmp_path):
+    model = toy_model()
+    task = MicroToyTask(model, 2, poison=lambda epoch, it: epoch == 1 and it == 5)  # 2nd iteration's last piece
+    spec = toy_spec(tmp_path / "c.pt", model=model, task=task)
+    saved = {}
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, iteration 2/4.*\(after epoch 1\) is kept"):
+        fit(spec, progress=False, on_epoch_end=lambda e, r: saved.setdefault("bytes", (tmp_path / "c.pt").read_bytes()))
+    assert (tmp_path / "c.pt").read_bytes() == saved["bytes"]
+
+
 # ------------------------------------------------------------------------------------------------ non-finite guard
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     saved = {}

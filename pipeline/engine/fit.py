@@ -12,6 +12,9 @@ and its log row); :func:`fit` runs epochs of ``forward -> loss -> backward -> st
   rank's batch is its piece of one global batch and its loss is weighted by its share of that batch
   (:func:`rank_weight`), so the ranks take the optimizer steps of one process; logged losses are the global
   batches'; only rank 0 writes;
+* micro-batches (one process): a task with a ``micro_batches(batch)`` method (see :class:`TrainTask`) has each
+  batch forwarded and backpropagated in pieces, the gradients summed before the one optimizer step, so a step
+  holds one piece's activations (:meth:`_Loop.accumulated_iteration`);
 * a guard against non-finite losses and weights (:class:`NonFiniteLossError`; the last good checkpoint is kept);
 * an lr schedule: a torch scheduler stepped per iteration or per epoch, and an optional per-iteration hook
   (warmup) run before each step;
@@ -79,7 +82,13 @@ class EpochStats:
 
 
 class TrainTask(Protocol):
-    """The model-specific part of a training run."""
+    """The model-specific part of a training run.
+
+    Optional: ``micro_batches(batch) -> [(micro_batch, items), ...]``, the batch in pieces for :meth:`step`, each
+    forwarded and backpropagated on its own (one process only; under DDP each rank's batch is stepped whole). The
+    pieces' gradients add up to the batch's only when the forward treats samples independently (no BatchNorm in
+    train mode). Floating-point ``Step.logs`` are then averaged over the pieces by their items, integer ones
+    (counts) summed."""
 
     def start_epoch(self, epoch: int) -> None:
         """Before the epoch's batches: train mode (frozen layers), the data's epoch."""
@@ -242,6 +251,9 @@ class _Loop:
         spec = self.spec
         if spec.lr_hook is not None:
             spec.lr_hook(spec.optimizer, epoch, it)
+        parts = spec.task.micro_batches(batch) if self.world == 1 and hasattr(spec.task, "micro_batches") else None
+        if parts is not None and len(parts) > 1:
+            return self.accumulated_iteration(parts, epoch, it, total)
         with torch.autocast(spec.device.type, dtype=torch.float16, enabled=spec.amp):
             step = spec.task.step(self.net, batch)
         loss, n, step_loss, share = step.loss, step.n, step.loss, 1.0
@@ -266,6 +278,38 @@ class _Loop:
                                "lr": spec.optimizer.param_groups[0]["lr"],
                                **{k: float(v) for k, v in step.logs.items()}})
         return loss.detach(), n
+
+    def accumulated_iteration(self, parts: Sequence[tuple[object, int]], epoch: int, it: int,
+                              total: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step on a batch given as micro-batches ``(micro_batch, items)`` (one process): each is
+        forwarded and backpropagated on its own, its mean loss weighted by its share of the batch, so the summed
+        gradient is the whole batch's (up to rounding, for a model whose forward treats samples independently:
+        frozen BatchNorm) while only one micro-batch's activations are held at a time."""
+        spec = self.spec
+        n = sum(int(k) for _, k in parts)
+        spec.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=spec.device)
+        logs: dict[str, torch.Tensor] = {}
+        for part, _ in parts:
+            with torch.autocast(spec.device.type, dtype=torch.float16, enabled=spec.amp):
+                step = spec.task.step(self.net, part)
+            if not torch.isfinite(step.loss):
+                self.nonfinite_loss(step.loss.detach(), epoch, it, total, spec.task.describe(part, step))
+            self.scaler.scale(step.loss * (step.n / n)).backward()
+            loss_sum += step.loss.detach().double() * step.n
+            spec.task.record(step, step.n / n)
+            for k, v in step.logs.items():
+                w = 1.0 if not v.is_floating_point() else step.n / n  # counts add up; means by the piece's share
+                logs[k] = logs.get(k, 0.0) + v.detach().double() * w
+        self.scaler.step(spec.optimizer)
+        self.scaler.update()
+        if spec.scheduler is not None and spec.scheduler_interval == "iteration":
+            spec.scheduler.step()
+        loss = (loss_sum / n).float()
+        if self.on_iteration is not None:
+            self.on_iteration({"epoch": epoch + 1, "iteration": it + 1, "items": n, "loss": float(loss),
+                               "lr": spec.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in logs.items()}})
+        return loss, n
 
     def kept(self) -> str:
         if self.last_good:
