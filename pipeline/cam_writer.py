@@ -132,6 +132,18 @@ def prefer_channels_last(model: nn.Module, device: torch.device | str) -> bool:
 
 
 # -- the writer -----------------------------------------------------------------------------------------------
+#: crops per forward/backward batch when none is given, by device type: on a CPU the batch's activations (and the
+#: heap keep_freed_memory keeps for them) set the CAM stage's peak memory, and the smaller batch ran as fast per
+#: crop (docs/results.md, "Memory"); on CUDA the earlier default
+AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 64}
+
+
+def auto_batch_size(device: torch.device | str) -> int:
+    """Crops per forward/backward batch of the CAM stage on ``device`` (:data:`AUTO_BATCH_SIZE`; the CPU's for
+    other device types)."""
+    return AUTO_BATCH_SIZE.get(torch.device(device).type, AUTO_BATCH_SIZE["cpu"])
+
+
 @dataclass(frozen=True)
 class CamStoreSettings:
     """How :func:`write_cam_store` computes and stores the maps (its keyword arguments are these fields)."""
@@ -139,7 +151,8 @@ class CamStoreSettings:
     method: str = "sacam"  # a name of pipeline.cam_methods.CAM_METHODS
     layer: str | None = None  # None: the model's default CAM layer
     crop_size: int | None = None  # crops resized to this square; None: the model's input size
-    batch_size: int = 32  # crops per forward/backward pass (cut across images; the last of a part smaller)
+    batch_size: int = 0  # crops per forward/backward pass (cut across images; the last of a part smaller);
+    #                      0: auto_batch_size(device)
     fusion: str = "sum"  # one of FUSIONS
     inspect_images: int = 0  # the first that many images also store each crop's raw map (crop_maps)
     images_per_part: int = 64  # images per HDF5 part: the unit of resuming and of sharding
@@ -164,7 +177,8 @@ class CamStoreSettings:
         ``model``; the plan's digest covers them."""
         return {"method": self.method, "layer": self.layer or getattr(model, "default_cam_layer", None),
                 "crop_size": int(self.crop_size or getattr(model, "input_size", 224)),
-                "batch_size": max(1, int(self.batch_size)), "fusion": self.fusion,
+                "batch_size": int(self.batch_size) if self.batch_size >= 1 else auto_batch_size(self.device),
+                "fusion": self.fusion,
                 "inspect_images": self.inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
 
 

@@ -437,7 +437,7 @@ class TrainConfig:
 
 
 #: training items per forward/backward on a CPU with frozen BatchNorm (``TrainConfig.micro_batch=-1``): the
-#: activations of a batch of 32 crops of 224 px through efficientnet_lite0 held the classifier stage's peak memory
+#: activations of a whole batch held the classifier stage's peak memory, and micro-batches train as fast
 #: (docs/results.md, "Memory")
 CPU_MICRO_BATCH = 8
 

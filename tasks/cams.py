@@ -60,8 +60,9 @@ class _CamParams:
                                                          "the output's identity)")
     cam_shards = luigi.IntParameter(default=4, description="GenerateCAMsShard tasks (ranges of parts) the stage is "
                                                            "split into")
-    cam_batch_size = luigi.IntParameter(default=64, significant=False,
-                                        description="crops per forward/backward pass (cut across images)")
+    cam_batch_size = luigi.IntParameter(default=0, significant=False,
+                                        description="crops per forward/backward pass (cut across images); 0: by "
+                                                    "device (pipeline.cam_writer.AUTO_BATCH_SIZE)")
     cam_workers = luigi.IntParameter(default=-1, significant=False,
                                      description="image-decoding DataLoader workers; -1: auto (0 on CPU)")
 

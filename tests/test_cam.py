@@ -310,6 +310,11 @@ def test_forward_batches_have_one_size_within_a_part(tmp_path, toy_data, monkeyp
     write_cam_store(tiny_classifier(), entries, paths, tmp_path / "cams", images_per_part=2, batch_size=4,
                     progress=False)
     assert sizes == [4, 4, 1, 4, 4, 1, 3]
+    # no batch size given: by device type, fewer crops on a CPU
+    net = tiny_classifier()
+    assert cam_writer.CamStoreSettings().recorded(net)["batch_size"] == cam_writer.AUTO_BATCH_SIZE["cpu"]
+    assert cam_writer.CamStoreSettings(device="cuda:0").recorded(net)["batch_size"] == 64
+    assert cam_writer.CamStoreSettings(batch_size=5).recorded(net)["batch_size"] == 5
 
 
 def test_prob_fusion_weights_each_crop_by_its_class_probability(tmp_path, toy_data):
