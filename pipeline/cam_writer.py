@@ -135,7 +135,7 @@ def prefer_channels_last(model: nn.Module, device: torch.device | str) -> bool:
 #: crops per forward/backward batch when none is given, by device type: on a CPU the batch's activations (and the
 #: heap keep_freed_memory keeps for them) set the CAM stage's peak memory, and the smaller batch ran as fast per
 #: crop (docs/results.md, "Memory"); on CUDA the earlier default
-AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 64}
+AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 64}
 
 
 def auto_batch_size(device: torch.device | str) -> int:
