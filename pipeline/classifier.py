@@ -413,6 +413,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05    # linear warmup over this fraction of all iterations, then cosine to 0
     label_smoothing: float = 0.0     # single-label mode only
     freeze_bn_stats: bool = True     # BatchNorm layers use (and keep) their pretrained running statistics
+    clip_grad_norm: float | None = None  # clip the gradient's total L2 norm to this before each step; None: off
     multilabel: bool = False         # BCEWithLogits on multi-hot targets (image-label-only baseline)
     seed: int = 0
     shuffle_window: int = 64         # images per shuffle window (EpochSampler); 0 = full shuffle
@@ -639,7 +640,7 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
                    seed=lambda epoch, r: epoch_seed(cfg.seed, epoch) + r,  # dropout: each rank its own stream
                    runtime_args=TrainConfig.RUNTIME_FIELDS, log_csv=out_dir / LOG_NAME, name="classifier",
                    # frozen BatchNorm statistics never change: no need to send rank 0's buffers before each forward
-                   broadcast_buffers=not cfg.freeze_bn_stats)
+                   broadcast_buffers=not cfg.freeze_bn_stats, clip_grad_norm=cfg.clip_grad_norm)
     return pd.DataFrame(fit(spec, resume=resume, progress=progress, on_epoch_end=on_epoch_end))
 
 

@@ -66,6 +66,9 @@ class TrainClassifier(TrainingSeed, StageTask):
                                                parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                                description="keep the pretrained BatchNorm statistics while "
                                                            "fine-tuning (efficientnet_lite0; VGG16 has none)")
+    classifier_clip_grad_norm = luigi.FloatParameter(default=TUNED.classifier_clip_grad_norm,
+                                                     description="clip the gradient's total L2 norm to this before "
+                                                                 "each step; 0: no clipping")
     classifier_input_px = luigi.IntParameter(default=TUNED.classifier_input_px,
                                              description="crops are resized to this square (px)")
     classifier_max_crops_per_class = luigi.IntParameter(default=TUNED.classifier_max_crops_per_class,
@@ -93,6 +96,7 @@ class TrainClassifier(TrainingSeed, StageTask):
         return TrainConfig(epochs=self.classifier_epochs, batch_size=self.classifier_batch_size,
                            lr=self.classifier_lr, optimizer=self.classifier_optimizer,
                            freeze_bn_stats=self.classifier_freeze_bn,
+                           clip_grad_norm=self.classifier_clip_grad_norm or None,
                            multilabel=self.classifier_mode == "image_labels", seed=self.seed, device=self.device,
                            workers=self.classifier_workers)
 

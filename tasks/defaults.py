@@ -44,6 +44,10 @@ class Tuned:
     classifier_optimizer: str = "sgd"
     classifier_lr: float = 0.003
     classifier_freeze_bn: bool = True
+    #: the gradient's total norm clipped before each step, to about twice its usual size at the peak learning rate:
+    #: without it, a perturbation at rounding level (micro-batches, another thread count) sent the voc07-sample
+    #: classifier into divergence (docs/experiments.md, 2026-12-01, "Classifier divergence")
+    classifier_clip_grad_norm: float = 20.0
 
     # -- stage 4, GenerateCAMs -----------------------------------------------------------------------------------
     #: the paper's SA-CAM (Eq. 3); Grad-CAM's rows: docs/results.md

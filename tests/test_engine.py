@@ -153,6 +153,45 @@ def test_micro_batches_take_the_steps_of_whole_batches(tmp_path, micro):
     assert [r["mse"] for r in micro_iters] == pytest.approx([r["mse"] for r in whole_iters], rel=1e-5)
 
 
+@pytest.mark.parametrize("micro", [0, 4])  # 0: whole batches
+def test_clip_grad_norm_steps_along_the_clipped_gradient(tmp_path, micro):
+    """With ``clip_grad_norm`` the first step is plain SGD on the gradient scaled to that norm (its norm on the toy
+    batch is far above the limit), whole batches and micro-batches alike; without it, the unclipped gradient."""
+    limit = 0.05
+    for clip in (limit, None):
+        model = nn.Sequential(nn.Linear(4, 1))
+        torch.manual_seed(3)
+        nn.init.normal_(model[0].weight)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        task = MicroToyTask(model, micro) if micro else ToyTask(model)
+        batch = task.batches(0)[0]
+        model.zero_grad()
+        nn.functional.mse_loss(model(task.x[batch]), task.y[batch]).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        assert norm > 10 * limit
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        spec = FitSpec(model, opt, task, tmp_path / f"clip{clip}.pt", {"clip": clip}, 1, torch.device("cpu"),
+                       clip_grad_norm=clip, name="toy")
+        steps = []
+        loop_first_step_only(spec, steps)
+        scale = min(1.0, limit / float(norm)) if clip else 1.0
+        for k, g in grads.items():
+            torch.testing.assert_close(steps[0][k], before[k] - 0.1 * scale * g, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def loop_first_step_only(spec: FitSpec, steps: list) -> None:
+    """Run ``fit`` and keep the weights after its first optimizer step (a pre-hook on the second step)."""
+    first = {"done": False}
+
+    def post(opt, args, kwargs):
+        if not first["done"]:
+            first["done"] = True
+            steps.append({k: v.clone() for k, v in spec.model.state_dict().items()})
+    spec.optimizer.register_step_post_hook(post)
+    fit(spec, progress=False)
+
+
 def test_a_non_finite_micro_batch_stops_before_the_step(tmp_path):
     model = toy_model()
     task = MicroToyTask(model, 2, poison=lambda epoch, it: epoch == 1 and it == 5)  # 2nd iteration's last piece

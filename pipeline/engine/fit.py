@@ -16,6 +16,7 @@ and its log row); :func:`fit` runs epochs of ``forward -> loss -> backward -> st
   batch forwarded and backpropagated in pieces, the gradients summed before the one optimizer step, so a step
   holds one piece's activations (:meth:`_Loop.accumulated_iteration`);
 * a guard against non-finite losses and weights (:class:`NonFiniteLossError`; the last good checkpoint is kept);
+* optional clipping of the gradient's total norm before each step (``FitSpec.clip_grad_norm``);
 * an lr schedule: a torch scheduler stepped per iteration or per epoch, and an optional per-iteration hook
   (warmup) run before each step;
 * a checkpoint dict ``{model, optimizer, lr_scheduler, scaler, epoch, args, ..., log}`` written atomically after
@@ -128,6 +129,7 @@ class FitSpec:
     runtime_args: Sequence[str] = ()    # args that do not change the result and may differ when resuming
     extra: Mapping = field(default_factory=dict)  # more checkpoint entries, equal on resume (e.g. classes)
     broadcast_buffers: bool = True      # DDP: send rank 0's buffers before each forward (not for frozen BN)
+    clip_grad_norm: float | None = None  # clip the gradient's total L2 norm to this before each step (None: off)
     log_csv: Path | None = None         # rank 0 writes the log table here after every epoch
     name: str = "model"                 # in messages
     error: type[Exception] = CheckpointError          # checkpoint problems
@@ -268,16 +270,26 @@ class _Loop:
             self.nonfinite_loss(loss, epoch, it, total, spec.task.describe(batch, step))
         spec.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(step_loss).backward()
-        self.scaler.step(spec.optimizer)
-        self.scaler.update()
-        if spec.scheduler is not None and spec.scheduler_interval == "iteration":
-            spec.scheduler.step()
+        self.optimizer_step()
         spec.task.record(step, share)
         if self.on_iteration is not None:
             self.on_iteration({"epoch": epoch + 1, "iteration": it + 1, "items": n, "loss": float(loss.detach()),
                                "lr": spec.optimizer.param_groups[0]["lr"],
                                **{k: float(v) for k, v in step.logs.items()}})
         return loss.detach(), n
+
+    def optimizer_step(self) -> None:
+        """The step after the backward: the gradient clipped to ``spec.clip_grad_norm`` (unscaled first under AMP),
+        the optimizer's step through the grad scaler, the per-iteration scheduler."""
+        spec = self.spec
+        if spec.clip_grad_norm:
+            self.scaler.unscale_(spec.optimizer)
+            params = [p for g in spec.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, spec.clip_grad_norm)
+        self.scaler.step(spec.optimizer)
+        self.scaler.update()
+        if spec.scheduler is not None and spec.scheduler_interval == "iteration":
+            spec.scheduler.step()
 
     def accumulated_iteration(self, parts: Sequence[tuple[object, int]], epoch: int, it: int,
                               total: int) -> tuple[torch.Tensor, int]:
@@ -301,10 +313,7 @@ class _Loop:
             for k, v in step.logs.items():
                 w = 1.0 if not v.is_floating_point() else step.n / n  # counts add up; means by the piece's share
                 logs[k] = logs.get(k, 0.0) + v.detach().double() * w
-        self.scaler.step(spec.optimizer)
-        self.scaler.update()
-        if spec.scheduler is not None and spec.scheduler_interval == "iteration":
-            spec.scheduler.step()
+        self.optimizer_step()
         loss = (loss_sum / n).float()
         if self.on_iteration is not None:
             self.on_iteration({"epoch": epoch + 1, "iteration": it + 1, "items": n, "loss": float(loss),
