@@ -15,3 +15,4 @@ from .pseudo import FusePseudoBoxes  # noqa: F401
 from .mil import MILBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401
+from .detect import Detect  # noqa: F401
