@@ -1,4 +1,5 @@
-"""Stage 6: Fast R-CNN on external (selective-search) proposals, built from torchvision's detection parts.
+"""Stage 6: Fast R-CNN on external (selective-search) proposals, built from torchvision's detection parts, and
+(``arch="faster_rcnn"``, :class:`FasterRCNN`) the same detector with torchvision's ``RegionProposalNetwork``.
 
 The model (:class:`FastRCNN`) is a torchvision ``GeneralizedRCNN`` whose ``rpn`` is :class:`ExternalProposals`:
 it takes the image's precomputed proposals (original-image coordinates) and scales them with the images.

@@ -75,6 +75,10 @@ def summary_markdown(table: pd.DataFrame, metrics: dict) -> str:
              f"({metrics['test']['model_fps']:.2f} model only) on {metrics['test']['device']}; training: "
              f"{tr.get('seconds_training', float('nan')):.0f} s, {tr.get('s_per_iter', float('nan')):.3f} s/iteration",
              "", "| class | AP | AP all-point | GT | detections | CorLoc |", "|---|---:|---:|---:|---:|---:|"]
+    if "train_images" in metrics:
+        t = metrics["train_images"]
+        lines[4:4] = [f"on its {t['test_images']} training images: mAP {pct(t['mAP'])} (11-point), "
+                      f"{pct(t['mAP_all_point'])} (all-point)", ""]
     cl = metrics.get("corloc_per_class", {})
     for r in table.itertuples(index=False):
         lines.append(f"| {r[0]} | {pct(r.ap)} | {pct(r.ap_all_point)} | {r.n_gt} | {r.n_det} | "
