@@ -234,3 +234,32 @@ def test_detect_on_a_folder_writes_coco_voc_and_html(outputs, tmp_path):
     r2 = json.loads((by_path.stage_dir / "report.json").read_text())
     assert r2["arch"] == "fast_rcnn" and r2["proposal_seconds"] > 0 and r2["images"] == 3
     assert r2["model"] == str((tmp_path / "fast" / "model.pth").resolve())
+
+
+@pytest.mark.slow
+def test_evaluate_on_held_out_images_with_a_faster_rcnn(outputs, tmp_path):
+    """EvaluateVOC07 --eval-holdout 3 --det-arch faster_rcnn --eval-train-map on 10 synthetic trainval images: the
+    ground-truth detector trains on the other 7, is scored on the 3 (and on its own 7), no selective search runs."""
+    import luigi
+
+    from pipeline.dataset import Manifest
+    from tasks.detector import EvaluateVOC07
+
+    task = EvaluateVOC07(data_root=str(tmp_path / "data"), synth_trainval=10, synth_test=2, synth_image_px=160,
+                         eval_holdout=3, det_arch="faster_rcnn", det_box_source="gt", det_weights="random",
+                         det_epochs=1, det_max_iters=2, det_image_min_px=128, det_image_max_px=192,
+                         eval_train_map=True, device="cpu")
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    assert not (outputs / "SelectiveSearch").exists()
+    manifest = Manifest.load(task.find_upstream("PrepareDataset").stage_dir)
+    held = set(manifest.split("holdout").image_id)
+    assert len(held) == 3 and not held & set(manifest.clicks.image_id)
+    trained = set(pd.read_csv(task.requires()["detector"].stage_dir / "train_boxes.csv", dtype={"image_id": str})
+                  .image_id)
+    assert trained and not trained & held and trained <= set(manifest.split("trainval").image_id)
+    m = json.loads((task.stage_dir / "metrics.json").read_text())
+    assert m["split"] == "holdout" and m["test_images"] == 3 and 0 <= m["mAP"] <= 1
+    assert m["train_images"]["test_images"] == len(trained) and 0 <= m["train_images"]["mAP"] <= 1
+    assert "training images" in (task.stage_dir / "summary.md").read_text()
+    dets = pd.read_csv(task.stage_dir / "detections_test.csv", dtype={"image_id": str})
+    assert set(dets.image_id) <= held
