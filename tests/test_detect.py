@@ -263,3 +263,44 @@ def test_evaluate_on_held_out_images_with_a_faster_rcnn(outputs, tmp_path):
     assert "training images" in (task.stage_dir / "summary.md").read_text()
     dets = pd.read_csv(task.stage_dir / "detections_test.csv", dtype={"image_id": str})
     assert set(dets.image_id) <= held
+
+
+@pytest.mark.slow
+def test_detect_on_the_real_test_images(outputs, tmp_path, sample_root):
+    """``Detect`` on a folder holding voc07-sample's 18 real test images (links), with a faster_rcnn checkpoint of
+    VOC's 20 classes (random weights, one training step on two real images: the files' contract, not quality): one
+    XML per image, COCO results that faster-coco-eval scores against the images' VOC ground truth."""
+    import luigi
+
+    from pipeline.export import to_coco
+    from pipeline.voc import VOC_CLASSES, load_voc
+    from tasks.detect import Detect
+
+    voc = sample_root / "VOC2007"
+    images, objects = load_voc(voc, ("trainval", "test"), VOC_CLASSES)
+    test = images[images.split == "test"]
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    for r in test.itertuples():
+        (folder / f"{r.image_id}.jpg").symlink_to(r.path)
+    train = images[images.split == "trainval"].head(2)
+    boxes = objects[objects.image_id.isin(set(train.image_id))]
+    model = build_detector(VOC_CLASSES, small_cfg(arch="faster_rcnn", epochs=1))
+    train_detector(model, DetectionDataset(train, None, VOC_CLASSES, boxes), tmp_path / "m" / "model.pth",
+                   max_iters_per_epoch=1, progress=False)
+    task = Detect(detect_images=str(folder), detect_model=str(tmp_path / "m" / "model.pth"), detect_score_min=0.0,
+                  detect_report_images=3, device="cpu")
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    out = task.stage_dir
+    assert sorted(p.stem for p in (out / "Annotations").glob("*.xml")) == sorted(test.image_id)
+    images_file = json.loads((out / "coco_images.json").read_text())
+    id_of = {i["image_key"]: i["id"] for i in images_file["images"]}
+    assert set(id_of) == set(test.image_id) and len(json.loads((out / "coco_results.json").read_text())) > 0
+    gt_images = pd.DataFrame(sorted(({"image_id": i["image_key"], "width": i["width"], "height": i["height"]}
+                                     for i in images_file["images"]), key=lambda d: id_of[d["image_id"]]))
+    gt = to_coco(objects[objects.image_id.isin(set(test.image_id))], gt_images, VOC_CLASSES)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    stats = _coco_eval(out / "coco_images.json", out / "coco_results.json", tmp_path / "gt.json")
+    assert len(stats) >= 12 and 0.0 <= stats[1] <= 1.0  # AP at IoU 0.5 of an untrained detector: low, but scored
+    page = (out / "index.html").read_text()
+    assert all(i in page for i in test.image_id)
