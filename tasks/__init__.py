@@ -3,6 +3,7 @@
     PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
     PrepareDataset -> SelectiveSearch + TrainClassifier -> MILBoxes -> PseudoLabels (--box-method mil)
+    TrainFastRCNN (or --detect-model) -> Detect (a folder of new images)
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
 """

@@ -161,7 +161,8 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
 @inherits(TrainFastRCNN)
 class EvaluateVOC07(StageTask):
-    """Detections on the test split scored by the VOC2007 rules, and the detector's CorLoc on trainval.
+    """Detections on the test split (``--eval-split``; with ``--eval-holdout N`` the N held-out trainval images)
+    scored by the VOC2007 rules, and the detector's CorLoc on trainval.
 
     Output: ``metrics.json`` (mAP, per-class AP, CorLoc, fps, training time), ``ap_per_class.csv``,
     ``pr_curves.png``, ``detections_test.csv``, ``results/comp4_det_test_<class>.txt`` (devkit format),
