@@ -18,11 +18,14 @@ GT ?=
 ARGS ?=
 DATA_ARGS := $(if $(IMAGES),--images $(IMAGES)) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) \
              $(if $(CLICKS),--clicks $(CLICKS)) $(if $(GT),--gt $(GT))
+# make detect IMAGES=<folder> [MODEL=<TrainFastRCNN output dir or model.pth>]: IMAGES is the folder to detect on
+MODEL ?=
+CHAIN_ARGS := $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CLICKS),--clicks $(CLICKS)) $(if $(GT),--gt $(GT))
 TARGET ?= PseudoLabels
 STAGE ?=
 
-.PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector clean clean-outputs
+.PHONY: help install test test-fast pseudo-labels evaluate compare detect rerun bench bench-proposals \
+        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector bench-detector-holdout clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -31,6 +34,9 @@ help: ## list the targets
 	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
 	@echo "  Detector:  make evaluate ARGS='--det-box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
 	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
+	@echo "             ARGS='--det-arch faster_rcnn' (RPN, no selective search); ARGS='--eval-holdout 250' (held-out trainval)"
+	@echo "  Detect:    make detect IMAGES=<folder> [MODEL=...]: without MODEL the detector of make evaluate with the"
+	@echo "             same VOC_ROOT/CLICKS/ARGS (trained first when missing)"
 
 install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)
 
@@ -59,6 +65,11 @@ compare: install ## detectors on SA-CAM / Grad-CAM / image-label pseudo labels a
 	$(LUIGI) CompareDetectors $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show CompareDetectors $(DATA_ARGS) $(ARGS)
 
+detect: install ## a trained detector on a folder: make detect IMAGES=<dir> [MODEL=<dir|model.pth>] (COCO, VOC XML, HTML)
+	@test -n "$(IMAGES)" || (echo "usage: make detect IMAGES=<folder> [MODEL=<TrainFastRCNN dir or model.pth>] [ARGS=..]"; exit 2)
+	$(LUIGI) Detect --detect-images $(IMAGES) $(if $(MODEL),--detect-model $(MODEL)) $(CHAIN_ARGS) $(ARGS)
+	$(PY) -m tasks.cli show Detect --detect-images $(IMAGES) $(if $(MODEL),--detect-model $(MODEL)) $(CHAIN_ARGS) $(ARGS)
+
 rerun: install ## rerun one stage and what depends on it: make rerun STAGE=SelectProposals [TARGET=PseudoLabels]
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
@@ -85,6 +96,9 @@ bench-kill-resume: install ## SIGKILL the pipeline inside every stage (several s
 
 bench-detector: install ## Fast R-CNN training s/iteration and test fps
 	$(PY) bench/detector_speed.py
+
+bench-detector-holdout: install ## fast/faster R-CNN on pseudo vs GT boxes, scored on 250 held-out voc07-sample images (long)
+	$(PY) bench/detector_holdout.py
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

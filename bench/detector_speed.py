@@ -1,7 +1,7 @@
-"""Fast R-CNN speed on the CPU (or GPU): seconds per training iteration and test images/s.
+"""Fast / Faster R-CNN speed on the CPU (or GPU): seconds per training iteration and test images/s.
 
-    .venv/bin/python bench/detector_speed.py [--preset cpu] [--backbone efficientnet_lite0] [--images 8]
-                                             [--iters 10] [--threads 2] [--device auto]
+    .venv/bin/python bench/detector_speed.py [--arch fast_rcnn] [--preset cpu] [--backbone efficientnet_lite0]
+                                             [--images 8] [--iters 10] [--threads 2] [--device auto]
 
 Uses the first ``--images`` trainval images of ../shared/data/voc07-sample (real VOC images, ~500x375) with their
 ground-truth boxes and selective-search proposals computed here (fast mode, longest side 500, as the
@@ -9,7 +9,8 @@ SelectiveSearch stage does), ImageNet weights, and the preset's training recipe 
 flips). Training time per iteration includes image reading and the optimizer step (``train_detector``'s own
 per-epoch timing); test time is reported with image reading (``fps``) and for the forward passes only
 (``model_fps``), and for EvaluateVOC07's CorLoc pass (top box of every class, no score threshold:
-``corloc_fps``). Prints a table and writes ``outputs/bench/detector_speed.json``.
+``corloc_fps``), and, for a fast_rcnn, with the selective search of each image included (``fps_with_proposals``;
+a faster_rcnn needs none, so there it is ``fps``). Prints a table and writes ``outputs/bench/detector_speed.json``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from pipeline.voc import VOC_CLASSES, load_voc  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="fast_rcnn", choices=["fast_rcnn", "faster_rcnn"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--backbone", default=None, help="override the preset's backbone")
     ap.add_argument("--weights", default="imagenet")
@@ -59,8 +61,12 @@ def main(argv=None) -> int:
     proposals = {r.image_id: selective_search(read_image(r.path)) for r in images.itertuples()}
     ss_s = time.perf_counter() - t0
     n_props = float(np.mean([len(p) for p in proposals.values()]))
+    ss_per_image = ss_s / len(images)
 
-    over = {"weights": args.weights, "epochs": 1, "warmup_iters": 0}
+    over = {"weights": args.weights, "epochs": 1, "warmup_iters": 0, "arch": args.arch}
+    if args.arch == "faster_rcnn":
+        over["bg_iou_lo"] = 0.0  # as TrainFastRCNN sets it
+        proposals = None
     if args.backbone:
         over["backbone"] = args.backbone
     cfg = preset(args.preset, **over)
@@ -81,17 +87,20 @@ def main(argv=None) -> int:
     _, top_stats = detect(model, DetectionDataset(images, proposals, VOC_CLASSES), device, progress=False,
                           top_per_class=True)
     cfg = model.config
-    result = {"backbone": cfg.backbone, "preset": args.preset, "min_size": cfg.min_size, "max_size": cfg.max_size,
+    with_props = stats["fps"] if proposals is None else 1.0 / (ss_per_image + 1.0 / stats["fps"])
+    result = {"arch": cfg.arch, "backbone": cfg.backbone, "preset": args.preset, "min_size": cfg.min_size, "max_size": cfg.max_size,
               "device": str(device), "threads": args.threads, "images": len(images),
-              "proposals_per_image": n_props, "selective_search_s_per_image": ss_s / len(images),
+              "proposals_per_image": n_props if proposals is not None else cfg.rpn_post_nms_test,
+              "selective_search_s_per_image": ss_per_image if proposals is not None else 0.0,
               "train_iterations": int(log.iterations.iloc[0]), "train_s_per_iter": s_iter,
               "train_loss": float(log.loss.iloc[0]), "test_fps": stats["fps"], "test_model_fps": stats["model_fps"],
-              "corloc_fps": top_stats["fps"]}
-    print(f"{'backbone':<20}{'scale':>10}{'device':>8}{'threads':>8}{'props/img':>10}{'s/iter':>9}"
-          f"{'test img/s':>11}{'model img/s':>12}{'CorLoc img/s':>13}")
-    print(f"{cfg.backbone:<20}{f'{cfg.min_size}/{cfg.max_size}':>10}{str(device):>8}{args.threads:>8}"
-          f"{n_props:>10.0f}{s_iter:>9.3f}{stats['fps']:>11.2f}{stats['model_fps']:>12.2f}{top_stats['fps']:>13.2f}")
-    out = REPO / "outputs" / "bench" / "detector_speed.json"
+              "corloc_fps": top_stats["fps"], "fps_with_proposals": with_props}
+    print(f"{'arch':<12}{'backbone':<20}{'scale':>10}{'device':>8}{'threads':>8}{'props/img':>10}{'s/iter':>9}"
+          f"{'test img/s':>11}{'+proposals':>11}{'model img/s':>12}{'CorLoc img/s':>13}")
+    print(f"{cfg.arch:<12}{cfg.backbone:<20}{f'{cfg.min_size}/{cfg.max_size}':>10}{str(device):>8}{args.threads:>8}"
+          f"{result['proposals_per_image']:>10.0f}{s_iter:>9.3f}{stats['fps']:>11.2f}{with_props:>11.2f}"
+          f"{stats['model_fps']:>12.2f}{top_stats['fps']:>13.2f}")
+    out = REPO / "outputs" / "bench" / f"detector_speed{'' if args.arch == 'fast_rcnn' else '_' + args.arch}.json"
     write_json(out, result)
     print(f"written {out}")
     return 0

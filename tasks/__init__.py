@@ -3,6 +3,7 @@
     PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
     PrepareDataset -> SelectiveSearch + TrainClassifier -> MILBoxes -> PseudoLabels (--box-method mil)
+    TrainFastRCNN (or --detect-model) -> Detect (a folder of new images)
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
 """
@@ -15,3 +16,4 @@ from .pseudo import FusePseudoBoxes  # noqa: F401
 from .mil import MILBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401
+from .detect import Detect  # noqa: F401

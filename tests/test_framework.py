@@ -43,7 +43,7 @@ def test_every_stage_hashes_only_its_own_params():
 
     stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
               tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
-              MILBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors]
+              MILBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors, tasks.Detect]
     owners: dict[str, list[str]] = {}
     for cls in stages:
         for name in cls.own_param_names():
@@ -55,10 +55,24 @@ def test_every_stage_hashes_only_its_own_params():
                           {"FusePseudoBoxes", "MILBoxes"})
                for k, v in shared.items() if k not in ("seed", "device")), shared
     assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
-    assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch"}
+    assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch", "eval_train_map"}
+    assert "eval_holdout" in tasks.PrepareDataset.own_param_names()  # a dataset parameter: it changes the splits
     # FusePseudoBoxes sets each GenerateCAMs' single cam_layer from its own list, so cam_layer is not its parameter
     assert "cam_layer" in tasks.GenerateCAMs.get_param_names()
     assert "cam_layer" not in tasks.PseudoLabels.get_param_names()
+
+
+def test_parameters_added_later_are_hashed_only_when_set():
+    """``hashed_when_set``: a stage's outputs from before such a parameter existed keep their directory (its
+    default is not hashed); any other value is."""
+    import tasks
+
+    for cls, name, value in ((tasks.PrepareDataset, "eval_holdout", 5), (tasks.TrainFastRCNN, "det_arch", "faster_rcnn"),
+                             (tasks.EvaluateVOC07, "eval_train_map", True)):
+        assert name in cls.hashed_when_set and name in cls.own_param_names()
+        assert name not in cls().significant_params()
+        assert name in cls(**{name: value}).significant_params()
+        assert cls(**{name: value}).stage_dir != cls().stage_dir
 
 
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
