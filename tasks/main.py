@@ -13,13 +13,16 @@ from pipeline.io import read_json, write_json, write_text
 
 from .base import StageTask, inherits
 from .mil import MILBoxes
+from .proposal_free import ProposalFreeBoxes
 from .pseudo import FusePseudoBoxes
 
 #: the pseudo-box stage of each ``--box-method``
 BOX_STAGES = {"cam": FusePseudoBoxes, "mil": MILBoxes}
+#: ``--proposals``: selective_search (the chain above) or none (whole-image CAMs, tasks/proposal_free.py)
+PROPOSALS = ("selective_search", "none")
 
 
-@inherits(FusePseudoBoxes, MILBoxes)
+@inherits(FusePseudoBoxes, MILBoxes, ProposalFreeBoxes)
 class PseudoLabels(StageTask):
     """Stages 1-5 (dataset -> proposals -> selection -> classifier -> CAMs -> pseudo boxes; or, with
     ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes); writes ``summary.md`` /
@@ -30,7 +33,26 @@ class PseudoLabels(StageTask):
                                        description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
                                                    "click-supervised MIL (MILBoxes, paper 001)")
 
+    proposals = luigi.ChoiceParameter(choices=list(PROPOSALS), default="selective_search",
+                                      description="none: no selective search and no stage 2; each click's box from "
+                                                  "the whole-image map of its class (ProposalFreeBoxes, "
+                                                  "--cam-network), with --box-method cam")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proposals == "none" and self.box_method != "cam":
+            raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
+
+    def significant_params(self) -> dict:
+        """As every stage's, less ``proposals`` at its default, so the earlier outputs keep their directories."""
+        params = super().significant_params()
+        if params.get("proposals") == "selective_search":
+            del params["proposals"]
+        return params
+
     def requires(self):
+        if self.proposals == "none":
+            return self.clone(ProposalFreeBoxes)
         return self.clone(BOX_STAGES[self.box_method])
 
     def run_stage(self, work: Path) -> None:
