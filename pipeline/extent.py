@@ -153,7 +153,7 @@ def extent_boxes(cam: np.ndarray, layers: Sequence[tuple[int, int, int]], input_
         cx = int(np.clip((x0[0] + x1[0] + 1) / 2, 0, w - 1))
         i = region[cy, cx] - 1
         if i >= 0:
-            score[i] = max(score[i], peak_norm[lab - 1] / 255.0)
+            score[i] = max(score[i], min(1.0, peak_norm[lab - 1] / 255.0))
     sx, sy = image_wh[0] / w, image_wh[1] / h
     out = []
     for i, c in enumerate(contours):
