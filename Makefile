@@ -22,7 +22,8 @@ TARGET ?= PseudoLabels
 STAGE ?=
 
 .PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector clean clean-outputs
+        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector \
+        bench-proposal-free clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -63,7 +64,7 @@ rerun: install ## rerun one stage and what depends on it: make rerun STAGE=Selec
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
 
-bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality ## all benchmarks (each fails when its target is missed)
+bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality bench-proposal-free ## all benchmarks (each fails when its target is missed)
 
 bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
 	$(PY) bench/proposals.py
@@ -85,6 +86,9 @@ bench-kill-resume: install ## SIGKILL the pipeline inside every stage (several s
 
 bench-detector: install ## Fast R-CNN training s/iteration and test fps
 	$(PY) bench/detector_speed.py
+
+bench-proposal-free: install ## --proposals none vs the default chain from scratch per stage; single-pass CAM images/s
+	$(PY) bench/proposal_free.py
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -34,12 +34,16 @@ from pipeline.proposals import ProposalStore
 from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
 from .proposals import SelectiveSearch
+from .proposal_free import ImageExtentBoxes
 from .pseudo import FusePseudoBoxes
 
 log = logging.getLogger("clickscale")
 
+#: the det_box_source values that train on a pseudo-box stage's pseudo_labels.csv, and that stage
+PSEUDO_STAGES = {"pseudo": FusePseudoBoxes, "image_extent": ImageExtentBoxes}
 
-@inherits(FusePseudoBoxes)
+
+@inherits(FusePseudoBoxes, ImageExtentBoxes)
 class TrainFastRCNN(TrainingSeed, StageTask):
     """Fast R-CNN trained on ``det_box_source`` boxes of the trainval images with the selective-search proposals.
 
@@ -49,10 +53,11 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
 
-    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES), default="pseudo",
+    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES) + ["image_extent"], default="pseudo",
                                            description="pseudo: FusePseudoBoxes' pseudo_labels.csv; gt: ground "
                                                        "truth (upper bound); voc_dir / coco: external labels at "
-                                                       "--det-box-path")
+                                                       "--det-box-path; image_extent: ImageExtentBoxes' (image "
+                                                       "labels only, seeds 003 / 004: --cam-network gmp | spam)")
     det_box_path = luigi.Parameter(default="", description="VOC Annotations/ folder or COCO JSON (voc_dir / coco)")
     det_preset = luigi.ChoiceParameter(choices=["auto"] + list(PRESETS), default="auto",
                                        description="paper: VGG16, 600 px, 20 epochs; cpu: efficientnet_lite0, "
@@ -83,8 +88,8 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
     def requires(self):
         reqs = {"proposals": self.clone(SelectiveSearch)}
-        if self.det_box_source == "pseudo":
-            reqs["pseudo"] = self.clone(FusePseudoBoxes)
+        if self.det_box_source in PSEUDO_STAGES:
+            reqs["pseudo"] = self.clone(PSEUDO_STAGES[self.det_box_source])
         else:
             reqs["dataset"] = self.clone(PrepareDataset)
             if self.det_box_source in ("voc_dir", "coco") and not self.det_box_path:
@@ -108,7 +113,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         kw = dict(image_ids=list(trainval.image_id), classes=manifest.classes, images=trainval)
-        if self.det_box_source == "pseudo":
+        if self.det_box_source in PSEUDO_STAGES:
             return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", **kw)
         if self.det_box_source == "gt":
             return load_training_boxes("gt", objects=manifest.objects, **kw)
@@ -212,14 +217,16 @@ COMPARE_VARIANTS: dict[str, dict] = {
     "pseudo_sacam": {"det_box_source": "pseudo", "cam_method": "sacam"},
     "pseudo_gradcam": {"det_box_source": "pseudo", "cam_method": "gradcam"},
     "pseudo_image_labels": {"det_box_source": "pseudo", "classifier_mode": "image_labels"},
+    "pseudo_gmp": {"det_box_source": "image_extent", "cam_network": "gmp"},
+    "pseudo_spam": {"det_box_source": "image_extent", "cam_network": "spam"},
     "ground_truth": {"det_box_source": "gt"},
 }
 
 
 @inherits(EvaluateVOC07)
 class CompareDetectors(StageTask):
-    """Detectors trained on SA-CAM / Grad-CAM / image-label-only pseudo labels and on ground truth, evaluated
-    alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
+    """Detectors trained on SA-CAM / Grad-CAM / image-label-only (full-image CAM; GMP and SPAM networks with seed
+    003's boxes) pseudo labels and on ground truth, evaluated alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
 
     compare_variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
 

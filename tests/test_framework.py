@@ -43,17 +43,18 @@ def test_every_stage_hashes_only_its_own_params():
 
     stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
               tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
-              MILBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors]
+              MILBoxes, tasks.ProposalFreeBoxes, tasks.ImageExtentBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN,
+              tasks.EvaluateVOC07, CompareDetectors]
     owners: dict[str, list[str]] = {}
     for cls in stages:
         for name in cls.own_param_names():
             owners.setdefault(name, []).append(cls.task_family)
-    # each parameter has one owning stage, but for a shard and its merge, the two pseudo-box stages' export
-    # settings, and the seed of the two trainings
+    # each parameter has one owning stage, but for a shard and its merge, the pseudo-box stages' shared box and
+    # export settings (the same parameter objects), and the seed of the two trainings
     shared = {k: v for k, v in owners.items() if len(v) > 1}
-    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"},
-                          {"FusePseudoBoxes", "MILBoxes"})
-               for k, v in shared.items() if k not in ("seed", "device")), shared
+    box_stages = {"FusePseudoBoxes", "MILBoxes", "ProposalFreeBoxes", "ImageExtentBoxes"}
+    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"})
+               or set(v) <= box_stages for k, v in shared.items() if k not in ("seed", "device")), shared
     assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
     assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch"}
     # FusePseudoBoxes sets each GenerateCAMs' single cam_layer from its own list, so cam_layer is not its parameter
