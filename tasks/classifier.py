@@ -51,6 +51,7 @@ class TrainClassifier(TrainingSeed, StageTask):
     """
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
+    unhashed_values = {"classifier_image_pooling": "gap"}  # the network trained before the parameter existed
 
     classifier_mode = luigi.ChoiceParameter(choices=list(MODES), default="crops",
                                             description="crops: selected proposals labelled with their click's "
@@ -96,14 +97,6 @@ class TrainClassifier(TrainingSeed, StageTask):
         if self.classifier_image_pooling != "gap" and self.classifier_mode != "image_labels":
             raise ValueError(f"--classifier-image-pooling {self.classifier_image_pooling} needs "
                              "--classifier-mode image_labels (the crop classifier keeps its GAP head)")
-
-    def significant_params(self) -> dict:
-        """As every stage's, less ``classifier_image_pooling`` at ``gap`` (the network the stage trained before the
-        parameter existed), so the earlier outputs keep their directories."""
-        params = super().significant_params()
-        if params.get("classifier_image_pooling") == "gap":
-            del params["classifier_image_pooling"]
-        return params
 
     def requires(self):
         if self.classifier_mode == "image_labels":

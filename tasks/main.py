@@ -29,6 +29,8 @@ class PseudoLabels(StageTask):
     ``summary.json`` pointing at the labels, the exports and the HTML report. Its hash covers ``box_method`` and the
     box stage in use (tasks/base.py), so the other method's parameters do not move it."""
 
+    unhashed_values = {"proposals": "selective_search"}  # the chain before --proposals existed
+
     box_method = luigi.ChoiceParameter(choices=list(BOX_STAGES), default="cam",
                                        description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
                                                    "click-supervised MIL (MILBoxes, paper 001)")
@@ -42,13 +44,6 @@ class PseudoLabels(StageTask):
         super().__init__(*args, **kwargs)
         if self.proposals == "none" and self.box_method != "cam":
             raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
-
-    def significant_params(self) -> dict:
-        """As every stage's, less ``proposals`` at its default, so the earlier outputs keep their directories."""
-        params = super().significant_params()
-        if params.get("proposals") == "selective_search":
-            del params["proposals"]
-        return params
 
     def requires(self):
         if self.proposals == "none":
