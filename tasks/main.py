@@ -44,6 +44,11 @@ class PseudoLabels(StageTask):
         super().__init__(*args, **kwargs)
         if self.proposals == "none" and self.box_method != "cam":
             raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
+        unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""),
+                                                            ("box_area_prior", "off")) if getattr(self, k) != off]
+        if self.proposals == "none" and unused:
+            raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "
+                             f"{', '.join(unused)} belong to the crop CAM stages and do not apply")
 
     def requires(self):
         if self.proposals == "none":

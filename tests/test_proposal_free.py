@@ -84,6 +84,8 @@ def test_image_pooling_parameter_checks_and_hash(tmp_path):
         TrainClassifier(data_root=str(tmp_path / "data"), classifier_image_pooling="spam")
     with pytest.raises(ValueError, match="needs --box-method cam"):
         PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", box_method="mil")
+    with pytest.raises(ValueError, match="--cam-ensemble belong to the crop CAM stages"):
+        PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", cam_ensemble="efficientnet_lite1")
     default = PseudoLabels(data_root=str(tmp_path / "data"))
     assert "proposals" not in default.significant_params()
     assert PseudoLabels(data_root=str(tmp_path / "data"), proposals="none").requires().task_family == \
