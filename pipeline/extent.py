@@ -84,6 +84,14 @@ def field_size(layers: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
     return int(x1[0] - x0[0] + 1), int(np.prod([s for _, s, _ in layers])) if layers else 1
 
 
+def grid(layers: Sequence[tuple[int, int, int]]) -> tuple[int, float]:
+    """``(stride, c0)``: feature position ``x``'s receptive field is centred on the continuous input coordinate
+    ``x * stride + c0`` (e.g. ``c0 = 0.5`` for convolutions padded by ``k // 2``: the grid is anchored at the first
+    pixel, not at the middle of a stride cell)."""
+    x0, x1 = receptive_field(np.zeros(1), layers)
+    return int(np.prod([s for _, s, _ in layers])) if layers else 1, float(x0[0] + x1[0] + 1) / 2
+
+
 def auto_ratio(layers: Sequence[tuple[int, int, int]]) -> float:
     """The ratio ``r`` that shrinks a receptive field to one stride cell: ``1 - stride / width`` (0 when the field
     is not wider than the stride)."""
@@ -127,6 +135,7 @@ def extent_boxes(cam: np.ndarray, layers: Sequence[tuple[int, int, int]], input_
                  floor: float = 0.0) -> list[ExtentBox]:
     """Boxes of one class from its feature-resolution map ``cam`` (steps 1-5 of the module docstring), best score
     first; ``threshold`` on the 0..255 scale; ``input_hw`` the network input's size, ``image_wh`` the image's."""
+    cam = np.asarray(cam, dtype=np.float32)
     norm, status = normalize_map(cam)
     if norm is None:
         return []
@@ -146,8 +155,7 @@ def extent_boxes(cam: np.ndarray, layers: Sequence[tuple[int, int, int]], input_
         cv2.drawContours(region, [c], -1, i + 1, thickness=cv2.FILLED)
     score = np.zeros(len(contours), np.float64)
     h, w = input_hw
-    for lab in keep:
-        pr, pc = np.argwhere((labels == lab) & (cam == peaks[lab - 1]))[0]
+    for lab, (pr, pc) in zip(keep, ndimage.maximum_position(cam, labels, keep)):
         (y0, y1), (x0, x1) = (receptive_field(np.array([v]), layers) for v in (pr, pc))
         cy = int(np.clip((y0[0] + y1[0] + 1) / 2, 0, h - 1))
         cx = int(np.clip((x0[0] + x1[0] + 1) / 2, 0, w - 1))

@@ -4,7 +4,7 @@
   the boxes of :func:`pipeline.extent.extent_boxes` on the class's map (peaks, mountains, back-projection,
   contours); no box -> the whole image, flagged as a fallback (as :func:`pipeline.boxes.box_from_image_cam`'s).
 - :func:`click_maps` + :func:`pipeline.boxes.pseudo_boxes_and_candidates`: the proposal-free click mode (``--proposals
-  none``): each click takes the whole-image map of its class, upsampled to the image (bilinear), and stage 5's own
+  none``): each click takes the whole-image map of its class, on the image (:func:`upsample_map`), and stage 5's own
   steps (the partition against the image's other clicks, the threshold, the region holding the click, the
   symmetric box); a click without a box falls back to the whole image (:func:`whole_image_fallbacks`), there being no
   proposal to fall back to.
@@ -21,21 +21,30 @@ import numpy as np
 import pandas as pd
 
 from .boxes import PSEUDO_COLUMNS, cam_threshold
-from .extent import extent_boxes
+from .extent import extent_boxes, grid
 from .pooling import conv_layers, feature_body, whole_image_maps
 
 
-def upsample_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A feature-resolution map resized to the ``width x height`` image (bilinear, pixel centres aligned: the
-    input square covers the whole image)."""
-    return cv2.resize(np.asarray(cam, np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+def upsample_map(cam: np.ndarray, width: int, height: int, layers: Sequence[tuple[int, int, int]],
+                 input_px: int) -> np.ndarray:
+    """A feature-resolution map on the ``width x height`` image: each map value placed at its position's receptive
+    field centre (:func:`pipeline.extent.grid`; the ``input_px`` square covers the whole image), bilinear between
+    them, the edge values beyond (``cv2.remap``). (Resizing the map as an image would put a value at the middle of
+    its stride cell instead: half a cell off for convolutions padded by ``k // 2``.)"""
+    stride, c0 = grid(layers)
+    fx = (((np.arange(width) + 0.5) * input_px / width - c0) / stride).astype(np.float32)
+    fy = (((np.arange(height) + 0.5) * input_px / height - c0) / stride).astype(np.float32)
+    mx, my = np.meshgrid(fx, fy)
+    return cv2.remap(np.asarray(cam, np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 class LowResMaps:
     """Each image's feature-resolution maps (``C x h x w``, all classes), kept after the one pass: small, so the
     image-sized map of a click is made when asked (:meth:`click_map`, also the report's ``load_map``)."""
 
-    def __init__(self, clicks: pd.DataFrame, images: pd.DataFrame, classes: Sequence[str]):
+    def __init__(self, clicks: pd.DataFrame, images: pd.DataFrame, classes: Sequence[str],
+                 layers: Sequence[tuple[int, int, int]], input_px: int):
+        self.layers, self.input_px = list(layers), int(input_px)
         self.maps: dict[str, np.ndarray] = {}
         self.scores: dict[str, np.ndarray] = {}
         self.cindex = {c: i for i, c in enumerate(classes)}
@@ -51,7 +60,7 @@ class LowResMaps:
         if maps is None:
             return None
         w, h = self.sizes[r.image_id]
-        return upsample_map(maps[self.cindex[r["class"]]], w, h)
+        return upsample_map(maps[self.cindex[r["class"]]], w, h, self.layers, self.input_px)
 
 
 def click_maps(net, images: pd.DataFrame, clicks: pd.DataFrame, classes: Sequence[str], *, input_px: int | None = None,
@@ -59,8 +68,11 @@ def click_maps(net, images: pd.DataFrame, clicks: pd.DataFrame, classes: Sequenc
                ) -> Iterator[tuple[int, np.ndarray, dict]]:
     """``(click_id, image-sized map of the click's class, meta)`` for every click, image by image (the items
     :func:`pipeline.boxes.pseudo_boxes_and_candidates` takes), from one forward pass per image of ``images`` that
-    has clicks. ``store`` keeps the feature-resolution maps (:class:`LowResMaps`)."""
-    store = store if store is not None else LowResMaps(clicks, images, classes)
+    has clicks (:func:`upsample_map`). ``store`` keeps the feature-resolution maps (:class:`LowResMaps`; made here
+    when None)."""
+    input_px = int(input_px or net.input_size)
+    if store is None:
+        store = LowResMaps(clicks, images, classes, conv_layers(feature_body(net)), input_px)
     by_image = {str(k): g for k, g in clicks.groupby(clicks["image_id"].astype(str), sort=False)}
     todo = images[images["image_id"].astype(str).isin(set(by_image))]
     for image_id, scores, maps in whole_image_maps(net, todo, input_px=input_px, device=device, progress=progress):

@@ -23,6 +23,7 @@ from pipeline.boxes import classes_per_image, pseudo_boxes_and_candidates
 from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
 from pipeline.export import export_pseudo_labels
+from pipeline.pooling import conv_layers, feature_body
 from pipeline.proposal_free import LowResMaps, click_maps, image_label_boxes, whole_image_fallbacks
 
 from .base import StageTask, inherits
@@ -96,9 +97,11 @@ class ProposalFreeBoxes(_WholeImageCams):
         params = FusePseudoBoxes.box_params(self)
         manifest = self.manifest()
         clicks, trainval = manifest.clicks, manifest.split("trainval")
-        store = LowResMaps(clicks, trainval, manifest.classes)
-        items = click_maps(self.network(), trainval, clicks, manifest.classes, input_px=self.cam_image_px or None,
-                           device=resolve_device(self.device), store=store)
+        net = self.network()
+        px = self.cam_image_px or net.input_size
+        store = LowResMaps(clicks, trainval, manifest.classes, conv_layers(feature_body(net)), px)
+        items = click_maps(net, trainval, clicks, manifest.classes, input_px=px, device=resolve_device(self.device),
+                           store=store)
         boxes, _ = pseudo_boxes_and_candidates(
             tqdm(items, total=len(clicks), desc="pseudo boxes", leave=False), whole_image_fallbacks(clicks, trainval),
             classes_per_image(clicks), params,

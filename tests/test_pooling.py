@@ -156,3 +156,23 @@ def test_two_layer_receptive_field_by_hand():
     # conv 3x3 s1 p1, then conv 3x3 s2 p1: position x of the second covers 2x - 1 - 1 .. 2x - 1 + 2 + 1
     x0, x1 = receptive_field(np.array([0, 3]), [(3, 1, 1), (3, 2, 1)])
     assert x0.tolist() == [-2, 4] and x1.tolist() == [2, 8]
+
+
+def test_upsampled_map_puts_each_value_at_its_receptive_field_centre():
+    """Two 3x3 stride-2 convolutions padded by 1: position x is centred on input pixel 4x (continuous 4x + 0.5), so
+    on a 16 px image squashed from a 16 px input, the map's value at position (1, 2) lands on pixel (row 4, col 8),
+    and between two positions the image is the linear interpolation."""
+    from pipeline.extent import grid
+    from pipeline.proposal_free import upsample_map
+
+    layers = [(3, 2, 1), (3, 2, 1)]
+    assert grid(layers) == (4, 0.5)
+    cam = np.zeros((4, 4), np.float32)
+    cam[1, 2] = 1.0
+    up = upsample_map(cam, 16, 16, layers, 16)
+    assert up.shape == (16, 16) and up[4, 8] == pytest.approx(1.0)
+    assert up[4, 10] == pytest.approx(0.5) and up[6, 8] == pytest.approx(0.5)   # half-way to the next positions
+    assert np.unravel_index(up.argmax(), up.shape) == (4, 8)
+    # x stretched twice: the centre (input 8.5) falls between image pixels 16 and 17, each 1/16 position away
+    wide = upsample_map(cam, 32, 16, layers, 16)
+    assert wide[4, 16] == pytest.approx(15 / 16) and wide[4, 17] == pytest.approx(15 / 16)
