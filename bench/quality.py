@@ -238,8 +238,11 @@ def main(argv=None) -> int:
     extent_tasks = {n: ImageExtentBoxes(**image_kw, cam_network=n) for n in ("gap", "gmp", "spam")}
     free_tasks = {"spam": ProposalFreeBoxes(**image_kw, cam_network="spam"),
                   "crops": ProposalFreeBoxes(**common, cam_network="crops")}
+    # Algorithm 1's ratio r (the default: tasks/defaults.py), the SPAM network's boxes without clicks
+    ratio_tasks = {f"SPAM-CAM seed 003 boxes, box_extent_ratio={r:g}" + (" (one stride cell)" if r < 0 else ""):
+                   ImageExtentBoxes(**image_kw, cam_network="spam", box_extent_ratio=r) for r in (0.5, 0.7, 0.9, -1.0)}
     timed("seeds 003/004: GMP / SPAM networks, extent boxes, --proposals none",
-          [*extent_tasks.values(), *free_tasks.values()])
+          [*extent_tasks.values(), *free_tasks.values(), *ratio_tasks.values()])
     ensemble = args.ensemble
     if ensemble is None and not args.extended:
         ensemble = ""
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
                      for k, v in variants.items()}
     timed("symmetry / T_cam / partition" + (" / fusion / exclusion" if args.extended else "") + " variants",
           list(variant_tasks.values()))
-    ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in variant_tasks.items()])
+    ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in {**variant_tasks, **ratio_tasks}.items()])
 
     out = REPO / args.out
     write_csv(table, out / "quality.csv")
@@ -337,7 +340,8 @@ def main(argv=None) -> int:
                + ("crop-map fusion and the same-class exclusion of stages 2 and 5 " if args.extended
                   else "the same-class partition of stage 5 ")
                + "(SA-CAM + clicks, default layer; one setting changed at a time)"
-               + (", and T_cam for the ensemble:" if ensemble else ":"))
+               + (", T_cam for the ensemble" if ensemble else "")
+               + ", and Algorithm 1's r of the SPAM network's boxes without clicks (seed 003):")
     from tasks.main import PseudoLabels, stage_rows, stage_table
 
     md = "\n\n".join([header, markdown(table), caption,

@@ -16,7 +16,9 @@ For one class's map at the network's feature resolution (``h x w``, e.g. :func:`
    the input, ``x0 <- x0 * s - p``, ``x1 <- x1 * s - p + k - 1`` (``x1`` inclusive: the receptive field), and, with
    the ratio ``r``, each side moves in by ``r / 2`` of the field's width ``x1 + 1 - x0``. (The paper's printed line 10
    *adds* that amount to ``x1`` as well, which would shift the field instead of resizing it; read as a typo.)
-   ``r=None`` (:func:`auto_ratio`) shrinks each field to one stride cell about its centre, ``1 - stride / width``.
+   ``r=0`` (the default; the paper's "no ratio") keeps the whole field; ``r=None`` (:func:`auto_ratio`) shrinks
+   each field to one stride cell about its centre, ``1 - stride / width``. The paper tuned ``r`` on a validation
+   set and gives no value.
    The union of the fields (clipped to the input) is the back-projection image.
 5. **contours -> rectangles**: the outer contours of the back-projection (``cv2.findContours``) and the bounding
    rectangle of each (``cv2.boundingRect``), scaled from the network input to the image. A box's score is the
@@ -100,7 +102,7 @@ def auto_ratio(layers: Sequence[tuple[int, int, int]]) -> float:
 
 
 def backproject(pixels: np.ndarray, layers: Sequence[tuple[int, int, int]], input_hw: tuple[int, int],
-                ratio: float | None = None) -> np.ndarray:
+                ratio: float | None = 0.0) -> np.ndarray:
     """Algorithm 1: the ``uint8`` back-projection image (``input_hw``) of feature-map ``pixels`` (``(N, 2)`` rows,
     columns), 1 on every input pixel whose centre lies in a kept pixel's (ratio-corrected) receptive field."""
     if ratio is None:
@@ -131,7 +133,7 @@ def backproject(pixels: np.ndarray, layers: Sequence[tuple[int, int, int]], inpu
 
 
 def extent_boxes(cam: np.ndarray, layers: Sequence[tuple[int, int, int]], input_hw: tuple[int, int],
-                 image_wh: tuple[int, int], threshold: float, ratio: float | None = None,
+                 image_wh: tuple[int, int], threshold: float, ratio: float | None = 0.0,
                  floor: float = 0.0) -> list[ExtentBox]:
     """Boxes of one class from its feature-resolution map ``cam`` (steps 1-5 of the module docstring), best score
     first; ``threshold`` on the 0..255 scale; ``input_hw`` the network input's size, ``image_wh`` the image's."""

@@ -93,13 +93,13 @@ def whole_image_fallbacks(clicks: pd.DataFrame, images: pd.DataFrame) -> pd.Data
 
 def image_label_boxes(net, images: pd.DataFrame, labels: pd.DataFrame, classes: Sequence[str], *,
                       threshold_rule: str = "paper", threshold_value: float | None = None,
-                      ratio: float | None = None, input_px: int | None = None, device="cpu",
+                      ratio: float | None = 0.0, input_px: int | None = None, device="cpu",
                       progress: bool = True) -> pd.DataFrame:
     """Seed 003's boxes for every (image, labelled class) of ``labels`` (``image_id, class``), from one forward pass
     per image of ``images`` (``image_id, width, height, path``): :data:`pipeline.boxes.PSEUDO_COLUMNS` plus
     ``threshold``, ``click_id`` -1. The threshold on the 0..255 scale follows stage 5's rules
     (:func:`pipeline.boxes.cam_threshold`; the paper's counts the image's labelled classes); ``ratio``: Algorithm
-    1's ``r`` (None: :func:`pipeline.extent.auto_ratio`)."""
+    1's ``r`` (0: the whole receptive field; None: :func:`pipeline.extent.auto_ratio`)."""
     cindex = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels["class"]) - set(cindex))
     if unknown:

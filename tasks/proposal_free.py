@@ -28,6 +28,7 @@ from pipeline.proposal_free import LowResMaps, click_maps, image_label_boxes, wh
 
 from .base import StageTask, inherits
 from .classifier import TrainClassifier
+from .defaults import TUNED
 from .pseudo import FusePseudoBoxes
 
 log = logging.getLogger("clickscale")
@@ -117,9 +118,9 @@ class ImageExtentBoxes(_WholeImageCams):
 
     box_threshold_rule = FusePseudoBoxes.box_threshold_rule
     box_threshold = FusePseudoBoxes.box_threshold
-    box_extent_ratio = luigi.FloatParameter(default=-1.0, description="Algorithm 1's r: each receptive field "
-                                                                      "shrinks by r of its width (0: the whole "
-                                                                      "field); -1: to one stride cell")
+    box_extent_ratio = luigi.FloatParameter(default=TUNED.box_extent_ratio,
+                                            description="Algorithm 1's r: each receptive field shrinks by r of its "
+                                                        "width (0: the whole field); -1: to one stride cell")
 
     def run_stage(self, work: Path) -> None:
         manifest = self.manifest()

@@ -20,6 +20,7 @@ def test_proposals_none_and_image_extent_boxes_end_to_end(outputs, tmp_path):
     from pipeline.export import read_pseudo_labels
     from pipeline.io import read_json
     from pipeline.proposal_free import click_maps, image_label_boxes, whole_image_fallbacks
+    from tasks.defaults import TUNED
     from tasks.main import PseudoLabels
     from tasks.proposal_free import ImageExtentBoxes
 
@@ -59,7 +60,7 @@ def test_proposals_none_and_image_extent_boxes_end_to_end(outputs, tmp_path):
     gmp = load_classifier(extent.input_dir("classifier") / "model.pt", "cpu")
     assert gmp.pooling == "gmp"
     want = image_label_boxes(gmp, trainval, manifest.image_labels(), manifest.classes, threshold_rule="fixed",
-                             threshold_value=100.0, progress=False)
+                             threshold_value=100.0, ratio=TUNED.box_extent_ratio, progress=False)
     pd.testing.assert_frame_equal(ext, want, check_dtype=False)
     assert (ext.click_id == -1).all()
     pairs = set(map(tuple, manifest.image_labels()[["image_id", "class"]].astype(str).to_numpy()))
