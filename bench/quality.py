@@ -6,8 +6,8 @@ rule, of T_cam and of the same-class partition of stage 5 (``--box-partition``);
 method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
 1 and 2), the seed's baseline; seeds 003 / 004 (image-level GAP / GMP / SPAM networks with boxes from one forward
 pass, no clicks; ``--proposals none``, the proposal-free click mode, with the SPAM network and with the click
-classifier applied to the whole image); with ``--extended`` also of the crop-map fusion, of stage 2's same-class exclusion
-(``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+classifier applied to the whole image); with ``--extended`` also of the crop-map fusion, of stage 2's same-class
+exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)

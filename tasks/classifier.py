@@ -127,7 +127,8 @@ class TrainClassifier(TrainingSeed, StageTask):
         t0 = time.time()
         train_log = train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc)
         final = train_log.iloc[-1].to_dict()
-        meta = {"mode": self.classifier_mode, "pooling": self.classifier_image_pooling, "weights": self.classifier_weights, "train": cfg.result_args(),
+        meta = {"mode": self.classifier_mode, "pooling": self.classifier_image_pooling,
+                "weights": self.classifier_weights, "train": cfg.result_args(),
                 "final": final, "stage": self.stage_ref}
         save_classifier(work / "model.pt", model, classes, meta)
         (work / CHECKPOINT_NAME).unlink(missing_ok=True)  # model.pt is the product; the checkpoint only resumes

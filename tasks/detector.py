@@ -226,7 +226,8 @@ COMPARE_VARIANTS: dict[str, dict] = {
 @inherits(EvaluateVOC07)
 class CompareDetectors(StageTask):
     """Detectors trained on SA-CAM / Grad-CAM / image-label-only (full-image CAM; GMP and SPAM networks with seed
-    003's boxes) pseudo labels and on ground truth, evaluated alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
+    003's boxes) pseudo labels and on ground truth, evaluated alike; ``comparison.csv`` and ``summary.md`` give mAP,
+    CorLoc and the ratio of each mAP to the GT one."""
 
     compare_variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
 
