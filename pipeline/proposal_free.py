@@ -55,12 +55,16 @@ class LowResMaps:
         self.maps[image_id], self.scores[image_id] = maps, scores
 
     def click_map(self, click_id: int) -> np.ndarray | None:
+        """The click's class map on the image, shifted to a minimum of 0: the 1x1 convolution's maps are signed
+        scores, and a click says its class is present, so the map's relative height locates it even where the
+        network's score stays negative (stage 5 calls a map without a positive value empty)."""
         r = self.clicks.loc[click_id]
         maps = self.maps.get(r.image_id)
         if maps is None:
             return None
         w, h = self.sizes[r.image_id]
-        return upsample_map(maps[self.cindex[r["class"]]], w, h, self.layers, self.input_px)
+        cam = maps[self.cindex[r["class"]]]
+        return upsample_map(cam - cam.min(), w, h, self.layers, self.input_px)
 
 
 def click_maps(net, images: pd.DataFrame, clicks: pd.DataFrame, classes: Sequence[str], *, input_px: int | None = None,

@@ -91,3 +91,22 @@ def test_image_pooling_parameter_checks_and_hash(tmp_path):
     assert "proposals" not in default.significant_params()
     assert PseudoLabels(data_root=str(tmp_path / "data"), proposals="none").requires().task_family == \
         "ProposalFreeBoxes"
+
+
+def test_click_map_is_shifted_and_a_negative_map_still_gives_a_box():
+    """A class map whose scores are all negative still locates the clicked object: the click's map is shifted to a
+    minimum of 0, so stage 5 finds the region about the peak instead of calling the map empty."""
+    from pipeline.boxes import BoxParams, box_from_cam
+    from pipeline.proposal_free import LowResMaps
+
+    clicks = pd.DataFrame({"click_id": [7], "image_id": ["a"], "class": ["dog"], "x": [20.0], "y": [12.0]})
+    images = pd.DataFrame({"image_id": ["a"], "width": [32], "height": [32], "path": ["-"]})
+    store = LowResMaps(clicks, images, ["cat", "dog"], [(4, 4, 0)], 32)   # 8x8 maps, one 4 px cell each
+    maps = np.full((2, 8, 8), -5.0, np.float32)
+    maps[1, 2:4, 4:6] = -1.0                                              # the dog's best cells, still negative
+    store.add("a", np.zeros(2, np.float32), maps)
+    cam = store.click_map(7)
+    assert cam.shape == (32, 32) and cam.min() == pytest.approx(0.0) and cam.max() == pytest.approx(4.0)
+    res = box_from_cam(cam, 20.0, 12.0, params=BoxParams("fixed", 128.0, symmetry="none"))
+    assert res.status == "ok" and res.box == (16.0, 8.0, 24.0, 16.0)
+    assert box_from_cam(maps[1].repeat(4, 0).repeat(4, 1), 20.0, 12.0).status == "empty"  # unshifted: no box
