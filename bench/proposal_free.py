@@ -45,6 +45,9 @@ SPEEDUP_TARGET = 4.0
 THROUGHPUT_TARGET = 0.9
 CLOSE_POINTS = 3.0
 MODES = {"default": [], "proposals_none": ["--proposals", "none"]}
+#: the table's row order (the order the stages run in)
+STAGE_ORDER = ("PrepareDataset", "SelectiveSearchShard", "SelectiveSearch", "SelectProposals", "TrainClassifier",
+               "GenerateCAMsShard", "GenerateCAMs", "FusePseudoBoxes", "ProposalFreeBoxes")
 
 
 def run_chain(mode: str, data_args: list[str], root: Path) -> dict:
@@ -103,8 +106,8 @@ def throughput(batch: int, repeats: int, input_px: int, device: str) -> dict:
 def markdown(chains: list[dict], tp: dict | None) -> str:
     lines = []
     if chains:
-        stages = sorted({s for c in chains for s in c["stages"]}, key=lambda s: min(
-            [i for c in chains for i, k in enumerate(c["stages"]) if k == s]))
+        order = {s: i for i, s in enumerate(STAGE_ORDER)}
+        stages = sorted({s for c in chains for s in c["stages"]}, key=lambda s: (order.get(s, len(order)), s))
         head = "| stage | " + " | ".join(c["mode"] for c in chains) + " |"
         lines += [head, "|---|" + "---:|" * len(chains)]
         for s in stages:
