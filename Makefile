@@ -31,7 +31,7 @@ help: ## list the targets
 	@echo "  Own data:  make pseudo-labels IMAGES=<folder> CLICKS=<csv|coco json|cvat xml|label studio json> [GT=...]"
 	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
 	@echo "  Detector:  make evaluate ARGS='--det-box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
-	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
+	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 6 detectors"
 
 install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)
 
@@ -56,7 +56,7 @@ evaluate: install ## whole chain to EvaluateVOC07 (Fast R-CNN on pseudo labels, 
 	$(LUIGI) EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 
-compare: install ## detectors on SA-CAM / Grad-CAM / image-label pseudo labels and on GT: one summary table
+compare: install ## detectors on SA-CAM / Grad-CAM / image-label (CAM, GMP, SPAM) pseudo labels and on GT: one table
 	$(LUIGI) CompareDetectors $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show CompareDetectors $(DATA_ARGS) $(ARGS)
 
