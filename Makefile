@@ -25,7 +25,8 @@ TARGET ?= PseudoLabels
 STAGE ?=
 
 .PHONY: help install test test-fast pseudo-labels evaluate compare detect rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector bench-detector-holdout clean clean-outputs
+        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector \
+        bench-detector-holdout bench-proposal-free clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -33,7 +34,7 @@ help: ## list the targets
 	@echo "  Own data:  make pseudo-labels IMAGES=<folder> CLICKS=<csv|coco json|cvat xml|label studio json> [GT=...]"
 	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
 	@echo "  Detector:  make evaluate ARGS='--det-box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
-	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
+	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 6 detectors"
 	@echo "             ARGS='--det-arch faster_rcnn' (RPN, no selective search); ARGS='--eval-holdout 250' (held-out trainval)"
 	@echo "  Detect:    make detect IMAGES=<folder> [MODEL=...]: without MODEL the detector of make evaluate with the"
 	@echo "             same VOC_ROOT/CLICKS/ARGS (trained first when missing)"
@@ -61,7 +62,7 @@ evaluate: install ## whole chain to EvaluateVOC07 (Fast R-CNN on pseudo labels, 
 	$(LUIGI) EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 
-compare: install ## detectors on SA-CAM / Grad-CAM / image-label pseudo labels and on GT: one summary table
+compare: install ## detectors on SA-CAM / Grad-CAM / image-label (CAM, GMP, SPAM) pseudo labels and on GT: one table
 	$(LUIGI) CompareDetectors $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show CompareDetectors $(DATA_ARGS) $(ARGS)
 
@@ -74,7 +75,7 @@ rerun: install ## rerun one stage and what depends on it: make rerun STAGE=Selec
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
 
-bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality ## all benchmarks (each fails when its target is missed)
+bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality bench-proposal-free ## all benchmarks (each fails when its target is missed)
 
 bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
 	$(PY) bench/proposals.py
@@ -99,6 +100,9 @@ bench-detector: install ## Fast R-CNN training s/iteration and test fps
 
 bench-detector-holdout: install ## fast/faster R-CNN on pseudo vs GT boxes, scored on 250 held-out voc07-sample images (long)
 	$(PY) bench/detector_holdout.py
+
+bench-proposal-free: install ## --proposals none vs the default chain from scratch per stage; single-pass CAM images/s
+	$(PY) bench/proposal_free.py
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

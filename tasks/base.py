@@ -89,9 +89,9 @@ class StageTask(luigi.Task):
     #: upstream stages this one reads only part of: task family -> the property naming that part in the hash
     #: (the proposal stages: ``{"PrepareDataset": "images_ref"}``, the images without the clicks)
     reads_part_of: dict[str, str] = {}
-    #: own parameters added after the stage had outputs: hashed only when set to another value than their default,
-    #: so the outputs computed before they existed (which are the default's) keep their directories
-    hashed_when_set: frozenset[str] = frozenset()
+    #: parameters added to a stage later, left out of its hash while they hold the (serialised) value that gives the
+    #: stage's earlier outputs, so those keep their directories: name -> value
+    unhashed_values: dict[str, str] = {}
     _own_params: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
@@ -117,9 +117,9 @@ class StageTask(luigi.Task):
 
     def significant_params(self) -> dict:
         """The stage's own significant parameters: with :meth:`hash_refs`, all its hash covers."""
-        return {name: p.serialize(getattr(self, name))
-                for name, p in self.get_params() if p.significant and name in self._own_params
-                and not (name in self.hashed_when_set and p.serialize(getattr(self, name)) == p.serialize(p._default))}
+        params = {name: p.serialize(getattr(self, name))
+                  for name, p in self.get_params() if p.significant and name in self._own_params}
+        return {k: v for k, v in params.items() if self.unhashed_values.get(k) != v}
 
     def upstream(self) -> list[luigi.Task]:
         return flatten(self.requires())

@@ -63,7 +63,7 @@ class PrepareDataset(StageTask):
                                                              "to split 'holdout': ground truth only, their clicks "
                                                              "dropped; EvaluateVOC07 then scores the detector on "
                                                              "them. 0: none")
-    hashed_when_set = frozenset({"eval_holdout"})
+    unhashed_values = {"eval_holdout": "0"}  # the dataset before --eval-holdout existed
 
     #: parameters that change the clicks only, never the images (the synthetic images depend on data_seed and the
     #: synth_* sizes, not on sim_click_sigma); ``gt`` is read for the metrics only

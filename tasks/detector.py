@@ -35,12 +35,16 @@ from pipeline.proposals import ProposalStore
 from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
 from .proposals import SelectiveSearch
+from .proposal_free import ImageExtentBoxes
 from .pseudo import FusePseudoBoxes
 
 log = logging.getLogger("clickscale")
 
+#: the det_box_source values that train on a pseudo-box stage's pseudo_labels.csv, and that stage
+PSEUDO_STAGES = {"pseudo": FusePseudoBoxes, "image_extent": ImageExtentBoxes}
 
-@inherits(FusePseudoBoxes)
+
+@inherits(FusePseudoBoxes, ImageExtentBoxes)
 class TrainFastRCNN(TrainingSeed, StageTask):
     """Fast R-CNN trained on ``det_box_source`` boxes of the trainval images with the selective-search proposals,
     or (``--det-arch faster_rcnn``) a Faster R-CNN proposing its own RoIs, which needs no selective search.
@@ -51,10 +55,11 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
 
-    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES), default="pseudo",
+    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES) + ["image_extent"], default="pseudo",
                                            description="pseudo: FusePseudoBoxes' pseudo_labels.csv; gt: ground "
                                                        "truth (upper bound); voc_dir / coco: external labels at "
-                                                       "--det-box-path")
+                                                       "--det-box-path; image_extent: ImageExtentBoxes' (image "
+                                                       "labels only, seeds 003 / 004: --cam-network gmp | spam)")
     det_box_path = luigi.Parameter(default="", description="VOC Annotations/ folder or COCO JSON (voc_dir / coco)")
     det_arch = luigi.ChoiceParameter(choices=list(ARCHS), default="fast_rcnn",
                                      description="fast_rcnn: RoIs from selective search (the paper's); faster_rcnn: "
@@ -81,7 +86,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
                                    description="training processes (torch DDP via torchrun, one GPU each); 1: train "
                                                "in the luigi worker")
     device = luigi.Parameter(default="auto", significant=False, description="auto | cpu | cuda")
-    hashed_when_set = frozenset({"det_arch"})
+    unhashed_values = {"det_arch": "fast_rcnn"}  # the detector before --det-arch existed
 
     @property
     def resources(self) -> dict:
@@ -95,8 +100,8 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
     def requires(self):
         reqs = {"proposals": self.clone(SelectiveSearch)} if self.uses_proposals else {}
-        if self.det_box_source == "pseudo":
-            reqs["pseudo"] = self.clone(FusePseudoBoxes)
+        if self.det_box_source in PSEUDO_STAGES:
+            reqs["pseudo"] = self.clone(PSEUDO_STAGES[self.det_box_source])
         else:
             reqs["dataset"] = self.clone(PrepareDataset)
             if self.det_box_source in ("voc_dir", "coco") and not self.det_box_path:
@@ -122,7 +127,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         kw = dict(image_ids=list(trainval.image_id), classes=manifest.classes, images=trainval)
-        if self.det_box_source == "pseudo":
+        if self.det_box_source in PSEUDO_STAGES:
             return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", **kw)
         if self.det_box_source == "gt":
             return load_training_boxes("gt", objects=manifest.objects, **kw)
@@ -181,7 +186,7 @@ class EvaluateVOC07(StageTask):
                                          description="also score the detector on its own training images (those "
                                                      "with training boxes), against their ground truth: whether it "
                                                      "underfits")
-    hashed_when_set = frozenset({"eval_train_map"})
+    unhashed_values = {"eval_train_map": "False"}  # the evaluation before --eval-train-map existed
 
     @property
     def scored_split(self) -> str:
@@ -252,14 +257,17 @@ COMPARE_VARIANTS: dict[str, dict] = {
     "pseudo_sacam": {"det_box_source": "pseudo", "cam_method": "sacam"},
     "pseudo_gradcam": {"det_box_source": "pseudo", "cam_method": "gradcam"},
     "pseudo_image_labels": {"det_box_source": "pseudo", "classifier_mode": "image_labels"},
+    "pseudo_gmp": {"det_box_source": "image_extent", "cam_network": "gmp"},
+    "pseudo_spam": {"det_box_source": "image_extent", "cam_network": "spam"},
     "ground_truth": {"det_box_source": "gt"},
 }
 
 
 @inherits(EvaluateVOC07)
 class CompareDetectors(StageTask):
-    """Detectors trained on SA-CAM / Grad-CAM / image-label-only pseudo labels and on ground truth, evaluated
-    alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
+    """Detectors trained on SA-CAM / Grad-CAM / image-label-only (full-image CAM; GMP and SPAM networks with seed
+    003's boxes) pseudo labels and on ground truth, evaluated alike; ``comparison.csv`` and ``summary.md`` give mAP,
+    CorLoc and the ratio of each mAP to the GT one."""
 
     compare_variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
 

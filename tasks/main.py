@@ -13,24 +13,46 @@ from pipeline.io import read_json, write_json, write_text
 
 from .base import StageTask, inherits
 from .mil import MILBoxes
+from .proposal_free import ProposalFreeBoxes
 from .pseudo import FusePseudoBoxes
 
 #: the pseudo-box stage of each ``--box-method``
 BOX_STAGES = {"cam": FusePseudoBoxes, "mil": MILBoxes}
+#: ``--proposals``: selective_search (the chain above) or none (whole-image CAMs, tasks/proposal_free.py)
+PROPOSALS = ("selective_search", "none")
 
 
-@inherits(FusePseudoBoxes, MILBoxes)
+@inherits(FusePseudoBoxes, MILBoxes, ProposalFreeBoxes)
 class PseudoLabels(StageTask):
     """Stages 1-5 (dataset -> proposals -> selection -> classifier -> CAMs -> pseudo boxes; or, with
     ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes); writes ``summary.md`` /
     ``summary.json`` pointing at the labels, the exports and the HTML report. Its hash covers ``box_method`` and the
     box stage in use (tasks/base.py), so the other method's parameters do not move it."""
 
+    unhashed_values = {"proposals": "selective_search"}  # the chain before --proposals existed
+
     box_method = luigi.ChoiceParameter(choices=list(BOX_STAGES), default="cam",
                                        description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
                                                    "click-supervised MIL (MILBoxes, paper 001)")
 
+    proposals = luigi.ChoiceParameter(choices=list(PROPOSALS), default="selective_search",
+                                      description="none: no selective search and no stage 2; each click's box from "
+                                                  "the whole-image map of its class (ProposalFreeBoxes, "
+                                                  "--cam-network), with --box-method cam")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proposals == "none" and self.box_method != "cam":
+            raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
+        unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""),
+                                                            ("box_area_prior", "off")) if getattr(self, k) != off]
+        if self.proposals == "none" and unused:
+            raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "
+                             f"{', '.join(unused)} belong to the crop CAM stages and do not apply")
+
     def requires(self):
+        if self.proposals == "none":
+            return self.clone(ProposalFreeBoxes)
         return self.clone(BOX_STAGES[self.box_method])
 
     def run_stage(self, work: Path) -> None:

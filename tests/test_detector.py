@@ -402,16 +402,25 @@ def test_evaluate_voc07_end_to_end_on_tiny_synthetic_data(outputs, tmp_path):
     assert "optimizer" not in load_checkpoint(train_dir / "model.pth")  # stripped when finished
 
 
-def test_compare_detectors_builds_the_four_variants(outputs):
+def test_compare_detectors_builds_the_six_variants(outputs):
     from tasks.detector import CompareDetectors
 
     reqs = CompareDetectors(synth_trainval=8).requires()
-    assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
-    got = {k: (t.det_box_source, t.cam_method, t.classifier_mode, t.synth_trainval) for k, t in reqs.items()}
-    assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", 8), "pseudo_gradcam": ("pseudo", "gradcam", "crops", 8),
-                   "pseudo_image_labels": ("pseudo", "sacam", "image_labels", 8),
-                   "ground_truth": ("gt", "sacam", "crops", 8)}
-    assert len({t.stage_dir for t in reqs.values()}) == 4
+    assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "pseudo_gmp", "pseudo_spam",
+                          "ground_truth"]
+    got = {k: (t.det_box_source, t.cam_method, t.classifier_mode, t.cam_network, t.synth_trainval)
+           for k, t in reqs.items()}
+    assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", "spam", 8),
+                   "pseudo_gradcam": ("pseudo", "gradcam", "crops", "spam", 8),
+                   "pseudo_image_labels": ("pseudo", "sacam", "image_labels", "spam", 8),
+                   "pseudo_gmp": ("image_extent", "sacam", "crops", "gmp", 8),
+                   "pseudo_spam": ("image_extent", "sacam", "crops", "spam", 8),
+                   "ground_truth": ("gt", "sacam", "crops", "spam", 8)}
+    assert len({t.stage_dir for t in reqs.values()}) == 6
+    extent = {k: reqs[k].requires()["detector"].requires()["pseudo"] for k in ("pseudo_gmp", "pseudo_spam")}
+    assert {k: t.task_family for k, t in extent.items()} == {"pseudo_gmp": "ImageExtentBoxes",
+                                                             "pseudo_spam": "ImageExtentBoxes"}
+    assert extent["pseudo_gmp"].requires()["classifier"].classifier_image_pooling == "gmp"
     # the pseudo detectors train on different pseudo-label stages; the GT one ignores CAM parameters
     trains = {k: t.requires()["detector"] for k, t in reqs.items()}
     assert trains["pseudo_sacam"].requires()["pseudo"].stage_dir != trains["pseudo_gradcam"].requires()["pseudo"].stage_dir
@@ -489,7 +498,7 @@ def test_train_fast_rcnn_declares_gpu_units_per_process():
 
 @pytest.mark.slow
 def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
-    """The four detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
+    """The six detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
     with every variant's mAP and its ratio to the ground-truth detector's."""
     import luigi
 
@@ -501,7 +510,8 @@ def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
                             det_image_max_px=192, det_max_proposals=300, det_weights="random")
     assert luigi.build([task], local_scheduler=True, log_level="WARNING")
     table = pd.read_csv(task.stage_dir / "comparison.csv")
-    assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
+    assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "pseudo_gmp",
+                                   "pseudo_spam", "ground_truth"]
     for variant, evaluation in task.requires().items():
         m = json.loads((evaluation.stage_dir / "metrics.json").read_text())
         row = table.set_index("variant").loc[variant]

@@ -43,17 +43,18 @@ def test_every_stage_hashes_only_its_own_params():
 
     stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
               tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
-              MILBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors, tasks.Detect]
+              MILBoxes, tasks.ProposalFreeBoxes, tasks.ImageExtentBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN,
+              tasks.EvaluateVOC07, CompareDetectors, tasks.Detect]
     owners: dict[str, list[str]] = {}
     for cls in stages:
         for name in cls.own_param_names():
             owners.setdefault(name, []).append(cls.task_family)
-    # each parameter has one owning stage, but for a shard and its merge, the two pseudo-box stages' export
-    # settings, and the seed of the two trainings
+    # each parameter has one owning stage, but for a shard and its merge, the pseudo-box stages' shared box and
+    # export settings (the same parameter objects), and the seed of the two trainings
     shared = {k: v for k, v in owners.items() if len(v) > 1}
-    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"},
-                          {"FusePseudoBoxes", "MILBoxes"})
-               for k, v in shared.items() if k not in ("seed", "device")), shared
+    box_stages = {"FusePseudoBoxes", "MILBoxes", "ProposalFreeBoxes", "ImageExtentBoxes"}
+    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"})
+               or set(v) <= box_stages for k, v in shared.items() if k not in ("seed", "device")), shared
     assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
     assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch", "eval_train_map"}
     assert "eval_holdout" in tasks.PrepareDataset.own_param_names()  # a dataset parameter: it changes the splits
@@ -63,16 +64,20 @@ def test_every_stage_hashes_only_its_own_params():
 
 
 def test_parameters_added_later_are_hashed_only_when_set():
-    """``hashed_when_set``: a stage's outputs from before such a parameter existed keep their directory (its
-    default is not hashed); any other value is."""
+    """``unhashed_values``: a stage's outputs from before such a parameter existed keep their directory (the value
+    that reproduces them is not hashed); any other value is."""
     import tasks
 
     for cls, name, value in ((tasks.PrepareDataset, "eval_holdout", 5), (tasks.TrainFastRCNN, "det_arch", "faster_rcnn"),
                              (tasks.EvaluateVOC07, "eval_train_map", True)):
-        assert name in cls.hashed_when_set and name in cls.own_param_names()
+        assert name in cls.unhashed_values and name in cls.own_param_names()
         assert name not in cls().significant_params()
         assert name in cls(**{name: value}).significant_params()
         assert cls(**{name: value}).stage_dir != cls().stage_dir
+    image_level = dict(classifier_mode="image_labels")
+    assert "classifier_image_pooling" not in tasks.TrainClassifier(**image_level).significant_params()
+    assert tasks.TrainClassifier(**image_level, classifier_image_pooling="spam").significant_params()[
+        "classifier_image_pooling"] == "spam"
 
 
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
