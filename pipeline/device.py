@@ -71,6 +71,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system, seconds) of this process and of the child processes it has waited for (DataLoader
+    workers, selective-search processes): the difference of two readings is the CPU time spent between them."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def peak_rss_mb() -> dict:
     """Peak resident memory in MB: ``process`` (this process since :func:`reset_peak_rss`, or since it started) and
     ``children`` (the largest child process this process waited for, e.g. DataLoader workers; since start)."""

@@ -80,3 +80,21 @@ class ToyMemory(StageTask):
 
         block = np.ones(self.mb * 2**20 // 8) if self.mb else None
         write_text(work / "done.txt", f"{0 if block is None else block.nbytes}\n")
+
+
+class ToyChildCPU(StageTask):
+    """Busy-loops ``busy_s`` seconds of CPU time in a child process it waits for (CPU-time bookkeeping)."""
+
+    busy_s = luigi.FloatParameter(default=0.5)
+
+    def requires(self):
+        return []
+
+    def run_stage(self, work: Path) -> None:
+        import subprocess
+        import sys
+
+        code = ("import time\nt = time.process_time()\n"
+                f"while time.process_time() - t < {self.busy_s}:\n    pass\n")
+        subprocess.run([sys.executable, "-c", code], check=True)
+        write_text(work / "done.txt", "1\n")
