@@ -21,6 +21,7 @@ layer alone.
     python bench/pipeline_speed.py --limit 30      # the sample's first 30 trainval images (a quick check)
     python bench/pipeline_speed.py --synthetic     # the embedded synthetic default (make pseudo-labels)
     python bench/pipeline_speed.py --cam-pass-only # only the two-layer vs one-layer CAM pass (ImageNet weights)
+    python bench/pipeline_speed.py --limit 30 --reuse --floor-epochs 1   # floors again on the last run's outputs
 
 Writes ``speed.csv`` and ``speed.md`` in the outputs root (default ``outputs/bench/speed/<dataset>/``, emptied
 first). Targets (exit status 1 when one is missed): the whole job within 1.3x the sum of its stages' floors
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.device import cpu_cores  # noqa: E402
-from pipeline.io import read_json, write_csv, write_text  # noqa: E402
+from pipeline.io import read_json, write_csv, write_json, write_text  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 MAX_JOB_RATIO = 1.3
@@ -151,8 +153,9 @@ class InMemoryCrops(torch.utils.data.Dataset):
         return self.pool[index % len(self.pool)], target
 
 
-def classifier_floor(stages: pd.DataFrame, manifest) -> dict:
-    """The classifier stage's training steps on in-memory crops: the sum of its epochs' seconds."""
+def classifier_floor(stages: pd.DataFrame, manifest, device: torch.device, epochs: int = 0) -> dict:
+    """The classifier stage's training steps on in-memory crops: the sum of its epochs' seconds. ``epochs`` > 0
+    (a quick check): train that many of the stage's epochs and scale their seconds to all of them."""
     from pipeline.backbones import build_backbone
     from pipeline.classifier import TrainConfig, stage_training_set, train_classifier
 
@@ -160,7 +163,7 @@ def classifier_floor(stages: pd.DataFrame, manifest) -> dict:
     report = read_json(cdir / "report.json")
     if report.get("mode") != "crops":
         raise SystemExit(f"{cdir}: the classifier floor is measured for classifier_mode=crops only")
-    cfg = TrainConfig(**report["train"], device="cpu", workers=0)
+    cfg = TrainConfig(**report["train"], device=str(device), workers=0)
     model = build_backbone(report["backbone"], len(manifest.classes), report["weights"], seed=cfg.seed)
     model.input_size = report["input_size"]
     selection = one_dir(stages, "SelectProposals") / "selected.parquet"
@@ -171,9 +174,13 @@ def classifier_floor(stages: pd.DataFrame, manifest) -> dict:
         raise SystemExit(f"{cdir}: rebuilt training set has {len(dataset)} items, the stage had "
                          f"{report['training_items']}")
     data = InMemoryCrops(dataset)
+    all_epochs = cfg.epochs
+    if 0 < epochs < all_epochs:
+        cfg = replace(cfg, epochs=epochs)
     with tempfile.TemporaryDirectory() as tmp:
         log = train_classifier(model, data, tmp, cfg, resume=False, progress=False)
-    return {"seconds": float(log.seconds.sum()), "items": len(dataset), "epochs": cfg.epochs}
+    return {"seconds": float(log.seconds.sum()) * all_epochs / cfg.epochs, "items": len(dataset),
+            "epochs": all_epochs, "measured_epochs": cfg.epochs}
 
 
 def cam_floor(stages: pd.DataFrame, device: torch.device, pass_crops: int, repeats: int) -> tuple[dict, dict]:
@@ -355,20 +362,29 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each CAM pass (median)")
     ap.add_argument("--device", default="auto", help="device of the CAM floor and passes (the job: its default)")
     ap.add_argument("--cam-pass-only", action="store_true", help="only the two-layer vs one-layer CAM pass")
+    ap.add_argument("--reuse", action="store_true",
+                    help="measure the floors on the outputs of an earlier run of this bench (no new job run)")
+    ap.add_argument("--floor-epochs", type=int, default=0,
+                    help="a quick check: time this many classifier epochs in its floor and scale (0: all)")
     args = ap.parse_args(argv)
     if args.cam_pass_only:
         return cam_pass_only(args)
     name = "synthetic" if args.synthetic else (f"voc07-sample-first{args.limit}" if args.limit else "voc07-sample")
     args.outputs = (args.outputs or REPO / "outputs" / "bench" / "speed" / name).resolve()
-    if args.outputs.exists():
+    if args.outputs.exists() and not args.reuse:
         shutil.rmtree(args.outputs)
-    args.outputs.mkdir(parents=True)
+    args.outputs.mkdir(parents=True, exist_ok=True)
     label, data = dataset_args(args)
     cores = cpu_cores()
     cmd = job_command(data, shlex.split(args.args))
     print(f"{label}: {shlex.join(cmd)}\n  outputs {args.outputs}, {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    job = run_job(cmd, args.outputs)
+    if args.reuse:
+        saved = args.outputs / "job.json"
+        job = read_json(saved) if saved.is_file() else {"wall": float("nan"), "cpu": float("nan")}
+    else:
+        job = run_job(cmd, args.outputs)
+        write_json(args.outputs / "job.json", job)
     stages = stage_outputs(args.outputs)
     print(f"job: {job['wall']:.1f} s wall, CPU util {100 * job['cpu'] / job['wall'] / cores:.0f}%; measuring the "
           "floors", flush=True)
@@ -378,7 +394,7 @@ def main(argv=None) -> int:
     manifest = Manifest.load(one_dir(stages, "PrepareDataset"))
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ss = selective_search_floor(stages, manifest, args.processes or cores)
-    clf = classifier_floor(stages, manifest)
+    clf = classifier_floor(stages, manifest, device, args.floor_epochs)
     cam, passes = cam_floor(stages, device, args.pass_crops, args.repeats)
     floors = {"SelectiveSearchShard": ss["seconds"], "TrainClassifier": clf["seconds"],
               "GenerateCAMsShard": cam["seconds"]}
@@ -392,7 +408,9 @@ def main(argv=None) -> int:
     facts = (f"{label}, {images['trainval']} trainval images, {cores} cores, job wall {job['wall']:.1f} s "
              f"(CPU util {100 * job['cpu'] / job['wall'] / cores:.0f}%), stages {job['stage_seconds']:.1f} s, floors "
              f"{job['floor_seconds']:.1f} s (selective search {ss['processes']} processes on {ss['images']} images; "
-             f"classifier {clf['items']} crops x {clf['epochs']} epochs; CAM forward {cam['crops']} crops of "
+             f"classifier {clf['items']} crops x {clf['epochs']} epochs"
+             f"{'' if clf['measured_epochs'] == clf['epochs'] else ' scaled from ' + str(clf['measured_epochs'])}; "
+             f"CAM forward {cam['crops']} crops of "
              f"{cam['crop_size']} px in batches of {cam['batch_size']} on {device}) -> job ratio "
              f"{job['ratio']:.2f} (target <= {MAX_JOB_RATIO}{'' if not args.synthetic else ', voc07-sample only'})")
     print("\n" + md + "\n\n" + facts + "\n" + pass_line(passes, "the trained classifier", device))

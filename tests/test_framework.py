@@ -186,12 +186,14 @@ def test_stage_rows_and_table(tmp_path):
     assert lines[2].split("|")[3].strip() == "68"
 
 
-def test_params_json_records_each_stage_cpu_time(outputs):
-    """A stage's params.json holds its CPU time, its child processes' included: a stage that busy-loops 0.6 s in
-    a child process it waits for records at least that much, and the cores of the machine."""
+@pytest.mark.parametrize("how", ["subprocess", "forkserver"])
+def test_params_json_records_each_stage_cpu_time(outputs, how):
+    """A stage's params.json holds its CPU time, its descendants' included: a stage that busy-loops 0.6 s in a
+    child process it waits for, or in a forkserver's worker (a grandchild the forkserver reaps, as selective
+    search's workers), records at least that much, and the cores of the machine."""
     from toy_tasks import ToyChildCPU
 
-    task = ToyChildCPU(busy_s=0.6)
+    task = ToyChildCPU(busy_s=0.6, how=how)
     assert luigi.build([task], local_scheduler=True, log_level="WARNING")
     meta = read_json(task.stage_dir / "params.json")
     assert meta["cpu_seconds"] >= 0.55 and meta["cores"] >= 1, meta

@@ -83,9 +83,12 @@ class ToyMemory(StageTask):
 
 
 class ToyChildCPU(StageTask):
-    """Busy-loops ``busy_s`` seconds of CPU time in a child process it waits for (CPU-time bookkeeping)."""
+    """Busy-loops ``busy_s`` seconds of CPU time in a child process (CPU-time bookkeeping): a subprocess it waits
+    for (``how=subprocess``), or a worker of a forkserver pool (``how=forkserver``: a grandchild, reaped by the
+    forkserver, which lives on), as selective search's workers."""
 
     busy_s = luigi.FloatParameter(default=0.5)
+    how = luigi.Parameter(default="subprocess")
 
     def requires(self):
         return []
@@ -94,7 +97,22 @@ class ToyChildCPU(StageTask):
         import subprocess
         import sys
 
-        code = ("import time\nt = time.process_time()\n"
-                f"while time.process_time() - t < {self.busy_s}:\n    pass\n")
-        subprocess.run([sys.executable, "-c", code], check=True)
+        if self.how == "forkserver":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+                pool.submit(busy, self.busy_s).result()
+        else:
+            subprocess.run([sys.executable, "-c", f"import toy_tasks; toy_tasks.busy({self.busy_s})"], check=True,
+                           cwd=Path(__file__).parent)
         write_text(work / "done.txt", "1\n")
+
+
+def busy(seconds: float) -> None:
+    """Spend ``seconds`` of CPU time."""
+    import time
+
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
