@@ -394,7 +394,10 @@ def main(argv=None) -> int:
     manifest = Manifest.load(one_dir(stages, "PrepareDataset"))
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ss = selective_search_floor(stages, manifest, args.processes or cores)
+    print(f"  selective search floor: {ss['seconds']:.1f} s ({ss['processes']} processes, {ss['images']} images)",
+          flush=True)
     clf = classifier_floor(stages, manifest, device, args.floor_epochs)
+    print(f"  classifier floor: {clf['seconds']:.1f} s ({clf['items']} crops, {clf['epochs']} epochs)", flush=True)
     cam, passes = cam_floor(stages, device, args.pass_crops, args.repeats)
     floors = {"SelectiveSearchShard": ss["seconds"], "TrainClassifier": clf["seconds"],
               "GenerateCAMsShard": cam["seconds"]}
