@@ -98,10 +98,14 @@ def stage_outputs(outputs: Path) -> pd.DataFrame:
         rows.append({"family": pj.parent.parent.name, "dir": str(pj.parent), "seconds": meta.get("seconds"),
                      "cpu_seconds": meta.get("cpu_seconds"), "cores": meta.get("cores"),
                      "peak_rss_mb": max(meta.get("peak_rss_mb") or 0, meta.get("peak_rss_children_mb") or 0),
-                     "params": meta.get("params", {})})
+                     "finished": meta.get("finished") or "", "params": meta.get("params", {})})
     if not rows:
         raise SystemExit(f"{outputs}: no stage outputs (params.json) found")
-    return pd.DataFrame(rows)
+    # families in the order the job finished them (their first output)
+    df = pd.DataFrame(rows)
+    first = df.groupby("family").finished.min()
+    return df.assign(_order=df.family.map(first)).sort_values(["_order", "finished"], kind="mergesort").drop(
+        columns="_order").reset_index(drop=True)
 
 
 def one_dir(stages: pd.DataFrame, family: str) -> Path:

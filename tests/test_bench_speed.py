@@ -15,7 +15,18 @@ import pipeline_speed as ps  # noqa: E402
 
 def _stages(rows):
     return pd.DataFrame([{"family": f, "dir": f"/x/{f}/{i}", "seconds": s, "cpu_seconds": c, "cores": 2,
-                          "peak_rss_mb": m, "params": {}} for i, (f, s, c, m) in enumerate(rows)])
+                          "peak_rss_mb": m, "finished": f"T{i:02d}", "params": {}} for i, (f, s, c, m) in enumerate(rows)])
+
+
+def test_stage_outputs_in_the_order_the_job_finished_them(tmp_path):
+    from pipeline.io import write_json
+
+    for fam, h, done in (("B", "1", "2026-01-01T00:00:03"), ("A", "2", "2026-01-01T00:00:05"),
+                         ("B", "3", "2026-01-01T00:00:01"), ("C", "4", "2026-01-01T00:00:02")):
+        write_json(tmp_path / fam / h / "params.json", {"seconds": 1.0, "cpu_seconds": 1.0, "cores": 2,
+                                                         "peak_rss_mb": 1.0, "finished": done, "params": {}})
+    df = ps.stage_outputs(tmp_path)
+    assert list(df.family) == ["B", "B", "C", "A"] and list(df.finished.str[-1]) == ["1", "3", "2", "5"]
 
 
 def test_stage_table_ratios_and_targets():
