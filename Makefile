@@ -26,7 +26,7 @@ STAGE ?=
 
 .PHONY: help install test test-fast pseudo-labels evaluate compare detect rerun bench bench-proposals \
         bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector \
-        bench-detector-holdout bench-proposal-free clean clean-outputs
+        bench-detector-holdout bench-proposal-free bench-speed clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -75,7 +75,7 @@ rerun: install ## rerun one stage and what depends on it: make rerun STAGE=Selec
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
 
-bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality bench-proposal-free ## all benchmarks (each fails when its target is missed)
+bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-speed bench-quality bench-proposal-free ## all benchmarks (each fails when its target is missed)
 
 bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
 	$(PY) bench/proposals.py
@@ -103,6 +103,9 @@ bench-detector-holdout: install ## fast/faster R-CNN on pseudo vs GT boxes, scor
 
 bench-proposal-free: install ## --proposals none vs the default chain from scratch per stage; single-pass CAM images/s
 	$(PY) bench/proposal_free.py
+
+bench-speed: install ## main job from scratch vs each stage's floor on voc07-sample (ARGS='--synthetic', '--limit 30')
+	$(PY) bench/pipeline_speed.py $(ARGS)
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

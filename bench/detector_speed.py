@@ -1,9 +1,10 @@
 """Fast / Faster R-CNN speed on the CPU (or GPU): seconds per training iteration and test images/s.
 
     .venv/bin/python bench/detector_speed.py [--arch fast_rcnn] [--preset cpu] [--backbone efficientnet_lite0]
-                                             [--images 8] [--iters 10] [--threads 2] [--device auto]
+                                             [--images 8] [--iters 10] [--threads 2] [--device auto] [--voc-root DIR]
 
-Uses the first ``--images`` trainval images of ../shared/data/voc07-sample (real VOC images, ~500x375) with their
+Uses the first ``--images`` trainval images of ../shared/data/voc07-sample (real VOC images, ~500x375; or of
+another VOC root, ``--voc-root``, e.g. a synthetic one, whose classes are then its objects' classes) with their
 ground-truth boxes and selective-search proposals computed here (fast mode, longest side 500, as the
 SelectiveSearch stage does), ImageNet weights, and the preset's training recipe (2 images per batch, 128 RoIs,
 flips). Training time per iteration includes image reading and the optimizer step (``train_detector``'s own
@@ -48,13 +49,15 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10, help="training iterations timed (2 images each)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    ap.add_argument("--voc-root", type=Path, default=SAMPLE, help="a VOC2007-layout root (default voc07-sample)")
     args = ap.parse_args(argv)
-    if not (SAMPLE / "Annotations").is_dir():
-        print(f"voc07-sample not found at {SAMPLE}", file=sys.stderr)
+    if not (args.voc_root / "Annotations").is_dir():
+        print(f"no VOC root at {args.voc_root} (voc07-sample missing? pass --voc-root)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    images, objects = load_voc(SAMPLE, ("trainval",), VOC_CLASSES)
+    images, objects = load_voc(args.voc_root, ("trainval",), None)
+    classes = VOC_CLASSES if set(objects["class"]) <= set(VOC_CLASSES) else tuple(sorted(set(objects["class"])))
     images = images.head(args.images).reset_index(drop=True)
     objects = objects[objects.image_id.isin(set(images.image_id)) & ~objects.difficult]
     t0 = time.perf_counter()
@@ -70,21 +73,21 @@ def main(argv=None) -> int:
     if args.backbone:
         over["backbone"] = args.backbone
     cfg = preset(args.preset, **over)
-    model = build_detector(VOC_CLASSES, cfg)
-    ds = DetectionDataset(images, proposals, VOC_CLASSES, objects, flip=True, seed=0)
+    model = build_detector(classes, cfg)
+    ds = DetectionDataset(images, proposals, classes, objects, flip=True, seed=0)
     # one warm-up iteration, then the timed ones (the dataset is cycled when --iters exceeds it)
     reps = max(1, int(np.ceil(2 * args.iters / len(images))))
     big = DetectionDataset(images.loc[np.tile(np.arange(len(images)), reps)].reset_index(drop=True), proposals,
-                           VOC_CLASSES, objects, flip=True, seed=0)
+                           classes, objects, flip=True, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         train_detector(model, ds, Path(tmp) / "warm.pth", device, max_iters_per_epoch=1, progress=False)
         log = train_detector(model, big, Path(tmp) / "ckpt.pth", device, max_iters_per_epoch=args.iters,
                              progress=False)
     s_iter = float(log.s_per_iter.iloc[0])
-    detect(model, DetectionDataset(images.head(1), proposals, VOC_CLASSES), device, progress=False)  # warm-up
-    _, stats = detect(model, DetectionDataset(images, proposals, VOC_CLASSES), device, progress=False)
+    detect(model, DetectionDataset(images.head(1), proposals, classes), device, progress=False)  # warm-up
+    _, stats = detect(model, DetectionDataset(images, proposals, classes), device, progress=False)
     # EvaluateVOC07's CorLoc pass on trainval: every class's top box, no score threshold
-    _, top_stats = detect(model, DetectionDataset(images, proposals, VOC_CLASSES), device, progress=False,
+    _, top_stats = detect(model, DetectionDataset(images, proposals, classes), device, progress=False,
                           top_per_class=True)
     cfg = model.config
     with_props = stats["fps"] if proposals is None else 1.0 / (ss_per_image + 1.0 / stats["fps"])

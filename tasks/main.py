@@ -94,14 +94,26 @@ class PseudoLabels(StageTask):
         return dict(reversed(list(chain.items())))
 
 
+def cpu_utilisation(seconds: float | None, cpu_seconds: float | None, cores: int | None) -> float | None:
+    """The share of the machine a stage kept busy: its CPU time (with its child processes') / wall time / cores
+    (1.0: every core busy throughout); None when a number is missing (outputs of earlier versions)."""
+    if not seconds or cpu_seconds is None or not cores:
+        return None
+    return cpu_seconds / seconds / cores
+
+
 def stage_rows(chain: dict) -> list[dict]:
-    """Per stage output of ``chain`` (name -> directory): seconds and peak resident memory from its params.json
-    (the run that computed it; an output reused from an earlier run keeps that run's numbers)."""
+    """Per stage output of ``chain`` (name -> directory): seconds, CPU seconds, the cores and peak resident memory
+    from its params.json (the run that computed it; an output reused from an earlier run keeps that run's numbers),
+    and the CPU utilisation (:func:`cpu_utilisation`)."""
     rows = []
     for name, path in chain.items():
         pj = Path(path) / "params.json"
         meta = read_json(pj) if pj.is_file() else {}
-        rows.append({"stage": name, "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
+        rows.append({"stage": name, "seconds": meta.get("seconds"), "cpu_seconds": meta.get("cpu_seconds"),
+                     "cores": meta.get("cores"),
+                     "cpu_util": cpu_utilisation(meta.get("seconds"), meta.get("cpu_seconds"), meta.get("cores")),
+                     "peak_rss_mb": meta.get("peak_rss_mb"),
                      "peak_rss_children_mb": meta.get("peak_rss_children_mb"), "finished": meta.get("finished")})
     return rows
 
@@ -112,9 +124,10 @@ def stage_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = ["| stage | seconds | peak RSS MB | peak RSS of child processes MB | finished |",
-             "|---|---:|---:|---:|---|"]
-    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} | "
-              f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
+    lines = ["| stage | seconds | CPU util % (CPU s / s / cores) | peak RSS MB | peak RSS of child processes MB | "
+             "finished |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | "
+              f"{fmt(None if r.get('cpu_util') is None else 100 * r['cpu_util'], '.0f')} | "
+              f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
               for r in sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))]
     return "\n".join(lines)
