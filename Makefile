@@ -18,11 +18,15 @@ GT ?=
 ARGS ?=
 DATA_ARGS := $(if $(IMAGES),--images $(IMAGES)) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) \
              $(if $(CLICKS),--clicks $(CLICKS)) $(if $(GT),--gt $(GT))
+# make detect IMAGES=<folder> [MODEL=<TrainFastRCNN output dir or model.pth>]: IMAGES is the folder to detect on
+MODEL ?=
+CHAIN_ARGS := $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CLICKS),--clicks $(CLICKS)) $(if $(GT),--gt $(GT))
 TARGET ?= PseudoLabels
 STAGE ?=
 
-.PHONY: help install test test-fast pseudo-labels evaluate compare rerun bench bench-proposals \
-        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector clean clean-outputs
+.PHONY: help install test test-fast pseudo-labels evaluate compare detect rerun bench bench-proposals \
+        bench-selection bench-cam bench-quality bench-fusion-probe bench-kill-resume bench-detector \
+        bench-detector-holdout bench-proposal-free bench-speed clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -30,7 +34,10 @@ help: ## list the targets
 	@echo "  Own data:  make pseudo-labels IMAGES=<folder> CLICKS=<csv|coco json|cvat xml|label studio json> [GT=...]"
 	@echo "  VOC root:  make pseudo-labels VOC_ROOT=.../VOC2007 CLICKS=.../clicks.csv [ARGS='--Stage-param v']"
 	@echo "  Detector:  make evaluate ARGS='--det-box-source gt' (GT upper bound), ARGS='--det-epochs 2' (short schedule),"
-	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 4 detectors"
+	@echo "             ARGS='--det-preset paper' (VGG16, 600 px; the default with VOC_ROOT); make compare: 6 detectors"
+	@echo "             ARGS='--det-arch faster_rcnn' (RPN, no selective search); ARGS='--eval-holdout 250' (held-out trainval)"
+	@echo "  Detect:    make detect IMAGES=<folder> [MODEL=...]: without MODEL the detector of make evaluate with the"
+	@echo "             same VOC_ROOT/CLICKS/ARGS (trained first when missing)"
 
 install: $(STAMP) ## build .venv and install the project with its dependencies (torch, torchvision, luigi, ...)
 
@@ -55,15 +62,20 @@ evaluate: install ## whole chain to EvaluateVOC07 (Fast R-CNN on pseudo labels, 
 	$(LUIGI) EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show EvaluateVOC07 $(DATA_ARGS) $(ARGS)
 
-compare: install ## detectors on SA-CAM / Grad-CAM / image-label pseudo labels and on GT: one summary table
+compare: install ## detectors on SA-CAM / Grad-CAM / image-label (CAM, GMP, SPAM) pseudo labels and on GT: one table
 	$(LUIGI) CompareDetectors $(DATA_ARGS) $(ARGS)
 	$(PY) -m tasks.cli show CompareDetectors $(DATA_ARGS) $(ARGS)
+
+detect: install ## a trained detector on a folder: make detect IMAGES=<dir> [MODEL=<dir|model.pth>] (COCO, VOC XML, HTML)
+	@test -n "$(IMAGES)" || (echo "usage: make detect IMAGES=<folder> [MODEL=<TrainFastRCNN dir or model.pth>] [ARGS=..]"; exit 2)
+	$(LUIGI) Detect --detect-images $(IMAGES) $(if $(MODEL),--detect-model $(MODEL)) $(CHAIN_ARGS) $(ARGS)
+	$(PY) -m tasks.cli show Detect --detect-images $(IMAGES) $(if $(MODEL),--detect-model $(MODEL)) $(CHAIN_ARGS) $(ARGS)
 
 rerun: install ## rerun one stage and what depends on it: make rerun STAGE=SelectProposals [TARGET=PseudoLabels]
 	@test -n "$(STAGE)" || (echo "usage: make rerun STAGE=<Task> [TARGET=<Task>] [VOC_ROOT=..] [ARGS=..]"; exit 2)
 	$(PY) -m tasks.cli rerun $(STAGE) $(TARGET) $(DATA_ARGS) $(ARGS)
 
-bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-quality ## all benchmarks (each fails when its target is missed)
+bench: bench-proposals bench-selection bench-cam bench-kill-resume bench-detector bench-speed bench-quality bench-proposal-free ## all benchmarks (each fails when its target is missed)
 
 bench-proposals: install ## selective search: raw OpenCV vs the stage, 1 and 2 processes
 	$(PY) bench/proposals.py
@@ -85,6 +97,15 @@ bench-kill-resume: install ## SIGKILL the pipeline inside every stage (several s
 
 bench-detector: install ## Fast R-CNN training s/iteration and test fps
 	$(PY) bench/detector_speed.py
+
+bench-detector-holdout: install ## fast/faster R-CNN on pseudo vs GT boxes, scored on 250 held-out voc07-sample images (long)
+	$(PY) bench/detector_holdout.py
+
+bench-proposal-free: install ## --proposals none vs the default chain from scratch per stage; single-pass CAM images/s
+	$(PY) bench/proposal_free.py
+
+bench-speed: install ## main job from scratch vs each stage's floor on voc07-sample (ARGS='--synthetic', '--limit 30')
+	$(PY) bench/pipeline_speed.py $(ARGS)
 
 clean-outputs: ## delete all stage outputs (outputs/*)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

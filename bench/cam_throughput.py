@@ -84,6 +84,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def forward_only(net, batch: torch.Tensor, n_items: int) -> None:
+    """Plain inference, no autograd: ``n_items`` items through ``net`` in passes of ``len(batch)`` (the last one
+    smaller), all of them ``batch``'s items (the cost of a forward does not depend on the pixel values). The
+    floor of a CAM pass over ``n_items`` crops (also bench/pipeline_speed.py's)."""
+    with torch.no_grad():
+        for start in range(0, n_items, len(batch)):
+            net(batch[:min(len(batch), n_items - start)])
+
+
 def library_loop(model, layer_module, crops: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
     """pytorch-grad-cam's way, one crop at a time: hooks store the activation and (tensor hook) its gradient;
     the input requires grad; model.zero_grad(); loss.backward() through the whole network."""
@@ -129,8 +138,7 @@ def bench_backbone(name: str, device: torch.device, n_crops: int, repeats: int, 
     t_idx = torch.tensor(targets, device=device)
 
     def inference():
-        with torch.no_grad():
-            net(crops)
+        forward_only(net, crops, len(crops))
 
     def ours():
         with SACAM(net) as cam:

@@ -4,8 +4,10 @@ the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer al
 rule, of T_cam and of the same-class partition of stage 5 (``--box-partition``); SA-CAM with two clicks per object
 (paper 001: the pair's mean as the click, and with the area score choosing T_cam); click-supervised MIL (paper 001's
 method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
-1 and 2), the seed's baseline; with ``--extended`` also of the crop-map fusion, of stage 2's same-class exclusion
-(``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+1 and 2), the seed's baseline; seeds 003 / 004 (image-level GAP / GMP / SPAM networks with boxes from one forward
+pass, no clicks; ``--proposals none``, the proposal-free click mode, with the SPAM network and with the click
+classifier applied to the whole image); with ``--extended`` also of the crop-map fusion, of stage 2's same-class
+exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
@@ -51,6 +53,7 @@ from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
 from pipeline.metrics import pseudo_box_metrics  # noqa: E402
 from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
+from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
@@ -228,6 +231,18 @@ def main(argv=None) -> int:
     image_only = FusePseudoBoxes(**{**common, "classifier_mode": "image_labels",
                                     "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0})
     timed("image-label-only classifier + CAM", [image_only])
+    # seeds 003 / 004: image-level networks with seed 003's CAM layer, maps from one forward pass per image; boxes
+    # without clicks (peaks, back-projection, contours) and the proposal-free click mode (--proposals none), all on
+    # the image-label classifier settings above; crops: the click classifier applied to the whole image
+    image_kw = {**common, "classifier_epochs": args.image_epochs, "classifier_max_crops_per_class": 0}
+    extent_tasks = {n: ImageExtentBoxes(**image_kw, cam_network=n) for n in ("gap", "gmp", "spam")}
+    free_tasks = {"spam": ProposalFreeBoxes(**image_kw, cam_network="spam"),
+                  "crops": ProposalFreeBoxes(**common, cam_network="crops")}
+    # Algorithm 1's ratio r (the default: tasks/defaults.py), the SPAM network's boxes without clicks
+    ratio_tasks = {f"SPAM-CAM seed 003 boxes, box_extent_ratio={r:g}" + (" (one stride cell)" if r < 0 else ""):
+                   ImageExtentBoxes(**image_kw, cam_network="spam", box_extent_ratio=r) for r in (0.5, 0.7, 0.9, -1.0)}
+    timed("seeds 003/004: GMP / SPAM networks, extent boxes, --proposals none",
+          [*extent_tasks.values(), *free_tasks.values(), *ratio_tasks.values()])
     ensemble = args.ensemble
     if ensemble is None and not args.extended:
         ensemble = ""
@@ -261,6 +276,9 @@ def main(argv=None) -> int:
 
     rows = floor_rows(data)
     rows.append({"method": "image labels only: full-image CAM, no clicks", **metrics_of(image_only)})
+    for name, title in (("gap", "GAP network"), ("gmp", "GMP-CAM (seed 004)"), ("spam", "SPAM-CAM (seed 003)")):
+        rows.append({"method": f"image labels only: {title}, seed 003 boxes (peaks, back-projection), no clicks",
+                     **metrics_of(extent_tasks[name])})
     layer_names = " + ".join(fused)
     rows.append({"method": f"Grad-CAM + clicks ({last})", **metrics_of(gradcam_last)})
     rows.append({"method": f"Grad-CAM + clicks ({layer_names})", **metrics_of(gradcam)})
@@ -278,6 +296,10 @@ def main(argv=None) -> int:
                  **metrics_of(two_tasks["area"])})
     two_rows = [len(rows) - 2, len(rows) - 1]
     sa_rows += two_rows
+    rows.append({"method": "--proposals none: SPAM-CAM whole-image map + click (no selective search)",
+                 **metrics_of(free_tasks["spam"])})
+    rows.append({"method": "--proposals none --cam-network crops: click classifier on the whole image + click",
+                 **metrics_of(free_tasks["crops"])})
     rows.append({"method": "MIL one click (paper 001, --box-method mil)", **metrics_of(mil_tasks["one"])})
     rows.append({"method": "MIL two clicks (paper 001, --clicks-per-object 2)", **metrics_of(mil_tasks["two"])})
     main_rows = len(rows)
@@ -304,7 +326,7 @@ def main(argv=None) -> int:
                      for k, v in variants.items()}
     timed("symmetry / T_cam / partition" + (" / fusion / exclusion" if args.extended else "") + " variants",
           list(variant_tasks.values()))
-    ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in variant_tasks.items()])
+    ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in {**variant_tasks, **ratio_tasks}.items()])
 
     out = REPO / args.out
     write_csv(table, out / "quality.csv")
@@ -318,7 +340,8 @@ def main(argv=None) -> int:
                + ("crop-map fusion and the same-class exclusion of stages 2 and 5 " if args.extended
                   else "the same-class partition of stage 5 ")
                + "(SA-CAM + clicks, default layer; one setting changed at a time)"
-               + (", and T_cam for the ensemble:" if ensemble else ":"))
+               + (", T_cam for the ensemble" if ensemble else "")
+               + ", and Algorithm 1's r of the SPAM network's boxes without clicks (seed 003):")
     from tasks.main import PseudoLabels, stage_rows, stage_table
 
     md = "\n\n".join([header, markdown(table), caption,

@@ -1,15 +1,17 @@
 """Class activation maps: Grad-CAM (paper Eq. 1-2) and SA-CAM (Eq. 3, = LayerCAM), click fusion (Eq. 4), and
 the HDF5 CAM store. This module gathers the public names of the modules that implement them:
 
-* :mod:`pipeline.cam_methods`: the CAM methods (pytorch-grad-cam style: one base class owns the hook and the one
-  batched forward/backward; each method is a tiny subclass overriding one hook), :func:`make_cam`;
+* :mod:`pipeline.cam_methods`: the CAM methods (pytorch-grad-cam style: one base class owns the hooks and the one
+  batched forward/backward, for one layer or several at once; each method is a tiny subclass overriding one hook),
+  :func:`make_cam`;
 * :mod:`pipeline.cam_crops`: crop extraction on the classifier's crop geometry and the fusion of a click's crop
   maps into one image-sized map (:func:`paste_and_fuse`, :data:`FUSIONS`);
 * :mod:`pipeline.cam_writer`: what to compute (:func:`click_entries`, :func:`image_entries`) and
   :func:`write_cam_store` (settings: :class:`CamStoreSettings`), resumable part by part, one shard of the global
   plan at a time;
 * :mod:`pipeline.cam_store`: the store's layout, the plan and its shards (:func:`shard_parts`), the reader
-  :class:`CamStore`, :func:`merge_cam_stores`, and :class:`FusedMaps` (one map per click from several stores).
+  :class:`CamStore` (one layer of a store), :func:`merge_cam_stores`, and :class:`FusedMaps` (one map per click
+  from several readers: layers and ensemble members).
 """
 from __future__ import annotations
 

@@ -12,8 +12,18 @@ Efficient path (default): the layers below the CAM layer run without autograd (t
 switches autograd on for the rest), and the backward runs only from the class scores down to the CAM layer,
 computing no weight gradients. Common CAM libraries instead backpropagate one crop at a time through the whole
 network to the input (``efficient=False`` keeps the graph below, for comparison).
+
+Several layers in one pass: ``SACAM(net, layers=("stage5_expand", "stage6"))`` hooks each layer; the graph is cut
+at the lowest one reached in the forward pass, and the one backward from the class scores yields every layer's
+gradient on its way down (``autograd.grad`` with all the layers' activations as inputs). Each layer's map comes
+from its own activation and gradient, exactly as a pass of its own would compute it::
+
+    with SACAM(net, layers=("stage5_expand", "stage6")) as cam:
+        by_layer = cam.forward_layers(crops, classes)   # {"stage5_expand": (B, h5, w5), "stage6": (B, h6, w6)}
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +87,10 @@ class ActivationsAndGradients:
             return None
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"CAM layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
-        if self.cut_below:
-            if not (output.is_leaf and output.requires_grad):  # (else another CAM's hook on this layer cut it)
+        # cut only where autograd is still off: the lowest hooked layer of the pass (a higher layer of the same
+        # pass is already in the graph; another CAM's hook on this same layer may have cut it already)
+        if self.cut_below and not torch.is_grad_enabled():
+            if not (output.is_leaf and output.requires_grad):
                 output = output.detach().requires_grad_(True)
             torch.set_grad_enabled(True)  # restored by the caller's no_grad() on exit
         self.activations = output
@@ -90,24 +102,33 @@ class ActivationsAndGradients:
 
 
 class BaseCAM:
-    """Shared machinery: hook, one batched forward/backward, per-method map from (activations, gradients).
+    """Shared machinery: hooks, one batched forward/backward, per-method map from (activations, gradients).
 
-    ``model``: a :class:`pipeline.backbones.ClassifierNet` (``layer`` by name, default its default CAM layer)
-    or any ``nn.Module`` with ``target_layer`` given as a module. Maps are raw (unnormalised) and float32.
+    ``model``: a :class:`pipeline.backbones.ClassifierNet` (``layer`` by name, default its default CAM layer; or
+    ``layers``, several names, all computed in one pass) or any ``nn.Module`` with ``target_layer`` (or
+    ``target_layers``) given as modules. Maps are raw (unnormalised) and float32.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, *, target_layer: nn.Module | None = None,
+    def __init__(self, model: nn.Module, layer: str | None = None, *, layers: Sequence[str] | None = None,
+                 target_layer: nn.Module | None = None, target_layers: Sequence[nn.Module] | None = None,
                  efficient: bool = True):
         self.model = model
-        if target_layer is None:
+        if target_layer is not None or target_layers is not None:
+            modules = [target_layer] if target_layer is not None else list(target_layers)
+            names = list(layers) if layers else ([layer] if layer else [type(m).__name__ for m in modules])
+        else:
             if not hasattr(model, "layer_module"):
                 raise TypeError("pass target_layer= for a model that is not a ClassifierNet")
-            self.layer = layer or model.default_cam_layer
-            target_layer = model.layer_module(self.layer)
-        else:
-            self.layer = layer or type(target_layer).__name__
+            names = list(layers) if layers else [layer or model.default_cam_layer]
+            modules = [model.layer_module(n) for n in names]
+        if not names or len(names) != len(modules) or len(set(names)) != len(names):
+            raise ValueError(f"CAM layers {names}: each layer once, one name per module")
+        if len({id(m) for m in modules}) != len(modules):
+            raise ValueError(f"CAM layers {names} name the same module twice")
+        self.layers: tuple[str, ...] = tuple(names)
+        self.layer = self.layers[0]
         self.efficient = efficient
-        self._hook = ActivationsAndGradients(target_layer, cut_below=efficient)
+        self._hooks = [ActivationsAndGradients(m, cut_below=efficient) for m in modules]
         self.outputs: torch.Tensor | None = None  # the model's logits of the last call (pytorch-grad-cam's name)
 
     # the one method a CAM variant overrides (either of them) ----------------------------------------------
@@ -124,38 +145,56 @@ class BaseCAM:
         return self.forward(x, targets)
 
     def forward(self, x: torch.Tensor, targets) -> torch.Tensor:
+        """The maps ``(B, h, w)`` of a one-layer CAM (:meth:`forward_layers` for several layers)."""
+        if len(self.layers) != 1:
+            raise ValueError(f"a CAM of layers {self.layers} gives one map per layer: call forward_layers()")
+        return self.forward_layers(x, targets)[self.layer]
+
+    def forward_layers(self, x: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+        """``{layer: (B, h, w) maps}`` of every layer, from one forward and one backward pass."""
         if x.device.type == "cpu" and x.shape[0] == 1 and _n_targets(targets) == 1:
             # a pass of ONE crop runs as two copies of it: on a CPU, oneDNN's batch-1 kernels (with several
             # threads) round differently from the batched ones, and where that flips a ReLU6 gate the map moves by
             # up to ~1% of its maximum, so a crop's map would depend on the size of the pass it lands in (the
             # last pass of a part, --cam-batch-size 1). Batches of 2 and more take the batched kernels.
-            maps = self.forward(torch.cat([x, x]), _repeat_targets(targets))
+            maps = self._one_pass(torch.cat([x, x]), _repeat_targets(targets))
             self.outputs = self.outputs[:1]
-            return maps[:1]
+            return {k: m[:1] for k, m in maps.items()}
+        return self._one_pass(x, targets)
+
+    def _one_pass(self, x: torch.Tensor, targets) -> dict[str, torch.Tensor]:
         if self.model.training:
             raise RuntimeError("CAMs need the model in eval mode (batch norm in train mode mixes the samples of a "
                                "batch); call model.eval() first")
-        self._hook.activations = None
+        for h in self._hooks:
+            h.activations = None
         grad_ctx = torch.no_grad() if self.efficient else torch.enable_grad()
         try:
             with grad_ctx:
-                self._hook.active = True
+                for h in self._hooks:
+                    h.active = True
                 logits = self.model(x)
                 self.outputs = logits.detach()
-                self._hook.active = False
-                acts = self._hook.activations
-                if acts is None:
-                    raise RuntimeError(f"the CAM layer {self.layer} was not reached in the forward pass")
+                for h in self._hooks:
+                    h.active = False
+                acts = [h.activations for h in self._hooks]
+                missing = [n for n, a in zip(self.layers, acts) if a is None]
+                if missing:
+                    raise RuntimeError(f"the CAM layer(s) {missing} were not reached in the forward pass")
                 scores = _target_scores(logits, targets)
-                (grads,) = torch.autograd.grad(scores.sum(), acts)
+                # one backward, from the class scores down to the lowest layer, every layer's gradient on the way
+                grads = torch.autograd.grad(scores.sum(), acts)
         finally:
-            self._hook.active = False
-            self._hook.activations = None
+            for h in self._hooks:
+                h.active = False
+                h.activations = None
         with torch.no_grad():
-            return self.cam_image(acts.detach().float(), grads.float()).float()
+            return {n: self.cam_image(a.detach().float(), g.float()).float()
+                    for n, a, g in zip(self.layers, acts, grads)}
 
     def release(self) -> None:
-        self._hook.release()
+        for h in self._hooks:
+            h.release()
 
     def __enter__(self) -> "BaseCAM":
         return self
@@ -187,6 +226,7 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {"sacam": SACAM, "gradcam": GradCAM}
 
 
 def make_cam(method: str, model: nn.Module, layer: str | None = None, **kwargs) -> BaseCAM:
+    """A CAM object of ``method`` (a name of :data:`CAM_METHODS`); ``layers=(...)`` for several layers."""
     try:
         cls = CAM_METHODS[method.lower()]
     except KeyError:

@@ -1,18 +1,20 @@
 """The CAM store: its layout, the global plan of parts and its shards, the reader, the merger of shards, and the
 fusion of several stores' maps.
 
-A store directory holds HDF5 parts ``cams-NNNNN.h5`` (one group per entry: the fused ``map`` as float16 with a
-``scale`` attribute, the ``crops``, their ``crop_probs`` and, for inspected images, each crop's ``crop_maps``),
-``plan.json`` (what the parts hold), ``index.csv`` (:data:`INDEX_COLUMNS`, one row per entry) and
-``summary.json``. :func:`pipeline.cam_writer.write_cam_store` writes one; :class:`CamStore` reads it back.
+A store directory holds HDF5 parts ``cams-NNNNN.h5`` (format :data:`STORE_FORMAT`, attributes ``format`` and
+``layers``, a JSON list; one group per entry: ``maps/<layer>``, the fused map of each CAM layer as float16 with a
+``scale`` attribute, all layers from the same forward/backward pass, the ``crops``, their ``crop_probs`` and, for
+inspected images, each crop's ``crop_maps/<layer>``), ``plan.json`` (what the parts hold), ``index.csv``
+(:data:`INDEX_COLUMNS`, one row per entry) and ``summary.json``. :func:`pipeline.cam_writer.write_cam_store` writes
+one; :class:`CamStore` reads it back, one layer per reader object (``CamStore(dir, layer)``).
 
 Sharding: the parts of one global plan (all entries, sorted image ids, ``images_per_part``) are split into
 contiguous ranges (:func:`shard_parts`); a shard computes its range into a directory of its own (a store of its
 entries), and :func:`merge_cam_stores` publishes the shards' parts as one store (hard links, an index over all
 parts). A part holds the same maps whatever the number of shards (passes never span parts).
 
-:class:`FusedMaps` reads one map per click from several stores (the CAM layers of ``--cam-layers`` and the
-``--cam-ensemble`` members) and averages them (:func:`pipeline.boxes.ensemble_map`).
+:class:`FusedMaps` reads one map per click from several readers (the CAM layers of ``--cam-layers``, from one
+store per backbone, and the ``--cam-ensemble`` members) and averages them (:func:`pipeline.boxes.ensemble_map`).
 """
 from __future__ import annotations
 
@@ -35,12 +37,13 @@ from .sharding import shard_bounds
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+#: 2: one map per CAM layer (``maps/<layer>``); 1 (before): one ``map`` per entry, one store per layer
+STORE_FORMAT = 2
 INDEX_COLUMNS = ["entry_id", "kind", "image_id", "class", "class_index", "x", "y", "n_crops", "height", "width",
                  "part"]
 #: settings every shard of one store must share (``batch_size`` may differ: it only changes how many crops go
 #: through the network at once, not what is computed)
-SHARED_SETTINGS = ("method", "layer", "crop_size", "fusion", "inspect_images", "backbone")
+SHARED_SETTINGS = ("method", "layers", "crop_size", "fusion", "inspect_images", "backbone")
 
 
 # -- the plan: parts and shards -------------------------------------------------------------------------------
@@ -102,13 +105,25 @@ def read_map(ds: h5py.Dataset) -> np.ndarray:
     return ds[()].astype(np.float32) * np.float32(ds.attrs["scale"] or 1.0)
 
 
+def check_part_format(f: h5py.File, path: str | os.PathLike) -> list[str]:
+    """The CAM layers of an open part, after checking it is of :data:`STORE_FORMAT` (a ``ValueError`` naming the
+    file otherwise)."""
+    fmt = f.attrs.get("format")
+    if fmt is None or int(fmt) != STORE_FORMAT:
+        raise ValueError(f"{path}: CAM store part of format {fmt}, this version reads format {STORE_FORMAT} (one map "
+                         "per CAM layer, all layers of a backbone in one store); recompute the CAM stage, e.g. "
+                         "make rerun STAGE=GenerateCAMsShard")
+    return list(json.loads(f.attrs["layers"]))
+
+
 def build_index(parts: Iterable[Path]) -> pd.DataFrame:
     rows = []
     for path in parts:
         with h5py.File(path, "r") as f:
+            layers = check_part_format(f, path)
             for key, g in f.items():
                 a = g.attrs
-                h, w = g["map"].shape
+                h, w = g["maps"][layers[0]].shape
                 rows.append((int(key), str(a["kind"]), str(a["image_id"]), str(a["class"]), int(a["class_index"]),
                              float(a["x"]), float(a["y"]), int(g["crops"].shape[0]), h, w, path.name))
     return pd.DataFrame(rows, columns=INDEX_COLUMNS)
@@ -238,18 +253,51 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 
 # -- reading --------------------------------------------------------------------------------------------------
 class CamStore:
-    """Reader of a CAM store directory (``index.csv`` + ``cams-*.h5``); HDF5 files are opened lazily on first
-    access (and not pickled, so a store can be handed to DataLoader workers).
+    """Reader of one CAM layer of a CAM store directory (``index.csv`` + ``cams-*.h5``); HDF5 files are opened
+    lazily on first access (and not pickled, so a store can be handed to DataLoader workers).
 
-    ``load(entry_id) -> (fused map float32 (H, W), meta)`` with meta keys ``entry_id, kind, image_id, class,
-    class_index, x, y, crops (N, 4), crop_probs (N,)`` (the classifier's probability of the class on each crop;
-    NaN in stores written before it was kept); in click mode entry ids are click ids.
+    ``layer``: which of the store's layers :meth:`load` reads (``None``: the store's first layer, the only one of a
+    one-layer store); :attr:`layers` lists them. ``load(entry_id) -> (fused map float32 (H, W), meta)`` with meta
+    keys ``entry_id, kind, image_id, class, class_index, x, y, crops (N, 4), crop_probs (N,)`` (the classifier's
+    probability of the class on each crop); in click mode entry ids are click ids.
     """
 
-    def __init__(self, stage_dir: str | os.PathLike):
+    def __init__(self, stage_dir: str | os.PathLike, layer: str | None = None):
         self.dir = Path(stage_dir)
         self._files: dict[str, h5py.File] = {}
         self._index: pd.DataFrame | None = None
+        self._layers: list[str] | None = None
+        self._layer = layer
+
+    @property
+    def layers(self) -> list[str]:
+        """The store's CAM layers, in the order they were requested."""
+        if self._layers is None:
+            plan = self.dir / "plan.json"
+            if plan.is_file() and "layers" in (rec := read_json(plan)):
+                self._layers = list(rec["layers"])
+            else:
+                parts = sorted(self.dir.glob("cams-*.h5"))
+                if not parts:
+                    raise FileNotFoundError(f"{self.dir}: no CAM store here (no plan.json, no cams-*.h5)")
+                with h5py.File(parts[0], "r") as f:
+                    self._layers = check_part_format(f, parts[0])
+        return self._layers
+
+    @property
+    def layer(self) -> str:
+        """The layer :meth:`load` reads."""
+        if self._layer is None:
+            return self.layers[0]
+        if self._layer not in self.layers:
+            raise KeyError(f"{self.dir}: the CAM store has no layer {self._layer!r}; it holds {self.layers}")
+        return self._layer
+
+    def with_layer(self, layer: str | None) -> "CamStore":
+        """A reader of another layer of the same store (its own open files)."""
+        view = CamStore(self.dir, layer)
+        view._index, view._layers = self._index, self._layers
+        return view
 
     @property
     def index(self) -> pd.DataFrame:
@@ -284,7 +332,13 @@ class CamStore:
             raise KeyError(f"{self.dir}: no CAM entry {entry_id}") from None
         f = self._files.get(part)
         if f is None:
-            f = self._files[part] = h5py.File(self.dir / part, "r")
+            f = h5py.File(self.dir / part, "r")
+            try:
+                check_part_format(f, self.dir / part)
+            except ValueError:
+                f.close()
+                raise
+            self._files[part] = f
         return f[str(int(entry_id))]
 
     def load(self, entry_id: int) -> tuple[np.ndarray, dict]:
@@ -295,12 +349,12 @@ class CamStore:
         meta = {"entry_id": int(entry_id), "kind": str(a["kind"]), "image_id": str(a["image_id"]),
                 "class": str(a["class"]), "class_index": int(a["class_index"]), "x": float(a["x"]),
                 "y": float(a["y"]), "crops": crops, "crop_probs": probs}
-        return read_map(g["map"]), meta
+        return read_map(g["maps"][self.layer]), meta
 
     def load_crop_maps(self, entry_id: int) -> np.ndarray | None:
-        """Each crop's raw map ``(N, h, w)`` for entries of inspected images, else None."""
+        """Each crop's raw map ``(N, h, w)`` at :attr:`layer` for entries of inspected images, else None."""
         g = self._group(entry_id)
-        return read_map(g["crop_maps"]) if "crop_maps" in g else None
+        return read_map(g["crop_maps"][self.layer]) if "crop_maps" in g else None
 
     def close(self) -> None:
         for f in self._files.values():
@@ -314,7 +368,7 @@ class CamStore:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"dir": self.dir, "_files": {}, "_index": self._index}
+        return {"dir": self.dir, "_files": {}, "_index": self._index, "_layers": self._layers, "_layer": self._layer}
 
     def __del__(self):
         with contextlib.suppress(Exception):
@@ -323,8 +377,9 @@ class CamStore:
 
 # -- several stores -------------------------------------------------------------------------------------------
 class FusedMaps:
-    """One map per click from several CAM stores (the layers of ``--cam-layers``, the ``--cam-ensemble``
-    members): the one store's map, or the mean of all stores' maps, each scaled to a maximum of 1
+    """One map per click from several CAM store readers (each a :class:`CamStore` bound to one layer: the layers of
+    ``--cam-layers``, the ``--cam-ensemble`` members): the one reader's map, or the mean of all their maps, each
+    scaled to a maximum of 1
     (:func:`pipeline.boxes.ensemble_map`; a missing or unusable map is left out of the mean).
 
     The first store is the main one: its metadata is returned, and in the image-label-only mode its entries are

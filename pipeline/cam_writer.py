@@ -5,6 +5,7 @@ each part atomically, so a killed run resumes by skipping finished parts.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -149,7 +150,9 @@ class CamStoreSettings:
     """How :func:`write_cam_store` computes and stores the maps (its keyword arguments are these fields)."""
 
     method: str = "sacam"  # a name of pipeline.cam_methods.CAM_METHODS
-    layer: str | None = None  # None: the model's default CAM layer
+    layers: Sequence[str] | str | None = None  # CAM layers, all computed in one forward/backward pass and stored
+    #                                           per layer (a comma-separated string or a sequence); None: the
+    #                                           model's default CAM layer
     crop_size: int | None = None  # crops resized to this square; None: the model's input size
     batch_size: int = 0  # crops per forward/backward pass (cut across images; the last of a part smaller);
     #                      0: auto_batch_size(device)
@@ -168,6 +171,17 @@ class CamStoreSettings:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:  # before any work
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {FUSIONS}")
+        layers = self.layer_names()
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"CAM layers {layers}: each layer once")
+
+    def layer_names(self, model: nn.Module | None = None) -> list[str]:
+        """The CAM layers, in the given order (the model's default CAM layer when none are given)."""
+        raw = self.layers.split(",") if isinstance(self.layers, str) else list(self.layers or ())
+        names = [str(x).strip() for x in raw if str(x).strip()]
+        if not names and model is not None:
+            names = [getattr(model, "default_cam_layer", None) or "layer"]
+        return names
 
     def shard_pair(self) -> tuple[int, int]:
         return (0, 1) if self.shard is None else (int(self.shard[0]), int(self.shard[1]))
@@ -175,7 +189,7 @@ class CamStoreSettings:
     def recorded(self, model: nn.Module) -> dict:
         """The settings a store records (``plan.json``, ``summary.json``, each part's attributes), resolved for
         ``model``; the plan's digest covers them."""
-        return {"method": self.method, "layer": self.layer or getattr(model, "default_cam_layer", None),
+        return {"method": self.method, "layers": self.layer_names(model),
                 "crop_size": int(self.crop_size or getattr(model, "input_size", 224)),
                 "batch_size": int(self.batch_size) if self.batch_size >= 1 else auto_batch_size(self.device),
                 "fusion": self.fusion,
@@ -220,7 +234,7 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
 
     total_crops = sum(len(e.crops) for i in todo for img in plan[i] for e in by_image[img])
     t0, n_crops = time.time(), 0
-    with make_cam(s.method, model, recorded["layer"]) as cam, tqdm(
+    with make_cam(s.method, model, layers=recorded["layers"]) as cam, tqdm(
             total=total_crops, unit="crop", desc=f"{s.method} CAMs", disable=not s.progress, smoothing=0.1) as bar:
         ctx = _PassContext(cam, recorded["crop_size"], model.mean, model.std, recorded["batch_size"], device,
                            memory_format, s.fusion, s.compression, s.compression_level,
@@ -281,7 +295,8 @@ def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Ite
     number of crops. The part's crops, in entry order, go through forward/backward batches of exactly
     ``ctx.batch_size`` crops, cut across images (the last batch of the part smaller): :class:`_CropQueue`."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
-        f.attrs.update({"format": STORE_FORMAT, **{k: str(v) for k, v in recorded.items()}})
+        f.attrs.update({"format": STORE_FORMAT, **{k: str(v) for k, v in recorded.items() if k != "layers"},
+                        "layers": json.dumps(recorded["layers"])})
         queue = _CropQueue(ctx, f)
         for _ in image_ids:
             image_id, img_path, img = next(images)
@@ -307,7 +322,8 @@ class _CropQueue:
     """The crops of one part's images in arrival order, computed in forward/backward batches of exactly
     ``ctx.batch_size`` crops as soon as that many are waiting (so image decoding in DataLoader workers overlaps the
     batches), the rest in one smaller batch at :meth:`finish`; an image's entries are pasted, fused
-    (``ctx.fusion``) and stored once all its crops have maps.
+    (``ctx.fusion``) and stored once all its crops have maps (one map per CAM layer, all from the same pass; the
+    fusion weights, from the crops' class probabilities, are the same for every layer).
 
     Why one batch size: :func:`pipeline.device.keep_freed_memory` keeps freed blocks in the heap, and batches of
     one size allocate the same tensors every time, so the heap is reused; passes that ended at image boundaries
@@ -319,7 +335,8 @@ class _CropQueue:
         self.images: list[tuple[str, torch.Tensor, list[CamEntry], int]] = []  # not stored yet: id, image, crops
         self.todo: list[tuple[int, np.ndarray, int]] = []  # crops without maps: (index in images, box, class)
         self.first = 0  # self.images[0]'s index among the part's images
-        self.maps: list[torch.Tensor] = []  # maps (and probabilities) of the crops of self.images computed so far
+        self.maps: dict[str, list[torch.Tensor]] = {n: [] for n in ctx.cam.layers}  # per layer: maps (and
+        #                                   probabilities) of the crops of self.images computed so far
         self.probs: list[torch.Tensor] = []
         self.n_crops = 0
 
@@ -345,37 +362,46 @@ class _CropQueue:
                                      ctx.std) for j in dict.fromkeys(owners)]).contiguous(
             memory_format=ctx.memory_format)
         t = torch.tensor([c for _, _, c in batch], dtype=torch.long, device=ctx.device)
-        self.maps.append(ctx.cam(x, t))
+        for layer, m in ctx.cam.forward_layers(x, t).items():
+            self.maps[layer].append(m)
         self.probs.append(torch.softmax(ctx.cam.outputs.float(), 1).gather(1, t[:, None])[:, 0])
         ctx.bar.update(n)
 
     def _store_finished(self) -> None:
         """Store the leading images whose crops all have maps."""
-        done = sum(len(m) for m in self.maps)
+        done = sum(len(p) for p in self.probs)
         if not self.images or self.images[0][3] > done:
             return
-        maps, probs = torch.cat(self.maps), torch.cat(self.probs)
+        maps, probs = {n: torch.cat(m) for n, m in self.maps.items()}, torch.cat(self.probs)
         k = 0
         while self.images and k + self.images[0][3] <= done:
             image_id, gimg, ents, n = self.images.pop(0)
             self.first += 1
             hw = tuple(gimg.shape[-2:])
             for e in ents:
-                m, p = maps[k:k + len(e.crops)], probs[k:k + len(e.crops)]
+                p = probs[k:k + len(e.crops)]
+                weights = fusion_weights(self.ctx.fusion, p)
+                m = {n: lm[k:k + len(e.crops)] for n, lm in maps.items()}
                 k += len(e.crops)
-                fused = paste_maps(m, e.crops, hw, fusion_weights(self.ctx.fusion, p)).cpu().numpy()
+                fused = {n: paste_maps(lm, e.crops, hw, weights).cpu().numpy() for n, lm in m.items()}
                 _store_entry(self.ctx, self.f, e, fused, p, m if image_id in self.ctx.inspect else None)
             self.n_crops += n
-        self.maps, self.probs = [maps[k:]], [probs[k:]]
+        self.maps, self.probs = {n: [lm[k:]] for n, lm in maps.items()}, [probs[k:]]
 
 
-def _store_entry(ctx: _PassContext, f: h5py.File, e: CamEntry, fused: np.ndarray, probs: torch.Tensor,
-                 crop_maps: torch.Tensor | None) -> None:
+def _store_entry(ctx: _PassContext, f: h5py.File, e: CamEntry, fused: dict[str, np.ndarray], probs: torch.Tensor,
+                 crop_maps: dict[str, torch.Tensor] | None) -> None:
+    """One entry's group: ``maps/<layer>`` (the fused map of each layer), ``crops``, ``crop_probs`` and, for
+    inspected images, ``crop_maps/<layer>`` (layout: :mod:`pipeline.cam_store`)."""
     g = f.create_group(str(e.entry_id))
-    store_map(g, "map", fused, ctx.compression, ctx.compression_level)
+    maps = g.create_group("maps", track_order=True)
+    for layer, m in fused.items():
+        store_map(maps, layer, m, ctx.compression, ctx.compression_level)
     g.create_dataset("crops", data=np.asarray(e.crops, np.float32), track_times=False)
     g.create_dataset("crop_probs", data=probs.cpu().numpy().astype(np.float32), track_times=False)
     g.attrs.update({"kind": e.kind, "image_id": e.image_id, "class": e.cls,
                     "class_index": int(e.class_index), "x": float(e.x), "y": float(e.y)})
     if crop_maps is not None:
-        store_map(g, "crop_maps", crop_maps.cpu().numpy(), ctx.compression, ctx.compression_level)
+        cg = g.create_group("crop_maps", track_order=True)
+        for layer, m in crop_maps.items():
+            store_map(cg, layer, m.cpu().numpy(), ctx.compression, ctx.compression_level)

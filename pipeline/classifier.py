@@ -2,7 +2,8 @@
 
 The classifier is fine-tuned on the proposals kept for each click (``selected.parquet`` of the SelectProposals stage),
 each crop labelled with its click's class (``num_classes`` = the dataset's classes). The image-label-only variant
-(paper, Table IV) trains the same network on whole images with multi-label targets (``BCEWithLogitsLoss``).
+(paper, Table IV) trains the same network on whole images with multi-label targets (``BCEWithLogitsLoss``), or,
+with seed 003's CAM layer and a GMP / SPAM pooling in place of its head (:mod:`pipeline.pooling`), that network.
 
 Pieces:
 
@@ -701,7 +702,8 @@ def _jsonable(obj) -> object:
 def save_classifier(path: str | os.PathLike, model: nn.Module, classes: Sequence[str],
                     meta: dict | None = None) -> Path:
     """Write ``model.pt``: ``{format, version, backbone, classes, input_size, mean, std, state_dict, meta}``
-    (tensors on the CPU, ``meta`` made JSON-like), atomically."""
+    (tensors on the CPU, ``meta`` made JSON-like), atomically; a network with a CAM-layer head
+    (:func:`pipeline.pooling.with_cam_head`) adds ``cam_head: {pooling, layer}``."""
     classes = [str(c) for c in classes]
     n_out = getattr(model, "num_classes", None)
     if n_out is not None and n_out != len(classes):
@@ -712,6 +714,8 @@ def save_classifier(path: str | os.PathLike, model: nn.Module, classes: Sequence
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "meta": _jsonable(meta or {}),
     }
+    if hasattr(model, "pooling"):  # a CAM-layer head (pipeline.pooling.with_cam_head): rebuilt by load_classifier
+        payload["cam_head"] = {"pooling": model.pooling, "layer": model.feature_layer}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
@@ -736,6 +740,10 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "auto"
                          f"(this code reads version {MODEL_FORMAT_VERSION})")
     classes = tuple(payload["classes"])
     model = build_backbone(payload["backbone"], len(classes), weights="random")
+    if "cam_head" in payload:  # seed 003's CAM layer + global pooling (pipeline.pooling)
+        from .pooling import with_cam_head
+
+        model = with_cam_head(model, payload["cam_head"]["pooling"], payload["cam_head"]["layer"])
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as e:

@@ -359,6 +359,37 @@ def check_clicks(clicks: pd.DataFrame, objects: pd.DataFrame | None, path, on_ba
     return clicks[keep].reset_index(drop=True), {"duplicates": int(dup.sum()), "bad_object_index": int(bad_obj.sum())}
 
 
+#: the split of the images :func:`hold_out` takes out of trainval
+HOLDOUT_SPLIT = "holdout"
+
+
+def hold_out(manifest: Manifest, n: int, seed: int) -> Manifest:
+    """The manifest with ``n`` of its trainval images moved to split :data:`HOLDOUT_SPLIT`: an evaluation set with
+    ground truth only. Their clicks are dropped, so nothing computed from clicks (pseudo boxes, the detector trained
+    on them) sees these images; the ground-truth detector trains on the remaining trainval images alike. The images
+    are a seeded choice (``seed``: the data seed) among the sorted trainval ids, so the split depends only on the
+    ids, ``n`` and the seed. Needs ground truth; ``n`` must leave at least one trainval image."""
+    if n <= 0:
+        return manifest
+    if not len(manifest.objects):
+        raise DatasetError(f"a held-out evaluation split ({n} images) needs ground truth; this dataset has none "
+                           "(give --gt with --images)")
+    ids = np.array(sorted(set(manifest.split("trainval").image_id)), dtype=object)
+    if n >= len(ids):
+        raise DatasetError(f"cannot hold out {n} of the {len(ids)} trainval images: at least one must stay for "
+                           "training")
+    picked = set(ids[np.random.default_rng([int(seed), 26]).permutation(len(ids))[:n]])
+    images = manifest.images.copy()
+    images.loc[(images.split == "trainval") & images.image_id.isin(picked), "split"] = HOLDOUT_SPLIT
+    dropped = manifest.clicks.image_id.isin(picked)
+    clicks = manifest.clicks[~dropped].reset_index(drop=True)  # click ids stay those of the full run
+    report = {**manifest.report, "holdout": {"images": int(n), "seed": int(seed), "clicks_dropped": int(dropped.sum())}}
+    report["counts"] = {**report.get("counts", {}), "clicks": int(len(clicks)),
+                        "images": {s: int((images.split == s).sum()) for s in sorted(set(images.split))}}
+    log.info("held out %d trainval images (%d clicks dropped) as split %r", n, int(dropped.sum()), HOLDOUT_SPLIT)
+    return Manifest(images, manifest.objects, clicks, manifest.classes, manifest.voc_root, report)
+
+
 def _manifest(images, objects, clicks, classes, click_report, report, voc_root) -> Manifest:
     """Sort and number the clicks (``click_id``) and count what the manifest holds."""
     if clicks.empty:

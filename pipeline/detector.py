@@ -1,4 +1,5 @@
-"""Stage 6: Fast R-CNN on external (selective-search) proposals, built from torchvision's detection parts.
+"""Stage 6: Fast R-CNN on external (selective-search) proposals, built from torchvision's detection parts, and
+(``arch="faster_rcnn"``, :class:`FasterRCNN`) the same detector with torchvision's ``RegionProposalNetwork``.
 
 The model (:class:`FastRCNN`) is a torchvision ``GeneralizedRCNN`` whose ``rpn`` is :class:`ExternalProposals`:
 it takes the image's precomputed proposals (original-image coordinates) and scales them with the images.
@@ -48,10 +49,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, remove_small_boxes, roi_pool
 
@@ -65,6 +68,8 @@ from .engine import checkpoint as checkpoints
 log = logging.getLogger(__name__)
 
 BOX_SOURCES = ("pseudo", "gt", "voc_dir", "coco")
+#: fast_rcnn: external (selective-search) proposals; faster_rcnn: torchvision's RegionProposalNetwork, no proposals
+ARCHS = ("fast_rcnn", "faster_rcnn")
 POOLERS = ("auto", "roi_pool", "roi_align")
 BOX = ["x1", "y1", "x2", "y2"]
 
@@ -91,6 +96,7 @@ class DetectorNonFiniteError(DetectorError, NonFiniteLossError):
 class DetectorConfig:
     """Everything that defines a detector and its training; stored in every checkpoint (``args``)."""
 
+    arch: str = "fast_rcnn"            # one of ARCHS
     backbone: str = "vgg16"
     weights: str = "imagenet"          # "imagenet", a state-dict path, or "random" (tests / timing only)
     trunk_layer: str = ""              # "" = the backbone's default (BACKBONE_DEFAULTS)
@@ -123,12 +129,25 @@ class DetectorConfig:
     detections_per_img: int = 100
     num_workers: int = 0
     seed: int = 0
+    # faster_rcnn only: the RPN (torchvision's RegionProposalNetwork on the one stride-16 feature map; Faster R-CNN's
+    # anchors of 3 aspect ratios, here 5 sizes for the smaller images; fg IoU >= 0.7, bg < 0.3, 256 anchors per
+    # image, half foreground; NMS 0.7 on the proposals)
+    rpn_anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    rpn_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_train: int = 2000      # proposals per image before / after NMS, training
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000       # ... and at test time
+    rpn_post_nms_test: int = 300
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_per_image: int = 256
     #: fields a resumed run may change: they do not change what the finished epochs computed (the lr schedule,
     #: milestones and warmup, does not depend on the total number of epochs, so a run can be extended)
     RUNTIME_FIELDS = ("epochs", "num_workers")
 
     def resolved(self) -> "DetectorConfig":
         """A copy with the backbone-dependent defaults filled in and every value checked."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown detector architecture {self.arch!r}; choose one of {ARCHS}")
         if self.backbone not in BACKBONE_DEFAULTS:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {tuple(BACKBONE_DEFAULTS)}")
         d = BACKBONE_DEFAULTS[self.backbone]
@@ -145,17 +164,23 @@ class DetectorConfig:
                        reduce_channels=d["reduce_channels"] if self.reduce_channels < 0 else self.reduce_channels,
                        lr_steps=tuple(int(s) for s in self.lr_steps))
 
+    #: the fields held as tuples (lists in a checkpoint's ``args``)
+    TUPLE_FIELDS = ("lr_steps", "rpn_anchor_sizes", "rpn_aspect_ratios")
+
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["lr_steps"] = list(self.lr_steps)
+        for k in self.TUPLE_FIELDS:
+            out[k] = list(out[k])
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "DetectorConfig":
+        """The config of a checkpoint's ``args`` (written before ``arch`` existed: fast_rcnn, the default)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if "lr_steps" in kw:
-            kw["lr_steps"] = tuple(kw["lr_steps"])
+        for k in cls.TUPLE_FIELDS:
+            if k in kw:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
 
 
@@ -291,9 +316,9 @@ class FastRCNN(GeneralizedRCNN):
         freeze_batchnorm(self.backbone)  # frozen BatchNorm: running statistics are never updated
         return self
 
-    def forward(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
+    def forward(self, images: list[torch.Tensor], proposals: list[torch.Tensor] | None,
                 targets: list[dict[str, torch.Tensor]] | None = None):
-        if len(images) != len(proposals):
+        if proposals is not None and len(images) != len(proposals):
             raise ValueError(f"{len(images)} images but {len(proposals)} proposal sets")
         if self.training:
             if targets is None:
@@ -307,11 +332,26 @@ class FastRCNN(GeneralizedRCNN):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         images_t, targets_t = self.transform(images, targets)
         features = self.backbone(images_t.tensors)
-        props, _ = self.rpn(images_t, proposals, original_sizes)
-        detections, losses = self.roi_heads(features, props, images_t.image_sizes, targets_t)
+        props, losses = self.propose(images_t, features, proposals, original_sizes, targets_t)
+        detections, det_losses = self.roi_heads(features, props, images_t.image_sizes, targets_t)
         if self.training:
-            return losses
+            return {**losses, **det_losses}
         return self.transform.postprocess(detections, images_t.image_sizes, original_sizes)
+
+    def propose(self, images_t: ImageList, features, proposals, original_sizes, targets_t):
+        """The RoIs of each image (resized-image coordinates) and the proposal losses (none here)."""
+        if proposals is None:
+            raise ValueError("a Fast R-CNN needs proposals for every image")
+        return self.rpn(images_t, proposals, original_sizes)
+
+
+class FasterRCNN(FastRCNN):
+    """The same detector with torchvision's ``RegionProposalNetwork`` as its ``rpn``: it proposes its own RoIs
+    (trained with the RPN's objectness and box losses, ``loss_objectness`` and ``loss_rpn_box_reg``, added to the
+    RoI heads'); ``proposals`` are ignored (pass ``None``)."""
+
+    def propose(self, images_t: ImageList, features, proposals, original_sizes, targets_t):
+        return self.rpn(images_t, features, targets_t)
 
 
 def dilate_to_stride(trunk: nn.Sequential, current_stride: int, target_stride: int) -> int:
@@ -348,7 +388,8 @@ def _freeze_through(trunk: nn.Sequential, name: str) -> None:
 
 
 def build_detector(classes: Sequence[str], config: DetectorConfig | None = None) -> FastRCNN:
-    """A Fast R-CNN for ``classes`` (background added as label 0) from the project's backbones."""
+    """A Fast R-CNN (``config.arch`` fast_rcnn) or Faster R-CNN (faster_rcnn: :class:`FasterRCNN`) for ``classes``
+    (background added as label 0) from the project's backbones; both share the trunk, pooler and box head."""
     from . import backbones
 
     cfg = (config or DetectorConfig()).resolved()
@@ -391,6 +432,16 @@ def build_detector(classes: Sequence[str], config: DetectorConfig | None = None)
         nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
         nn.init.zeros_(predictor.cls_score.bias)
         nn.init.zeros_(predictor.bbox_pred.bias)
+        if cfg.arch == "faster_rcnn":
+            anchors = AnchorGenerator((tuple(cfg.rpn_anchor_sizes),), (tuple(cfg.rpn_aspect_ratios),))
+            rpn = RegionProposalNetwork(
+                anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+                bg_iou_thresh=0.3, batch_size_per_image=cfg.rpn_batch_per_image, positive_fraction=0.5,
+                pre_nms_top_n=dict(training=cfg.rpn_pre_nms_train, testing=cfg.rpn_pre_nms_test),
+                post_nms_top_n=dict(training=cfg.rpn_post_nms_train, testing=cfg.rpn_post_nms_test),
+                nms_thresh=cfg.rpn_nms_thresh)
+        else:
+            rpn = ExternalProposals(cfg.max_proposals, cfg.min_proposal_size)
     roi_heads = FastRCNNRoIHeads(
         pooler, head, predictor,
         fg_iou_thresh=cfg.fg_iou, bg_iou_thresh=cfg.bg_iou_hi,
@@ -399,8 +450,8 @@ def build_detector(classes: Sequence[str], config: DetectorConfig | None = None)
         detections_per_img=cfg.detections_per_img, bg_iou_lo=cfg.bg_iou_lo, bg_iou_hi=cfg.bg_iou_hi)
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, list(d["mean"]), list(d["std"]),
                                          size_divisible=32)
-    rpn = ExternalProposals(cfg.max_proposals, cfg.min_proposal_size)
-    return FastRCNN(backbone, rpn, roi_heads, transform, classes, cfg)
+    model_class = FasterRCNN if cfg.arch == "faster_rcnn" else FastRCNN
+    return model_class(backbone, rpn, roi_heads, transform, classes, cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -430,12 +481,12 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     ``images``: ``image_id, path`` (``width, height`` checked against the decoded image when present);
     ``proposals``: ``store[image_id] -> (K, 4)`` (a :class:`pipeline.proposals.ProposalStore`, a dict, or a
-    callable); ``boxes``: ``image_id, class, x1..y2`` or ``None`` at test time. Item ``i`` is
+    callable), or ``None`` for a detector that proposes its own (every item then has no proposals); ``boxes``: ``image_id, class, x1..y2`` or ``None`` at test time. Item ``i`` is
     ``(image (3,H,W) float 0..1, proposals (K,4), target {"boxes", "labels" (1-based), "image_id"}, image_id)``.
     With ``flip``, an item is mirrored when ``rng(seed, epoch, i)`` says so (call :meth:`set_epoch`).
     """
 
-    def __init__(self, images: pd.DataFrame, proposals: ProposalSource, classes: Sequence[str],
+    def __init__(self, images: pd.DataFrame, proposals: ProposalSource | None, classes: Sequence[str],
                  boxes: pd.DataFrame | None = None, flip: bool = False, seed: int = 0):
         self.images = images.reset_index(drop=True)
         self.proposals = proposals
@@ -474,7 +525,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         h, w = img.shape[:2]
         if "width" in row and "height" in row and (int(row["width"]), int(row["height"])) != (w, h):
             raise DetectorError(f"{row['path']}: image is {w}x{h} but the dataset says {row['width']}x{row['height']}")
-        props = _get_proposals(self.proposals, image_id)
+        props = np.zeros((0, 4), np.float32) if self.proposals is None else _get_proposals(self.proposals, image_id)
         boxes, labels = self.boxes.get(image_id, (np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
         if self.flipped(i):
             img = img[:, ::-1]

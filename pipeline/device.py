@@ -71,6 +71,51 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system, seconds) of this process and its descendants: the children it has waited for
+    (``getrusage``), and on Linux every live descendant with the children that one has waited for (``/proc``), e.g.
+    a multiprocessing forkserver and the selective-search or DataLoader workers it started and reaped. The
+    difference of two readings is the CPU time the process tree spent between them."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + _live_descendants_cpu()
+
+
+def _live_descendants_cpu() -> float:
+    """Sum of utime + stime + cutime + cstime of this process's live descendants (0 where /proc is missing)."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... (man 5 proc)
+        children.setdefault(int(fields[1]), []).append(pid)
+        cpu[pid] = sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    total, todo = 0.0, list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def peak_rss_mb() -> dict:
     """Peak resident memory in MB: ``process`` (this process since :func:`reset_peak_rss`, or since it started) and
     ``children`` (the largest child process this process waited for, e.g. DataLoader workers; since start)."""

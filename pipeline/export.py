@@ -75,11 +75,13 @@ def read_pseudo_labels(path: str | os.PathLike) -> pd.DataFrame:
 
 # -- VOC ---------------------------------------------------------------------------------------------------
 def write_voc_annotations(boxes: pd.DataFrame, images: pd.DataFrame, out_dir: str | os.PathLike,
-                          folder: str = "VOC2007", include_empty: bool = False) -> list[Path]:
+                          folder: str = "VOC2007", include_empty: bool = False,
+                          with_scores: bool = False) -> list[Path]:
     """One VOC XML file per image under ``out_dir`` (the ``Annotations/`` folder) holding its pseudo boxes.
 
     ``images`` gives ``image_id, width, height``. Images without boxes get an object-less file only with
-    ``include_empty``. Raises ValueError for a box of an image not in ``images``.
+    ``include_empty``. ``with_scores`` writes each box's ``score`` column as the object's ``<score>`` (detections).
+    Raises ValueError for a box of an image not in ``images``.
     """
     out_dir = Path(out_dir)
     imgs = _images_table(images).set_index("image_id")
@@ -92,10 +94,12 @@ def write_voc_annotations(boxes: pd.DataFrame, images: pd.DataFrame, out_dir: st
     written = []
     for image_id in ids:
         rows = b.iloc[groups[image_id]] if image_id in groups else b.iloc[:0]
-        objs = [VOCObject(str(r["class"]), float(r.x1), float(r.y1), float(r.x2), float(r.y2))
-                for _, r in rows.iterrows()]
+        objs = [VOCObject(str(r["class"]), float(r.x1), float(r.y1), float(r.x2), float(r.y2),
+                          score=float(r["score"]) if with_scores else None) for _, r in rows.iterrows()]
         w, h = int(imgs.at[image_id, "width"]), int(imgs.at[image_id, "height"])
-        written.append(write_annotation(out_dir / f"{image_id}.xml", image_id, w, h, objs, folder=folder))
+        name = Path(imgs.at[image_id, "path"]).name if "path" in imgs.columns else None
+        written.append(write_annotation(out_dir / f"{image_id}.xml", image_id, w, h, objs, folder=folder,
+                                        filename=name))
     return written
 
 

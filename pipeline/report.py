@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -273,6 +274,58 @@ def write_report(out_dir: str | os.PathLike, boxes: pd.DataFrame, images: pd.Dat
     style = ("<style>body{font-family:sans-serif;margin:1em 2em}table{border-collapse:collapse;margin:0.5em 0}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right;font-size:90%}"
              "img{max-width:100%}</style>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}</head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+    return write_text(out_dir / "index.html", page)
+
+
+def _safe_name(image_id: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(image_id))
+
+
+def plot_detections(image_path: str, dets: pd.DataFrame, path: str | os.PathLike, display_side: int = 640,
+                    inches: float = 6.4) -> Path:
+    """One image (stored pixel frame, :func:`read_image`) with its detections drawn: box, class and score."""
+    img = read_image(image_path)
+    h, w = img.shape[:2]
+    fig = Figure(figsize=(inches, inches * h / w))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(_downscale(img, display_side), extent=(0, w, h, 0), interpolation="nearest")
+    colors = colormaps["tab20"]
+    for d in dets.itertuples(index=False):
+        color = colors(zlib.crc32(str(d[1]).encode()) % 20)  # a class's colour, the same every run
+        ax.add_patch(Rectangle((d.x1, d.y1), d.x2 - d.x1, d.y2 - d.y1, fill=False, ec=color, lw=2.0))
+        ax.text(d.x1, d.y1, f"{d[1]} {d.score:.2f}", fontsize=8, color="black", va="bottom",
+                bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.axis("off")
+    return _save(fig, Path(path), dpi=100)
+
+
+def write_detection_page(out_dir: str | os.PathLike, dets: pd.DataFrame, images: pd.DataFrame,
+                         show_score: float = 0.5, max_images: int = 100, title: str = "clickscale detections",
+                         summary: Mapping | None = None) -> Path:
+    """``out_dir/index.html``: per image (``images``: ``image_id, path``, in order) its name, detection counts and,
+    for the first ``max_images``, an overlay PNG (``overlays/``) of its detections scoring ``>= show_score``;
+    ``summary`` (speed, counts, model) as a table on top. Returns the HTML path."""
+    out_dir = Path(out_dir)
+    d = dets.assign(image_id=dets["image_id"].astype(str))
+    groups = {k: g for k, g in d.groupby("image_id", sort=False)}
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if summary:
+        parts.append(_table(summary))
+    parts.append(f"<p>Boxes drawn: score &ge; {show_score:g}; the detection files hold every detection.</p>")
+    for k, r in enumerate(images.drop_duplicates("image_id").itertuples(index=False)):
+        g = groups.get(str(r.image_id), d.iloc[:0])
+        shown = g[g.score >= show_score]
+        parts.append(f"<h3>{html.escape(str(r.image_id))} <small>({html.escape(Path(r.path).name)}: "
+                     f"{len(g)} detections, {len(shown)} shown)</small></h3>")
+        if k < max_images:
+            name = f"overlays/{_safe_name(r.image_id)}.png"
+            plot_detections(r.path, shown, out_dir / name)
+            parts.append(f'<img src="{html.escape(name)}" alt="{html.escape(str(r.image_id))}">')
+    style = "<style>body{font-family:sans-serif;margin:1em 2em}img{max-width:100%}td,th{padding:2px 8px}</style>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}</head>"
             f"<body>{''.join(parts)}</body></html>\n")
     return write_text(out_dir / "index.html", page)

@@ -35,6 +35,7 @@ class VOCObject:
     y2: float
     difficult: bool = False
     truncated: bool = False
+    score: float | None = None  # a detection's confidence, written as <score> (readers ignore it)
 
 
 @dataclass
@@ -182,11 +183,12 @@ def load_voc(voc_root: str | os.PathLike, splits: Iterable[str] = ("trainval", "
 
 
 def annotation_xml(image_id: str, width: int, height: int, objects: Iterable[VOCObject],
-                   folder: str = "VOC2007", depth: int = 3) -> str:
-    """VOC XML text for an image; boxes given in 0-based continuous coordinates, written 1-based inclusive."""
+                   folder: str = "VOC2007", depth: int = 3, filename: str | None = None) -> str:
+    """VOC XML text for an image; boxes given in 0-based continuous coordinates, written 1-based inclusive.
+    ``filename``: the image's file name (default ``<image_id>.jpg``)."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = folder
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
+    ET.SubElement(root, "filename").text = filename or f"{image_id}.jpg"
     size = ET.SubElement(root, "size")
     ET.SubElement(size, "width").text = str(int(width))
     ET.SubElement(size, "height").text = str(int(height))
@@ -198,6 +200,8 @@ def annotation_xml(image_id: str, width: int, height: int, objects: Iterable[VOC
         ET.SubElement(node, "pose").text = "Unspecified"
         ET.SubElement(node, "truncated").text = str(int(o.truncated))
         ET.SubElement(node, "difficult").text = str(int(o.difficult))
+        if o.score is not None:
+            ET.SubElement(node, "score").text = f"{float(o.score):.6f}"
         bb = ET.SubElement(node, "bndbox")
         xmin = max(1, int(round(o.x1)) + 1)
         ymin = max(1, int(round(o.y1)) + 1)

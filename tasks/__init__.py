@@ -3,6 +3,9 @@
     PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
     PrepareDataset -> SelectiveSearch + TrainClassifier -> MILBoxes -> PseudoLabels (--box-method mil)
+    TrainFastRCNN (or --detect-model) -> Detect (a folder of new images)
+    PrepareDataset -> TrainClassifier (image labels) -> ProposalFreeBoxes -> PseudoLabels (--proposals none)
+    PrepareDataset -> TrainClassifier (image labels) -> ImageExtentBoxes (no clicks; seeds 003 / 004)
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
 """
@@ -13,5 +16,7 @@ from .classifier import TrainClassifier  # noqa: F401
 from .cams import GenerateCAMs, GenerateCAMsShard  # noqa: F401
 from .pseudo import FusePseudoBoxes  # noqa: F401
 from .mil import MILBoxes  # noqa: F401
+from .proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401
+from .detect import Detect  # noqa: F401

@@ -29,7 +29,8 @@ import luigi
 import luigi.util
 from luigi.task import flatten
 
-from pipeline.device import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
+from pipeline.device import (cpu_cores, cpu_seconds, keep_freed_memory, peak_rss_mb, release_freed_memory,
+                             reset_peak_rss)
 from pipeline.io import read_json, write_json
 
 from .defaults import TUNED
@@ -89,6 +90,9 @@ class StageTask(luigi.Task):
     #: upstream stages this one reads only part of: task family -> the property naming that part in the hash
     #: (the proposal stages: ``{"PrepareDataset": "images_ref"}``, the images without the clicks)
     reads_part_of: dict[str, str] = {}
+    #: parameters added to a stage later, left out of its hash while they hold the (serialised) value that gives the
+    #: stage's earlier outputs, so those keep their directories: name -> value
+    unhashed_values: dict[str, str] = {}
     _own_params: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
@@ -114,8 +118,9 @@ class StageTask(luigi.Task):
 
     def significant_params(self) -> dict:
         """The stage's own significant parameters: with :meth:`hash_refs`, all its hash covers."""
-        return {name: p.serialize(getattr(self, name))
-                for name, p in self.get_params() if p.significant and name in self._own_params}
+        params = {name: p.serialize(getattr(self, name))
+                  for name, p in self.get_params() if p.significant and name in self._own_params}
+        return {k: v for k, v in params.items() if self.unhashed_values.get(k) != v}
 
     def upstream(self) -> list[luigi.Task]:
         return flatten(self.requires())
@@ -210,12 +215,14 @@ class StageTask(luigi.Task):
                   "upstream": sorted(t.stage_ref for t in self.upstream() if isinstance(t, StageTask))}
         write_json(work / "params.json", params)
         log.info("%s: %s %s", self.stage_ref, "resuming in" if resumed else "running in", work)
-        t0 = time.time()
+        t0, cpu0 = time.time(), cpu_seconds()
         reset_peak_rss()
         self.run_stage(work)
         rss = peak_rss_mb()
+        cpu = cpu_seconds() - cpu0  # this process and the children it waited for (e.g. selective search's)
         release_freed_memory()  # the next stage in this process starts without this one's retained heap
         write_json(work / "params.json", {**params, "seconds": round(time.time() - t0, 3),
+                                          "cpu_seconds": round(cpu, 3), "cores": cpu_cores(),
                                           "peak_rss_mb": rss["process"], "peak_rss_children_mb": rss["children"],
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         left = remove_temporaries(work)  # never part of the product
@@ -232,7 +239,7 @@ class StageTask(luigi.Task):
 def inherits(*upstream: type[luigi.Task], without: tuple[str, ...] = ()):
     """``luigi.util.inherits`` (every parameter of ``upstream`` on the decorated class, so ``clone`` passes them down
     the chain), less the names in ``without``: an upstream parameter that a stage sets itself for each task it
-    requires (``FusePseudoBoxes`` sets ``GenerateCAMs``' ``cam_layer`` from its own ``cam_layers``)."""
+    requires (set by it on each ``clone``, so not a parameter of its own)."""
     def decorate(cls):
         before = set(dir(cls))
         cls = luigi.util.inherits(*upstream)(cls)

@@ -41,10 +41,10 @@ class _CamParams:
 
     cam_method = luigi.ChoiceParameter(choices=list(CAM_METHODS), default=TUNED.cam_method,
                                        description="sacam (Eq. 3, = LayerCAM) or gradcam (Eq. 1-2)")
-    cam_layer = luigi.Parameter(default="", description="the one layer the CAM is taken at; empty: the backbone's "
-                                                        "default (vgg16 conv5_2, efficientnet_lite0/1/2 stage6). "
-                                                        "FusePseudoBoxes and the tasks after it take --cam-layers "
-                                                        "instead (one GenerateCAMs per layer)")
+    cam_layers = luigi.Parameter(default="", description="comma-separated layers the CAMs are taken at, all in one "
+                                                         "forward/backward pass and stored per layer; "
+                                                         "FusePseudoBoxes averages their maps. Empty: the backbone's "
+                                                         "TUNED.cam_layers (tasks/defaults.py)")
     cam_fusion = luigi.ChoiceParameter(choices=list(FUSIONS), default=TUNED.cam_fusion,
                                        description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
                                                    "prob (each weighted by the classifier's probability of the "
@@ -94,13 +94,18 @@ class GenerateCAMsShard(_CamParams, StageTask):
             return self.cam_workers
         return min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
-    def cam_layer_of(self, model) -> str:
-        """``--cam-layer`` (or the model's default), checked to be a convolutional layer of the model."""
-        layer = self.cam_layer or model.default_cam_layer
-        if layer not in model.layers or model.layers[layer].stride == 0:
-            raise ValueError(f"--cam-layer {layer!r} is not a convolutional layer of {model.name}; choose one of "
-                             f"{model.cam_layers} (or {tuple(k for k, v in model.layers.items() if v.stride)})")
-        return layer
+    def cam_layers_of(self, model) -> list[str]:
+        """``--cam-layers`` (or the backbone's tuned layers, or the model's default layer), each checked to be a
+        convolutional layer of the model."""
+        layers = [x.strip() for x in self.cam_layers.split(",") if x.strip()] or [
+            x for x in TUNED.cam_layers.get(self.classifier_backbone, ()) if x] or [model.default_cam_layer]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"--cam-layers {self.cam_layers!r}: each layer once")
+        for layer in layers:
+            if layer not in model.layers or model.layers[layer].stride == 0:
+                raise ValueError(f"--cam-layers: {layer!r} is not a convolutional layer of {model.name}; choose "
+                                 f"from {model.cam_layers} (or {tuple(k for k, v in model.layers.items() if v.stride)})")
+        return layers
 
     def entries(self, manifest, classes: tuple[str, ...]) -> list:
         """What to compute: every click's crops, or each trainval image's labelled classes (image_labels)."""
@@ -122,7 +127,7 @@ class GenerateCAMsShard(_CamParams, StageTask):
         device = resolve_device(self.device)
         model = load_classifier(self.input_dir("classifier") / "model.pt", device)
         settings = CamStoreSettings(
-            method=self.cam_method, layer=self.cam_layer_of(model), crop_size=self.cam_crop_px or model.input_size,
+            method=self.cam_method, layers=self.cam_layers_of(model), crop_size=self.cam_crop_px or model.input_size,
             batch_size=self.cam_batch_size, fusion=self.cam_fusion, inspect_images=self.cam_inspect_images,
             images_per_part=self.cam_images_per_part, shard=(self.cam_shard, self.cam_shards), device=device,
             num_workers=self.decode_workers(device), progress=True)
@@ -139,9 +144,10 @@ class GenerateCAMsShard(_CamParams, StageTask):
 
 @inherits(TrainClassifier)
 class GenerateCAMs(_CamParams, StageTask):
-    """Fused CAM per click (or per image and class in the image-label-only mode), in a
-    :class:`pipeline.cam.CamStore`: ``cams-NNNNN.h5`` parts (float16, gzip, one chunk per map, with image id,
-    click, class and the crops used), ``index.csv``, ``plan.json``, ``summary.json`` and ``summary.md``.
+    """Fused CAM per click (or per image and class in the image-label-only mode) at each of ``--cam-layers`` (all
+    from one forward/backward pass per batch), in a :class:`pipeline.cam.CamStore`: ``cams-NNNNN.h5`` parts
+    (float16, gzip, one chunk per map and layer, with image id, click, class and the crops used), ``index.csv``,
+    ``plan.json``, ``summary.json`` and ``summary.md``.
 
     The maps are computed by ``cam_shards`` :class:`GenerateCAMsShard` tasks; this task links their parts into
     one store (:func:`pipeline.cam.merge_cam_stores`; no map is recomputed or rewritten) and needs no GPU.
@@ -169,7 +175,8 @@ class GenerateCAMs(_CamParams, StageTask):
                    "mode": "image_labels" if self.image_label_mode() else "clicks"}
         write_json(work / "summary.json", summary)
         write_text(work / "summary.md", (
-            f"# GenerateCAMs\n\n- method: {self.cam_method}, layer: {summary['layer']} of {summary['backbone']}, "
+            f"# GenerateCAMs\n\n- method: {self.cam_method}, layers: {', '.join(summary['layers'])} of "
+            f"{summary['backbone']} (one pass), "
             f"crops {summary['crop_size']} px, fusion {self.cam_fusion}\n"
             f"- entries: {summary['entries']} ({summary['mode']}) over "
             f"{summary['images']} images, {summary['crops']} crops, {summary['parts']} parts in "

@@ -27,6 +27,7 @@ from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, items_p
                                  stage_training_set, train_classifier_distributed)
 from pipeline.device import resolve_device
 from pipeline.io import write_json
+from pipeline.pooling import POOLINGS, with_cam_head
 
 from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
@@ -44,15 +45,22 @@ class TrainClassifier(TrainingSeed, StageTask):
     epoch: loss, accuracy, lr, seconds, crops/s) and ``report.json``.
 
     ``crops``: every selected proposal of every click, labelled with the click's class. ``image_labels``: whole
-    trainval images, multi-hot targets of the classes of their annotated objects (BCE loss). Training keeps
+    trainval images, multi-hot targets of the classes of their annotated objects (BCE loss per class), through GAP
+    and a linear head, or seed 003's CAM layer and GMP / SPAM pooling (``--classifier-image-pooling``). Training keeps
     ``checkpoint.pt`` in the stage's work directory after every epoch, so a killed run resumes where it stopped.
     """
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
+    unhashed_values = {"classifier_image_pooling": "gap"}  # the network trained before the parameter existed
 
     classifier_mode = luigi.ChoiceParameter(choices=list(MODES), default="crops",
                                             description="crops: selected proposals labelled with their click's "
                                                         "class; image_labels: whole images, multi-label")
+    classifier_image_pooling = luigi.ChoiceParameter(
+        choices=list(POOLINGS), default="gap",
+        description="classifier_mode=image_labels only: gap: global average pooling and a linear head; gmp / spam: "
+                    "seed 003's CAM layer (1x1 conv, one map per class) after the last conv layer, then global max / "
+                    "SPAM pooling (pipeline/pooling.py)")
     classifier_backbone = luigi.ChoiceParameter(choices=list(BACKBONES), default=TUNED.classifier_backbone)
     classifier_weights = luigi.Parameter(default="imagenet",
                                          description="imagenet, a path to a state dict, or random (tests only)")
@@ -87,6 +95,12 @@ class TrainClassifier(TrainingSeed, StageTask):
         luigi.cfg's ``[resources] gpu_<host>`` gives the machine (1 when unset), so it never waits forever."""
         return self.gpu_units(self.classifier_nproc)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.classifier_image_pooling != "gap" and self.classifier_mode != "image_labels":
+            raise ValueError(f"--classifier-image-pooling {self.classifier_image_pooling} needs "
+                             "--classifier-mode image_labels (the crop classifier keeps its GAP head)")
+
     def requires(self):
         if self.classifier_mode == "image_labels":
             return self.clone(PrepareDataset)
@@ -104,6 +118,8 @@ class TrainClassifier(TrainingSeed, StageTask):
         manifest = self.manifest()
         classes = manifest.classes
         model = build_backbone(self.classifier_backbone, len(classes), self.classifier_weights, seed=self.seed)
+        if self.classifier_image_pooling != "gap":
+            model = with_cam_head(model, self.classifier_image_pooling, seed=self.seed)
         model.input_size = self.classifier_input_px
         selected = None if self.classifier_mode == "image_labels" else self.input_dir() / "selected.parquet"
         dataset, source = stage_training_set(manifest, selected, input_size=self.classifier_input_px,
@@ -115,12 +131,14 @@ class TrainClassifier(TrainingSeed, StageTask):
         t0 = time.time()
         train_log = train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc)
         final = train_log.iloc[-1].to_dict()
-        meta = {"mode": self.classifier_mode, "weights": self.classifier_weights, "train": cfg.result_args(),
+        meta = {"mode": self.classifier_mode, "pooling": self.classifier_image_pooling,
+                "weights": self.classifier_weights, "train": cfg.result_args(),
                 "final": final, "stage": self.stage_ref}
         save_classifier(work / "model.pt", model, classes, meta)
         (work / CHECKPOINT_NAME).unlink(missing_ok=True)  # model.pt is the product; the checkpoint only resumes
         write_json(work / "report.json", {
-            "mode": self.classifier_mode, "backbone": self.classifier_backbone, "weights": self.classifier_weights,
+            "mode": self.classifier_mode, "pooling": self.classifier_image_pooling,
+            "backbone": self.classifier_backbone, "weights": self.classifier_weights,
             "classes": len(classes), "input_size": self.classifier_input_px, "training_items": len(dataset),
             "items_per_class": items_per_class(dataset, classes),
             "max_crops_per_class": self.classifier_max_crops_per_class or None, **source,

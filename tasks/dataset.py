@@ -9,7 +9,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.dataset import build_image_manifest, build_manifest
+from pipeline.dataset import build_image_manifest, build_manifest, hold_out
 from pipeline.io import write_csv
 from pipeline.pointformats import POINT_FORMATS
 
@@ -59,6 +59,12 @@ class PrepareDataset(StageTask):
     data_root = luigi.Parameter(default="data", significant=False, description="where the synthetic dataset is "
                                                                                "generated")
 
+    eval_holdout = luigi.IntParameter(default=0, description="move this many trainval images (a --data-seed choice) "
+                                                             "to split 'holdout': ground truth only, their clicks "
+                                                             "dropped; EvaluateVOC07 then scores the detector on "
+                                                             "them. 0: none")
+    unhashed_values = {"eval_holdout": "0"}  # the dataset before --eval-holdout existed
+
     #: parameters that change the clicks only, never the images (the synthetic images depend on data_seed and the
     #: synth_* sizes, not on sim_click_sigma); ``gt`` is read for the metrics only
     CLICK_PARAMS = ("clicks", "clicks_format", "annotator", "clicks_per_object", "annotators", "on_bad_click",
@@ -73,6 +79,8 @@ class PrepareDataset(StageTask):
         if self.gt and not self.images:
             raise ValueError("PrepareDataset --gt goes with --images (a VOC root's ground truth is its Annotations/)")
         self.annotator_ids()  # a bad --annotators fails here, before any stage runs
+        if self.eval_holdout < 0:
+            raise ValueError(f"--eval-holdout must be >= 0, got {self.eval_holdout}")
 
     def requires(self):
         return []
@@ -139,6 +147,7 @@ class PrepareDataset(StageTask):
 
                 common["classes"] = SYNTH_CLASSES
             manifest = build_manifest(root, clicks, click_sigma=self.sim_click_sigma, seed=self.data_seed, **common)
+        manifest = hold_out(manifest, self.eval_holdout, self.data_seed)
         manifest.save(work)
         write_csv(summary_table(manifest), work / "summary.csv")
 

@@ -78,6 +78,12 @@ class Tuned:
     box_score: str = "box_mean"
     box_min_px: float = 2.0
 
+    # -- ImageExtentBoxes (seed 003's boxes without clicks) --------------------------------------------------------
+    #: Algorithm 1's ratio r: on the first 30 trainval images (a probe, docs/experiments.md, 2026-12-01, "Seed 003's
+    #: ratio r") r <= 0.5 gave whole-image boxes and one stride cell (r = 0.96 for efficientnet_lite0) too small ones;
+    #: bench/quality.py's r rows are the measurement to choose it on
+    box_extent_ratio: float = 0.8
+
     # -- seeds -------------------------------------------------------------------------------------------------
     #: the dataset's randomness (synthetic images, simulated clicks, proposal subsets) and the training's (crop
     #: subsample, classifier and detector training, the report's sample) are seeded apart, so reseeding a

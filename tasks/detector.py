@@ -24,7 +24,8 @@ import luigi
 import numpy as np
 import pandas as pd
 
-from pipeline.detector import (BOX_SOURCES, PRESETS, DetectionDataset, DetectorConfig, build_detector,
+from pipeline.dataset import HOLDOUT_SPLIT
+from pipeline.detector import (ARCHS, BOX_SOURCES, PRESETS, DetectionDataset, DetectorConfig, build_detector,
                                load_detector, load_training_boxes, preset, strip_checkpoint, train_detector_distributed)
 from pipeline.device import resolve_device
 from pipeline.evaluation import detector_corloc, evaluate_split, pct, summary_markdown
@@ -34,14 +35,19 @@ from pipeline.proposals import ProposalStore
 from .base import StageTask, TrainingSeed, inherits
 from .dataset import PrepareDataset
 from .proposals import SelectiveSearch
+from .proposal_free import ImageExtentBoxes
 from .pseudo import FusePseudoBoxes
 
 log = logging.getLogger("clickscale")
 
+#: the det_box_source values that train on a pseudo-box stage's pseudo_labels.csv, and that stage
+PSEUDO_STAGES = {"pseudo": FusePseudoBoxes, "image_extent": ImageExtentBoxes}
 
-@inherits(FusePseudoBoxes)
+
+@inherits(FusePseudoBoxes, ImageExtentBoxes)
 class TrainFastRCNN(TrainingSeed, StageTask):
-    """Fast R-CNN trained on ``det_box_source`` boxes of the trainval images with the selective-search proposals.
+    """Fast R-CNN trained on ``det_box_source`` boxes of the trainval images with the selective-search proposals,
+    or (``--det-arch faster_rcnn``) a Faster R-CNN proposing its own RoIs, which needs no selective search.
 
     Output: ``model.pth`` (checkpoint dict: model, epoch, args, classes, log), ``train_log.csv``,
     ``train_boxes.csv`` (the boxes trained on), ``report.json``. A killed run resumes from its last epoch.
@@ -49,11 +55,16 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
 
-    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES), default="pseudo",
+    det_box_source = luigi.ChoiceParameter(choices=list(BOX_SOURCES) + ["image_extent"], default="pseudo",
                                            description="pseudo: FusePseudoBoxes' pseudo_labels.csv; gt: ground "
                                                        "truth (upper bound); voc_dir / coco: external labels at "
-                                                       "--det-box-path")
+                                                       "--det-box-path; image_extent: ImageExtentBoxes' (image "
+                                                       "labels only, seeds 003 / 004: --cam-network gmp | spam)")
     det_box_path = luigi.Parameter(default="", description="VOC Annotations/ folder or COCO JSON (voc_dir / coco)")
+    det_arch = luigi.ChoiceParameter(choices=list(ARCHS), default="fast_rcnn",
+                                     description="fast_rcnn: RoIs from selective search (the paper's); faster_rcnn: "
+                                                 "torchvision's RPN on the same backbone proposes them (no selective "
+                                                 "search, for training or detection)")
     det_preset = luigi.ChoiceParameter(choices=["auto"] + list(PRESETS), default="auto",
                                        description="paper: VGG16, 600 px, 20 epochs; cpu: efficientnet_lite0, "
                                                    "384 px, 8 epochs; auto: paper with --voc-root, else cpu")
@@ -75,16 +86,22 @@ class TrainFastRCNN(TrainingSeed, StageTask):
                                    description="training processes (torch DDP via torchrun, one GPU each); 1: train "
                                                "in the luigi worker")
     device = luigi.Parameter(default="auto", significant=False, description="auto | cpu | cuda")
+    unhashed_values = {"det_arch": "fast_rcnn"}  # the detector before --det-arch existed
 
     @property
     def resources(self) -> dict:
         """One unit of the machine's GPU resource, ``--det-nproc`` units for a DDP run (tasks/base.py gpu_units)."""
         return self.gpu_units(self.det_nproc)
 
+    @property
+    def uses_proposals(self) -> bool:
+        """Whether the detector needs selective-search proposals (fast_rcnn) or proposes its own (faster_rcnn)."""
+        return self.det_arch == "fast_rcnn"
+
     def requires(self):
-        reqs = {"proposals": self.clone(SelectiveSearch)}
-        if self.det_box_source == "pseudo":
-            reqs["pseudo"] = self.clone(FusePseudoBoxes)
+        reqs = {"proposals": self.clone(SelectiveSearch)} if self.uses_proposals else {}
+        if self.det_box_source in PSEUDO_STAGES:
+            reqs["pseudo"] = self.clone(PSEUDO_STAGES[self.det_box_source])
         else:
             reqs["dataset"] = self.clone(PrepareDataset)
             if self.det_box_source in ("voc_dir", "coco") and not self.det_box_path:
@@ -100,7 +117,9 @@ class TrainFastRCNN(TrainingSeed, StageTask):
                 "max_proposals": self.det_max_proposals, "bg_iou_lo": self.det_bg_iou_lo, "pooler": self.det_pooler,
                 "images_per_batch": self.det_images_per_batch,
                 "lr_steps": tuple(int(s) for s in self.det_lr_steps) if self.det_lr_steps is not None else None}
-        cfg = preset(name, **{k: v for k, v in over.items() if v is not None})
+        if self.det_arch == "faster_rcnn" and self.det_bg_iou_lo is None:
+            over["bg_iou_lo"] = 0.0  # RPN proposals: background is everything below 0.5 (py-faster-rcnn end2end)
+        cfg = preset(name, arch=self.det_arch, **{k: v for k, v in over.items() if v is not None})
         if self.det_epochs is not None and self.det_lr_steps is None:  # keep the drop at 80% of the schedule
             cfg = replace(cfg, lr_steps=(max(1, int(round(0.8 * cfg.epochs))),))
         return replace(cfg, seed=int(self.seed), num_workers=int(self.det_workers)).resolved()
@@ -108,7 +127,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         kw = dict(image_ids=list(trainval.image_id), classes=manifest.classes, images=trainval)
-        if self.det_box_source == "pseudo":
+        if self.det_box_source in PSEUDO_STAGES:
             return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", **kw)
         if self.det_box_source == "gt":
             return load_training_boxes("gt", objects=manifest.objects, **kw)
@@ -124,11 +143,11 @@ class TrainFastRCNN(TrainingSeed, StageTask):
         write_csv(boxes, work / "train_boxes.csv")
         trainval = manifest.split("trainval")
         images = trainval[trainval.image_id.isin(set(boxes.image_id))]
-        store = ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5")
+        store = ProposalStore(self.input_dir("proposals") / "proposals_trainval.h5") if self.uses_proposals else None
         dataset = DetectionDataset(images, store, manifest.classes, boxes, flip=cfg.flip, seed=cfg.seed)
         model = build_detector(manifest.classes, cfg)
-        log.info("TrainFastRCNN: %s on %d images / %d %s boxes, %s", cfg.backbone, len(images), len(boxes),
-                 self.det_box_source, device)
+        log.info("TrainFastRCNN: %s %s on %d images / %d %s boxes, %s", cfg.arch, cfg.backbone, len(images),
+                 len(boxes), self.det_box_source, device)
         t0 = time.time()
         if self.det_nproc < 1:
             raise ValueError(f"--det-nproc must be >= 1, got {self.det_nproc}")
@@ -147,7 +166,8 @@ class TrainFastRCNN(TrainingSeed, StageTask):
 
 @inherits(TrainFastRCNN)
 class EvaluateVOC07(StageTask):
-    """Detections on the test split scored by the VOC2007 rules, and the detector's CorLoc on trainval.
+    """Detections on the test split (``--eval-split``; with ``--eval-holdout N`` the N held-out trainval images)
+    scored by the VOC2007 rules, and the detector's CorLoc on trainval.
 
     Output: ``metrics.json`` (mAP, per-class AP, CorLoc, fps, training time), ``ap_per_class.csv``,
     ``pr_curves.png``, ``detections_test.csv``, ``results/comp4_det_test_<class>.txt`` (devkit format),
@@ -162,47 +182,72 @@ class EvaluateVOC07(StageTask):
     eval_corloc = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                       description="also detect on trainval and report the detector's CorLoc")
     eval_batch = luigi.IntParameter(default=1, significant=False, description="images per forward pass")
+    eval_train_map = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                         description="also score the detector on its own training images (those "
+                                                     "with training boxes), against their ground truth: whether it "
+                                                     "underfits")
+    unhashed_values = {"eval_train_map": "False"}  # the evaluation before --eval-train-map existed
+
+    @property
+    def scored_split(self) -> str:
+        """The split detected on and scored: ``holdout`` with ``--eval-holdout N``, else ``--eval-split``."""
+        return HOLDOUT_SPLIT if self.eval_holdout else self.eval_split
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # fail before the (long) detector training, not after it, when there is nothing to evaluate on
-        if self.images:
+        if self.images and not (self.eval_holdout and self.gt):
             raise ValueError("EvaluateVOC07: evaluation needs a test split with ground truth; an --images dataset "
                              "has none (its pseudo boxes come from PseudoLabels). Evaluate on a VOC root with "
                              "ImageSets/Main/test.txt")
-        if self.voc_root and not (Path(self.voc_root) / "ImageSets" / "Main" / f"{self.eval_split}.txt").is_file():
+        if self.voc_root and not self.eval_holdout and not (Path(self.voc_root) / "ImageSets" / "Main" / f"{self.eval_split}.txt").is_file():
             raise ValueError(f"EvaluateVOC07: evaluation needs a test split with ground truth; "
                              f"{Path(self.voc_root) / 'ImageSets' / 'Main' / f'{self.eval_split}.txt'} not found")
 
     def requires(self):
-        # trainval proposals (the detector's CorLoc) and the test split's, which only evaluation computes
-        return {"detector": self.clone(TrainFastRCNN), "proposals": self.clone(SelectiveSearch),
-                "test_proposals": self.clone(SelectiveSearch, ss_splits=[self.eval_split])}
+        # trainval proposals (the detector's CorLoc) and the test split's, which only evaluation computes; none for
+        # a faster_rcnn
+        reqs = {"detector": self.clone(TrainFastRCNN)}
+        if reqs["detector"].uses_proposals:
+            reqs["proposals"] = self.clone(SelectiveSearch)
+            reqs["test_proposals"] = self.clone(SelectiveSearch, ss_splits=[self.scored_split])
+        return reqs
+
+    def proposals_path(self, key: str, split: str) -> Path | None:
+        """The proposal store of ``split`` (``key``: the requirement holding it); None for a faster_rcnn."""
+        return self.input_dir(key) / f"proposals_{split}.h5" if key in self.requires() else None
 
     def run_stage(self, work: Path) -> None:
         manifest = self.manifest()
         device = resolve_device(self.device)
         det_dir = self.input_dir("detector")
         model = load_detector(det_dir / "model.pth", device)
-        test = manifest.split(self.eval_split)
+        split = self.scored_split
+        test = manifest.split(split)
         if test.empty:
-            raise ValueError(f"EvaluateVOC07: the dataset has no images in split {self.eval_split!r}")
+            raise ValueError(f"EvaluateVOC07: the dataset has no images in split {split!r}")
         common = dict(device=device, batch_size=self.eval_batch)
-        table, metrics = evaluate_split(model, test, self.input_dir("test_proposals") /
-                                        f"proposals_{self.eval_split}.h5", manifest.objects, manifest.classes, work,
-                                        split=self.eval_split, **common)
+        trainval = self.proposals_path("proposals", "trainval")
+        table, metrics = evaluate_split(model, test, self.proposals_path("test_proposals", split), manifest.objects,
+                                        manifest.classes, work, split=split, **common)
+        metrics["split"] = split
         if self.eval_corloc:
-            metrics.update(detector_corloc(model, manifest.split("trainval"), self.input_dir("proposals") /
-                                           "proposals_trainval.h5", manifest.objects, manifest.classes, work,
-                                           **common))
+            metrics.update(detector_corloc(model, manifest.split("trainval"), trainval, manifest.objects,
+                                           manifest.classes, work, **common))
+        if self.eval_train_map:
+            ids = set(pd.read_csv(det_dir / "train_boxes.csv", dtype={"image_id": str}).image_id)
+            tv = manifest.split("trainval")
+            _, train = evaluate_split(model, tv[tv.image_id.isin(ids)], trainval, manifest.objects, manifest.classes,
+                                      work / "train_images", split="trainval", **common)
+            metrics["train_images"] = {k: train[k] for k in ("mAP", "mAP_all_point", "test_images", "detections")}
         train_report = read_json(det_dir / "report.json")
         metrics["training"] = {k: train_report.get(k) for k in ("box_source", "images", "boxes", "device",
                                                                   "seconds_training", "s_per_iter")}
         metrics["detector"] = train_report.get("config")
         write_json(work / "metrics.json", metrics)
         write_text(work / "summary.md", summary_markdown(table, metrics))
-        log.info("EvaluateVOC07: mAP %.1f (11-point), %.1f (all-point)%s, %.2f images/s", 100 * metrics["mAP"],
-                 100 * metrics["mAP_all_point"], f", CorLoc {100 * metrics['corloc']:.1f}" if self.eval_corloc
+        log.info("EvaluateVOC07 on %s: mAP %.1f (11-point), %.1f (all-point)%s, %.2f images/s", split,
+                 100 * metrics["mAP"], 100 * metrics["mAP_all_point"], f", CorLoc {100 * metrics['corloc']:.1f}" if self.eval_corloc
                  else "", metrics["test"]["fps"])
 
 
@@ -212,14 +257,17 @@ COMPARE_VARIANTS: dict[str, dict] = {
     "pseudo_sacam": {"det_box_source": "pseudo", "cam_method": "sacam"},
     "pseudo_gradcam": {"det_box_source": "pseudo", "cam_method": "gradcam"},
     "pseudo_image_labels": {"det_box_source": "pseudo", "classifier_mode": "image_labels"},
+    "pseudo_gmp": {"det_box_source": "image_extent", "cam_network": "gmp"},
+    "pseudo_spam": {"det_box_source": "image_extent", "cam_network": "spam"},
     "ground_truth": {"det_box_source": "gt"},
 }
 
 
 @inherits(EvaluateVOC07)
 class CompareDetectors(StageTask):
-    """Detectors trained on SA-CAM / Grad-CAM / image-label-only pseudo labels and on ground truth, evaluated
-    alike; ``comparison.csv`` and ``summary.md`` give mAP, CorLoc and the ratio of each mAP to the GT one."""
+    """Detectors trained on SA-CAM / Grad-CAM / image-label-only (full-image CAM; GMP and SPAM networks with seed
+    003's boxes) pseudo labels and on ground truth, evaluated alike; ``comparison.csv`` and ``summary.md`` give mAP,
+    CorLoc and the ratio of each mAP to the GT one."""
 
     compare_variants = luigi.ListParameter(default=list(COMPARE_VARIANTS), description="which of COMPARE_VARIANTS")
 

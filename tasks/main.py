@@ -13,24 +13,46 @@ from pipeline.io import read_json, write_json, write_text
 
 from .base import StageTask, inherits
 from .mil import MILBoxes
+from .proposal_free import ProposalFreeBoxes
 from .pseudo import FusePseudoBoxes
 
 #: the pseudo-box stage of each ``--box-method``
 BOX_STAGES = {"cam": FusePseudoBoxes, "mil": MILBoxes}
+#: ``--proposals``: selective_search (the chain above) or none (whole-image CAMs, tasks/proposal_free.py)
+PROPOSALS = ("selective_search", "none")
 
 
-@inherits(FusePseudoBoxes, MILBoxes)
+@inherits(FusePseudoBoxes, MILBoxes, ProposalFreeBoxes)
 class PseudoLabels(StageTask):
     """Stages 1-5 (dataset -> proposals -> selection -> classifier -> CAMs -> pseudo boxes; or, with
     ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes); writes ``summary.md`` /
     ``summary.json`` pointing at the labels, the exports and the HTML report. Its hash covers ``box_method`` and the
     box stage in use (tasks/base.py), so the other method's parameters do not move it."""
 
+    unhashed_values = {"proposals": "selective_search"}  # the chain before --proposals existed
+
     box_method = luigi.ChoiceParameter(choices=list(BOX_STAGES), default="cam",
                                        description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
                                                    "click-supervised MIL (MILBoxes, paper 001)")
 
+    proposals = luigi.ChoiceParameter(choices=list(PROPOSALS), default="selective_search",
+                                      description="none: no selective search and no stage 2; each click's box from "
+                                                  "the whole-image map of its class (ProposalFreeBoxes, "
+                                                  "--cam-network), with --box-method cam")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proposals == "none" and self.box_method != "cam":
+            raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
+        unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""),
+                                                            ("box_area_prior", "off")) if getattr(self, k) != off]
+        if self.proposals == "none" and unused:
+            raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "
+                             f"{', '.join(unused)} belong to the crop CAM stages and do not apply")
+
     def requires(self):
+        if self.proposals == "none":
+            return self.clone(ProposalFreeBoxes)
         return self.clone(BOX_STAGES[self.box_method])
 
     def run_stage(self, work: Path) -> None:
@@ -72,14 +94,26 @@ class PseudoLabels(StageTask):
         return dict(reversed(list(chain.items())))
 
 
+def cpu_utilisation(seconds: float | None, cpu_seconds: float | None, cores: int | None) -> float | None:
+    """The share of the machine a stage kept busy: its CPU time (with its child processes') / wall time / cores
+    (1.0: every core busy throughout); None when a number is missing (outputs of earlier versions)."""
+    if not seconds or cpu_seconds is None or not cores:
+        return None
+    return cpu_seconds / seconds / cores
+
+
 def stage_rows(chain: dict) -> list[dict]:
-    """Per stage output of ``chain`` (name -> directory): seconds and peak resident memory from its params.json
-    (the run that computed it; an output reused from an earlier run keeps that run's numbers)."""
+    """Per stage output of ``chain`` (name -> directory): seconds, CPU seconds, the cores and peak resident memory
+    from its params.json (the run that computed it; an output reused from an earlier run keeps that run's numbers),
+    and the CPU utilisation (:func:`cpu_utilisation`)."""
     rows = []
     for name, path in chain.items():
         pj = Path(path) / "params.json"
         meta = read_json(pj) if pj.is_file() else {}
-        rows.append({"stage": name, "seconds": meta.get("seconds"), "peak_rss_mb": meta.get("peak_rss_mb"),
+        rows.append({"stage": name, "seconds": meta.get("seconds"), "cpu_seconds": meta.get("cpu_seconds"),
+                     "cores": meta.get("cores"),
+                     "cpu_util": cpu_utilisation(meta.get("seconds"), meta.get("cpu_seconds"), meta.get("cores")),
+                     "peak_rss_mb": meta.get("peak_rss_mb"),
                      "peak_rss_children_mb": meta.get("peak_rss_children_mb"), "finished": meta.get("finished")})
     return rows
 
@@ -90,9 +124,10 @@ def stage_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = ["| stage | seconds | peak RSS MB | peak RSS of child processes MB | finished |",
-             "|---|---:|---:|---:|---|"]
-    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} | "
-              f"{fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
+    lines = ["| stage | seconds | CPU util % (CPU s / s / cores) | peak RSS MB | peak RSS of child processes MB | "
+             "finished |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | "
+              f"{fmt(None if r.get('cpu_util') is None else 100 * r['cpu_util'], '.0f')} | "
+              f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
               for r in sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))]
     return "\n".join(lines)

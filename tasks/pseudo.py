@@ -1,10 +1,11 @@
 """Stage 5: fused CAMs -> one pseudo box per click, its exports, metrics and report.
 
-    GenerateCAMs (one per CAM layer of --cam-layers, for the classifier and for each --cam-ensemble backbone)
-        + SelectProposals -> FusePseudoBoxes
+    GenerateCAMs (one per backbone: the classifier's and each --cam-ensemble backbone's, each computing all the
+        layers of --cam-layers in one pass) + SelectProposals -> FusePseudoBoxes
 
-The box parameters carry a ``box_`` prefix; ``cam_layers`` and ``cam_ensemble`` choose the GenerateCAMs stages
-whose maps are averaged (each sets its own single ``cam_layer``, which is therefore not a parameter here).
+The box parameters carry a ``box_`` prefix; ``cam_layers`` (GenerateCAMs' parameter: the layers whose maps are
+averaged) and ``cam_ensemble`` choose the GenerateCAMs stages (this stage resolves ``cam_layers`` per backbone and
+passes the explicit list on to each GenerateCAMs, so their outputs name the layers they hold).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .proposals import SelectProposals
 log = logging.getLogger("clickscale")
 
 
-@inherits(GenerateCAMs, without=("cam_layer",))
+@inherits(GenerateCAMs)
 class FusePseudoBoxes(StageTask):
     """One pseudo box per click from its fused CAM (pipeline/boxes.py), rank-1 proposal as counted fallback.
 
@@ -56,9 +57,6 @@ class FusePseudoBoxes(StageTask):
                                           description="keep each click's map on the pixels nearer to it than to the "
                                                       "image's other clicks of its class (same_class), of any class "
                                                       "(all), or not at all (none, the paper)")
-    cam_layers = luigi.Parameter(default="", description="comma-separated CAM layers whose maps are averaged, one "
-                                                         "GenerateCAMs each; empty: the backbone's TUNED.cam_layers "
-                                                         "(tasks/defaults.py)")
     cam_ensemble = luigi.Parameter(default="", description="comma-separated further classifier backbones (e.g. "
                                                            "efficientnet_lite1,efficientnet_lite2): each trains "
                                                            "its own classifier and CAMs, and a click's fused maps, "
@@ -98,15 +96,27 @@ class FusePseudoBoxes(StageTask):
         return layers or list(TUNED.cam_layers.get(backbone, ("",)))
 
     def cam_stages(self) -> dict[str, luigi.Task]:
-        """One GenerateCAMs per (backbone, layer): ``cams`` (the classifier's first layer), ``cams@<layer>``,
-        ``cams:<backbone>`` and ``cams:<backbone>@<layer>`` for the ``--cam-ensemble`` members."""
+        """One GenerateCAMs per backbone, computing all of its fused layers in one pass: ``cams`` (the classifier)
+        and ``cams:<backbone>`` for the ``--cam-ensemble`` members."""
         stages = {}
         for b in [self.classifier_backbone, *self.ensemble_backbones()]:
-            member = "cams" if b == self.classifier_backbone else f"cams:{b}"
-            for i, layer in enumerate(self.fused_layers(b)):
-                key = member if i == 0 else f"{member}@{layer}"
-                stages[key] = self.clone(GenerateCAMs, classifier_backbone=b, cam_layer=layer)
+            key = "cams" if b == self.classifier_backbone else f"cams:{b}"
+            stages[key] = self.clone(GenerateCAMs, classifier_backbone=b,
+                                     cam_layers=",".join(x for x in self.fused_layers(b) if x))
         return stages
+
+    def map_readers(self) -> list[CamStore]:
+        """One reader per (backbone, layer), in the order the maps are averaged: the main backbone's layers, then
+        each ensemble member's."""
+        readers = []
+        for key, task in self.cam_stages().items():
+            store = CamStore(self.input_dir(key))
+            layers = [x for x in task.cam_layers.split(",") if x] or store.layers[:1]
+            missing = [x for x in layers if x not in store.layers]
+            if missing:
+                raise ValueError(f"{store.dir}: the CAM store holds layers {store.layers}, not {missing}")
+            readers += [store.with_layer(layer) for layer in layers]
+        return readers
 
     def ensemble_backbones(self) -> list[str]:
         """The ``cam_ensemble`` backbones, checked: known, distinct, not the main one, click CAMs only."""
@@ -124,7 +134,7 @@ class FusePseudoBoxes(StageTask):
         return names
 
     def requires(self):
-        reqs = dict(self.cam_stages())  # the same chain per layer and per ensemble backbone
+        reqs = dict(self.cam_stages())  # the same chain per ensemble backbone
         if not self.image_label_mode():
             reqs["selected"] = self.clone(SelectProposals)
         return reqs
@@ -141,13 +151,14 @@ class FusePseudoBoxes(StageTask):
         path = self.input_dir("selected") / "selected.parquet"
         return path, rank1_proposals(pd.read_parquet(path))
 
-    def export_params(self, params: BoxParams, selected_path: Path | None, partial: int) -> dict:
+    def export_params(self, params: BoxParams, selected_path: Path | None, partial: int, n_maps: int) -> dict:
         """The parameters recorded in metrics.json and the report."""
         cam_dirs = {k: str(self.input_dir(k)) for k in self.cam_stages()}
         return {**params.as_dict(), "difficult": self.metrics_difficult, "cams": cam_dirs["cams"],
                 "cam_layers": {b: self.fused_layers(b) for b in [self.classifier_backbone, *self.ensemble_backbones()]},
                 "selected": str(selected_path) if selected_path else None,
-                **({"cam_stores": cam_dirs, "stores_partial": partial} if len(cam_dirs) > 1 else {})}
+                **({"cam_stores": cam_dirs} if len(cam_dirs) > 1 else {}),
+                **({"stores_partial": partial} if n_maps > 1 else {})}
 
     def area_choice(self, boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
                     trainval: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -170,7 +181,7 @@ class FusePseudoBoxes(StageTask):
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
         selected_path, fallback = self.fallback_boxes()
         # the main store first, then the other layers and ensemble members
-        with FusedMaps([CamStore(self.input_dir(k)) for k in self.cam_stages()]) as maps:
+        with FusedMaps(self.map_readers()) as maps:
             items, total = maps.items(clicks)
             boxes, candidates = pseudo_boxes_and_candidates(
                 tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback, classes_per_image(clicks),
@@ -180,7 +191,7 @@ class FusePseudoBoxes(StageTask):
             result = export_pseudo_labels(
                 work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,
                 objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
-                clicks=clicks, params={**self.export_params(params, selected_path, maps.partial), **area},
+                clicks=clicks, params={**self.export_params(params, selected_path, maps.partial, len(maps.stores)), **area},
                 load_map=maps.load_map, report_images=self.report_images, report_worst=self.report_worst,
                 seed=self.seed, difficult=self.metrics_difficult)
         m = result.get("metrics")

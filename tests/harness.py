@@ -55,7 +55,7 @@ TINY = {
 
 #: keys of JSON outputs that describe one run (timings, memory, this run's work) rather than its result
 VOLATILE_KEYS = {"seconds", "finished", "seconds_this_run", "crops_per_s", "computed_crops", "task_id",
-                 "peak_rss_mb", "peak_rss_children_mb"}
+                 "peak_rss_mb", "peak_rss_children_mb", "cpu_seconds", "cores", "cpu_util"}
 
 
 def tiny_args(data_root: str | os.PathLike, **overrides) -> list[str]:

@@ -129,6 +129,88 @@ def test_batched_equals_per_crop_and_full_backprop(effnet, cls):
     assert not any(m._forward_hooks for m in effnet.modules())
 
 
+# -- several layers in one pass ---------------------------------------------------------------------------
+@pytest.mark.parametrize("efficient", [True, False])
+@pytest.mark.parametrize("cls", [SACAM, GradCAM])
+def test_one_pass_for_two_layers_equals_a_pass_per_layer(cls, efficient):
+    """forward_layers on (conv1, conv2), in either order, gives each layer the maps of a pass of its own; the
+    graph is cut at the lowest layer only (the higher one's activation is in the graph, not a leaf)."""
+    net = tiny_classifier(seed=2)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    t = [0, 1, 2, 2, 1, 0]
+    for order in (("conv1", "conv2"), ("conv2", "conv1")):
+        with cls(net, layers=order, efficient=efficient) as cam:
+            both = cam.forward_layers(x, t)
+            assert list(both) == list(order) and cam.layer == order[0]
+            with pytest.raises(ValueError, match="forward_layers"):
+                cam(x, t)
+        for layer in order:
+            with cls(net, layer, efficient=efficient) as one:
+                alone = one(x, t)
+                assert list(one.forward_layers(x, t)) == [layer]
+            assert both[layer].shape == alone.shape and alone.abs().max() > 0
+            torch.testing.assert_close(both[layer], alone, rtol=1e-6, atol=1e-7 * float(alone.abs().max()))
+    assert both["conv1"].shape == (6, 16, 16) and both["conv2"].shape == (6, 8, 8)
+    with pytest.raises(ValueError, match="each layer once"):
+        cls(net, layers=("conv2", "conv2"))
+
+
+@pytest.mark.slow  # the first efficientnet backward of a process: seconds on 2 busy cores
+@pytest.mark.parametrize("cls", [SACAM, GradCAM])
+def test_one_pass_for_default_layers_equals_per_layer_passes_on_efficientnet(effnet, cls):
+    """efficientnet_lite0 (random weights), the default fused layers stage5_expand (inside stage5) and stage6, 6
+    crops: one forward + one backward gives each layer's maps as separate passes do, within float rounding."""
+    x = torch.randn(6, 3, 96, 96, generator=torch.Generator().manual_seed(8))
+    t = [0, 1, 2, 3, 4, 5]
+    with cls(effnet, layers=("stage5_expand", "stage6")) as cam:
+        both = cam.forward_layers(x, t)
+        logits = cam.outputs
+    for layer in ("stage5_expand", "stage6"):
+        with cls(effnet, layer) as one:
+            alone = one(x, t)
+            torch.testing.assert_close(one.outputs, logits, rtol=0, atol=0)
+        assert alone.abs().max() > 0
+        torch.testing.assert_close(both[layer], alone, rtol=1e-5, atol=1e-6 * float(alone.abs().max()))
+    assert both["stage5_expand"].shape == (6, 6, 6) and both["stage6"].shape == (6, 3, 3)
+    assert not any(m._forward_hooks for m in effnet.modules())
+
+
+def test_store_of_two_layers_equals_one_store_per_layer(tmp_path, toy_data):
+    """write_cam_store(layers=(conv1, conv2)): per layer the fused maps and inspected crop maps of a one-layer
+    store of that layer, and the same crops and probabilities; CamStore reads a layer by name, and a part of the
+    earlier format (one map per entry) is refused with a clear error."""
+    paths, selected, _ = toy_data
+    net = tiny_classifier()
+    entries = click_entries(selected, ("a", "b", "c"))
+    kw = dict(images_per_part=2, batch_size=4, inspect_images=2, progress=False)
+    both = write_cam_store(net, entries, paths, tmp_path / "both", layers="conv1,conv2", **kw)
+    assert both.layers == ["conv1", "conv2"] and both.layer == "conv1"
+    assert read_json(tmp_path / "both" / "summary.json")["layers"] == ["conv1", "conv2"]
+    for layer in ("conv1", "conv2"):
+        one = write_cam_store(net, entries, paths, tmp_path / layer, layers=[layer], **kw)
+        assert one.layers == [layer]
+        view = both.with_layer(layer)
+        for cid in one.click_ids():
+            (m1, meta1), (m2, meta2) = one.load(cid), view.load(cid)
+            np.testing.assert_allclose(m2, m1, rtol=1e-5, atol=1e-6 * max(float(m1.max()), 1e-12))
+            np.testing.assert_array_equal(meta1["crops"], meta2["crops"])
+            np.testing.assert_allclose(meta1["crop_probs"], meta2["crop_probs"], rtol=1e-6)
+            c1, c2 = one.load_crop_maps(cid), view.load_crop_maps(cid)
+            assert (c1 is None) == (c2 is None)
+            if c1 is not None:
+                np.testing.assert_allclose(c2, c1, rtol=1e-5, atol=1e-6 * max(float(c1.max()), 1e-12))
+        one.close()
+    assert not np.allclose(both.with_layer("conv1").load(0)[0], both.with_layer("conv2").load(0)[0])
+    with pytest.raises(KeyError, match="no layer 'conv3'"):
+        CamStore(tmp_path / "both", "conv3").load(0)
+    # an old store: format 1 in the part's attributes
+    part = tmp_path / "conv2" / "cams-00000.h5"
+    with h5py.File(part, "a") as f:
+        f.attrs["format"] = 1
+    with pytest.raises(ValueError, match=r"cams-00000.h5: CAM store part of format 1.*recompute"):
+        CamStore(tmp_path / "conv2").load(0)
+
+
 #: how far the CAM map of one crop may move, relative to the map's maximum, when another convolution kernel computes
 #: it (CPU kernels are chosen by batch size and thread count: PyTorch computes 1x1 convolutions natively with one
 #: thread and fewer than 16 crops, with oneDNN otherwise). Rounding differs by ~1e-7; where that flips a ReLU6 gate
@@ -182,7 +264,7 @@ def test_pseudo_boxes_do_not_depend_on_cam_batch_size(tmp_path, toy_data, effnet
     try:
         torch.set_num_threads(2)
         for bs in (1, 7, 64):
-            store = write_cam_store(effnet, entries, paths, tmp_path / f"b{bs}", layer="stage5_expand", crop_size=64,
+            store = write_cam_store(effnet, entries, paths, tmp_path / f"b{bs}", layers="stage5_expand", crop_size=64,
                                     images_per_part=2, batch_size=bs, progress=False)
             with store:
                 maps[bs] = {cid: store.load(cid)[0] for cid in store.click_ids()}
@@ -299,13 +381,13 @@ def test_forward_batches_have_one_size_within_a_part(tmp_path, toy_data, monkeyp
     that pipeline.device.keep_freed_memory keeps does not grow with the sizes seen."""
     paths, selected, _ = toy_data
     sizes = []
-    real = cam_writer.BaseCAM.__call__
+    real = cam_writer.BaseCAM.forward_layers
 
     def recording(self, x, targets):
         sizes.append(int(x.shape[0]))
         return real(self, x, targets)
 
-    monkeypatch.setattr(cam_writer.BaseCAM, "__call__", recording)
+    monkeypatch.setattr(cam_writer.BaseCAM, "forward_layers", recording)
     entries = click_entries(selected, ("a", "b", "c"))
     write_cam_store(tiny_classifier(), entries, paths, tmp_path / "cams", images_per_part=2, batch_size=4,
                     progress=False)
@@ -391,7 +473,8 @@ def test_store_content_equals_direct_computation(tmp_path, toy_data):
             probs = torch.softmax(logits, 1)[:, meta["class_index"]].numpy()
             np.testing.assert_allclose(meta["crop_probs"], probs, rtol=1e-4, atol=1e-6)
     with h5py.File(tmp_path / "cams" / "cams-00000.h5") as f:
-        ds = f["0"]["map"]
+        assert f.attrs["format"] == 2 and json.loads(f.attrs["layers"]) == ["conv2"]
+        ds = f["0"]["maps"]["conv2"]  # layout of pipeline.cam_store, format 2
         assert ds.dtype == np.float16 and ds.compression == "gzip" and ds.chunks is not None
     idx = pd.read_csv(tmp_path / "cams" / "index.csv")
     assert len(idx) == selected.click_id.nunique() and set(idx.n_crops) == {3}
@@ -526,8 +609,14 @@ def test_generate_cams_stage_on_tiny_synthetic_run(outputs, tmp_path):
             np.testing.assert_array_equal(meta["crops"], rows[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
             assert meta["class"] == rows["class"].iloc[0] and np.isfinite(m).all() and m.min() >= 0
         assert sum(store.load_crop_maps(c) is not None for c in store.click_ids()) >= 1
+        assert store.layers == ["stage5_expand", "stage6"]
+        cid = store.click_ids()[0]
+        m5, m6 = store.with_layer("stage5_expand").load(cid)[0], store.with_layer("stage6").load(cid)[0]
+        assert m5.shape == m6.shape and not np.array_equal(m5, m6)
     summary = json.loads((task.stage_dir / "summary.json").read_text())
-    assert summary["method"] == "sacam" and summary["layer"] == "stage6" and summary["crop_size"] == 48
+    # the default layers, tasks.defaults.TUNED.cam_layers, in one store
+    assert summary["method"] == "sacam" and summary["layers"] == ["stage5_expand", "stage6"]
+    assert summary["crop_size"] == 48
     assert summary["crops"] == len(selected)
 
 

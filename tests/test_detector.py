@@ -402,16 +402,25 @@ def test_evaluate_voc07_end_to_end_on_tiny_synthetic_data(outputs, tmp_path):
     assert "optimizer" not in load_checkpoint(train_dir / "model.pth")  # stripped when finished
 
 
-def test_compare_detectors_builds_the_four_variants(outputs):
+def test_compare_detectors_builds_the_six_variants(outputs):
     from tasks.detector import CompareDetectors
 
     reqs = CompareDetectors(synth_trainval=8).requires()
-    assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
-    got = {k: (t.det_box_source, t.cam_method, t.classifier_mode, t.synth_trainval) for k, t in reqs.items()}
-    assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", 8), "pseudo_gradcam": ("pseudo", "gradcam", "crops", 8),
-                   "pseudo_image_labels": ("pseudo", "sacam", "image_labels", 8),
-                   "ground_truth": ("gt", "sacam", "crops", 8)}
-    assert len({t.stage_dir for t in reqs.values()}) == 4
+    assert list(reqs) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "pseudo_gmp", "pseudo_spam",
+                          "ground_truth"]
+    got = {k: (t.det_box_source, t.cam_method, t.classifier_mode, t.cam_network, t.synth_trainval)
+           for k, t in reqs.items()}
+    assert got == {"pseudo_sacam": ("pseudo", "sacam", "crops", "spam", 8),
+                   "pseudo_gradcam": ("pseudo", "gradcam", "crops", "spam", 8),
+                   "pseudo_image_labels": ("pseudo", "sacam", "image_labels", "spam", 8),
+                   "pseudo_gmp": ("image_extent", "sacam", "crops", "gmp", 8),
+                   "pseudo_spam": ("image_extent", "sacam", "crops", "spam", 8),
+                   "ground_truth": ("gt", "sacam", "crops", "spam", 8)}
+    assert len({t.stage_dir for t in reqs.values()}) == 6
+    extent = {k: reqs[k].requires()["detector"].requires()["pseudo"] for k in ("pseudo_gmp", "pseudo_spam")}
+    assert {k: t.task_family for k, t in extent.items()} == {"pseudo_gmp": "ImageExtentBoxes",
+                                                             "pseudo_spam": "ImageExtentBoxes"}
+    assert extent["pseudo_gmp"].requires()["classifier"].classifier_image_pooling == "gmp"
     # the pseudo detectors train on different pseudo-label stages; the GT one ignores CAM parameters
     trains = {k: t.requires()["detector"] for k, t in reqs.items()}
     assert trains["pseudo_sacam"].requires()["pseudo"].stage_dir != trains["pseudo_gradcam"].requires()["pseudo"].stage_dir
@@ -440,13 +449,17 @@ def test_fewer_images_than_processes_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # torchrun
-def test_two_process_ddp_training_on_cpu(tmp_path):
+@pytest.mark.parametrize("arch", ["fast_rcnn", "faster_rcnn"])
+def test_two_process_ddp_training_on_cpu(tmp_path, arch):
     """torchrun with 2 gloo processes: each takes one image of every 2-image batch; rank 0 writes the checkpoint,
-    the parent loads the trained weights; the same optimizer steps as one process."""
+    the parent loads the trained weights; the same optimizer steps as one process. The Faster R-CNN (its RPN's
+    parameters in the DDP buckets too) alike, on a dataset without proposals."""
     from pipeline.detector import train_detector_distributed
 
     ds, _ = _dataset(tmp_path, [(120, 160), (160, 120), (100, 100), (120, 120)])
-    cfg = small_cfg(epochs=2, images_per_batch=2)
+    if arch == "faster_rcnn":
+        ds.proposals = None
+    cfg = small_cfg(epochs=2, images_per_batch=2, arch=arch)
     model = build_detector(CLASSES, cfg)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     log = train_detector_distributed(model, ds, tmp_path / "ddp" / "model.pth", "cpu", nproc=2, progress=False,
@@ -456,8 +469,10 @@ def test_two_process_ddp_training_on_cpu(tmp_path):
     assert ckpt["epoch"] == 1 and len(ckpt["log"]) == 2 and not list((tmp_path / "ddp").glob("ddp_*"))
     for k, v in ckpt["model"].items():  # the parent's model holds the checkpoint's (trained) weights
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
-    assert not torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
-                           init["roi_heads.box_predictor.cls_score.weight"])
+    trained = ["roi_heads.box_predictor.cls_score.weight"] + (["rpn.head.cls_logits.weight"] if arch == "faster_rcnn"
+                                                              else [])
+    for k in trained:
+        assert not torch.equal(model.state_dict()[k], init[k]), k
     single = train_detector(build_detector(CLASSES, cfg), ds, tmp_path / "one.pth", progress=False)
     assert list(single.iterations) == list(log.iterations)
 
@@ -483,7 +498,7 @@ def test_train_fast_rcnn_declares_gpu_units_per_process():
 
 @pytest.mark.slow
 def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
-    """The four detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
+    """The six detectors of `make compare`, tiny (8 + 4 synthetic images, random weights, 1 epoch each): one table
     with every variant's mAP and its ratio to the ground-truth detector's."""
     import luigi
 
@@ -495,7 +510,8 @@ def test_compare_detectors_runs_and_tabulates_the_ratio(outputs, tmp_path):
                             det_image_max_px=192, det_max_proposals=300, det_weights="random")
     assert luigi.build([task], local_scheduler=True, log_level="WARNING")
     table = pd.read_csv(task.stage_dir / "comparison.csv")
-    assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "ground_truth"]
+    assert list(table.variant) == ["pseudo_sacam", "pseudo_gradcam", "pseudo_image_labels", "pseudo_gmp",
+                                   "pseudo_spam", "ground_truth"]
     for variant, evaluation in task.requires().items():
         m = json.loads((evaluation.stage_dir / "metrics.json").read_text())
         row = table.set_index("variant").loc[variant]

@@ -105,7 +105,7 @@ def test_three_or_five_shards_merged_equal_one_store(tmp_path, cam_data):
                 assert os.path.samefile(part, tmp_path / f"n{n}" / "merged" / part.name)
         s_one = pd.read_json(tmp_path / "one" / "summary.json", typ="series")
         s_merged = pd.read_json(tmp_path / f"n{n}" / "merged" / "summary.json", typ="series")
-        for k in ("entries", "images", "crops", "parts", "method", "layer", "crop_size"):
+        for k in ("entries", "images", "crops", "parts", "method", "layers", "crop_size"):
             assert s_merged[k] == s_one[k], k
         assert s_merged["shards"] == n and s_merged["computed_crops"] == s_one["computed_crops"] == 30
 

@@ -239,16 +239,17 @@ def test_report_sampling_covers_classes(boxes):
 
 
 # -- the FusePseudoBoxes stage (tasks/pseudo.py) --------------------------------------------------------------
-def _tiny_classifier(num_classes: int, seed: int = 0):
+def _tiny_classifier(num_classes: int, seed: int = 0, names: tuple[str, str] = ("stage5_expand", "stage6")):
+    """A tiny random net whose two layers stand in for efficientnet_lite0's default CAM layers."""
     from nets import tiny_classifier
 
-    return tiny_classifier(num_classes, seed=seed, conv2_stride=1)
+    return tiny_classifier(num_classes, seed=seed, conv2_stride=1, names=names)
 
 
 def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
-    """Real stages 1-2 on tiny synthetic images, the CAM stores of the two default layers written with tiny random
-    nets in place of stages 3-4 (so no classifier is trained), then FusePseudoBoxes: its files agree with the
-    pipeline functions on the mean of the two layers' max-scaled maps."""
+    """Real stages 1-2 on tiny synthetic images, the CAM store of the two default layers (one GenerateCAMs, both
+    layers from one pass) written with a tiny random net in place of stages 3-4 (so no classifier is trained), then
+    FusePseudoBoxes: its files agree with the pipeline functions on the mean of the two layers' max-scaled maps."""
     import luigi
 
     from pipeline.boxes import BoxParams, classes_per_image, ensemble_map, pseudo_boxes_from_cams, rank1_proposals
@@ -261,25 +262,26 @@ def test_fuse_pseudo_boxes_stage(outputs, tmp_path):
                            ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
                            box_symmetry="mean", report_images=4, report_worst=1)
     reqs = task.requires()
-    sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
-    assert set(reqs) == {"selected", "cams", "cams@stage6"}  # tasks.defaults.TUNED.cam_layers
-    assert (cam_task.cam_layer, cam6_task.cam_layer) == ("stage5_expand", "stage6")
-    assert cam_task.requires()["classifier"].stage_dir == cam6_task.requires()["classifier"].stage_dir
+    sel_task, cam_task = reqs["selected"], reqs["cams"]
+    assert set(reqs) == {"selected", "cams"}  # one GenerateCAMs for both of tasks.defaults.TUNED.cam_layers
+    assert cam_task.cam_layers == "stage5_expand,stage6"
     assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
     manifest = sel_task.manifest()
     selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
     trainval = manifest.split("trainval")
-    for seed, t in enumerate((cam_task, cam6_task)):
-        write_cam_store(_tiny_classifier(len(manifest.classes), seed=seed), click_entries(selected, manifest.classes),
-                        dict(zip(trainval.image_id, trainval.path)), t.stage_dir, progress=False)
+    write_cam_store(_tiny_classifier(len(manifest.classes)), click_entries(selected, manifest.classes),
+                    dict(zip(trainval.image_id, trainval.path)), cam_task.stage_dir, layers=("stage5_expand", "stage6"),
+                    progress=False)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text
     assert not cam_task.requires()["classifier"].stage_dir.exists()  # the stand-in stores were used
 
     out = task.stage_dir
     labels = read_pseudo_labels(out / "pseudo_labels.csv")
-    with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
+    with CamStore(cam_task.stage_dir, "stage5_expand") as a, CamStore(cam_task.stage_dir, "stage6") as b:
+        assert a.layers == ["stage5_expand", "stage6"]
         items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in manifest.clicks.click_id]
+        assert not np.allclose(a.load(items[0][0])[0], b.load(items[0][0])[0])  # two different layers' maps
     expected = pseudo_boxes_from_cams(items, rank1_proposals(selected), classes_per_image(manifest.clicks),
                                       BoxParams("fixed", 50.0, symmetry="mean", partition="same_class"),
                                       clicks=manifest.clicks)  # the stage defaults, --box-symmetry mean
@@ -331,7 +333,7 @@ def test_fuse_pseudo_boxes_cam_ensemble(outputs, tmp_path):
     entries = click_entries(selected, manifest.classes)
     dropped = entries[0].entry_id
     write_cam_store(_tiny_classifier(len(manifest.classes), seed=0), entries, paths, main_cams.stage_dir,
-                    progress=False)
+                    progress=False)  # layer stage6, the tiny net's default
     write_cam_store(_tiny_classifier(len(manifest.classes), seed=1), entries[1:], paths, lite1_cams.stage_dir,
                     progress=False)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
@@ -403,20 +405,20 @@ def test_fuse_pseudo_boxes_area_prior_with_two_clicks(tmp_path):
                            ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
                            clicks_per_object="2", box_area_prior="on", report_images=0, report_worst=0)
     reqs = task.requires()
-    sel_task, cam_task, cam6_task = reqs["selected"], reqs["cams"], reqs["cams@stage6"]
+    sel_task, cam_task = reqs["selected"], reqs["cams"]
     assert luigi.build([sel_task], local_scheduler=True, log_level="WARNING")
     manifest = sel_task.manifest()
     clicks = manifest.clicks
     assert (clicks.n_clicks == 2).all() and clicks.x.to_numpy() == pytest.approx((clicks.x_a + clicks.x_b) / 2)
     selected = pd.read_parquet(sel_task.stage_dir / "selected.parquet")
     trainval = manifest.split("trainval")
-    for seed, t in enumerate((cam_task, cam6_task)):
-        write_cam_store(_tiny_classifier(len(manifest.classes), seed=seed), click_entries(selected, manifest.classes),
-                        dict(zip(trainval.image_id, trainval.path)), t.stage_dir, progress=False)
+    write_cam_store(_tiny_classifier(len(manifest.classes)), click_entries(selected, manifest.classes),
+                    dict(zip(trainval.image_id, trainval.path)), cam_task.stage_dir, layers=("stage5_expand", "stage6"),
+                    progress=False)
     res = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
     assert res.status.name == "SUCCESS", res.summary_text
     labels = read_pseudo_labels(task.stage_dir / "pseudo_labels.csv")
-    with CamStore(cam_task.stage_dir) as a, CamStore(cam6_task.stage_dir) as b:
+    with CamStore(cam_task.stage_dir, "stage5_expand") as a, CamStore(cam_task.stage_dir, "stage6") as b:
         items = [(i, ensemble_map([a.load(i)[0], b.load(i)[0]])[0], a.load(i)[1]) for i in clicks.click_id]
     boxes, cands = pseudo_boxes_and_candidates(items, rank1_proposals(selected), classes_per_image(clicks),
                                                BoxParams("fixed", 50.0, partition="same_class"), clicks=clicks,

@@ -43,22 +43,42 @@ def test_every_stage_hashes_only_its_own_params():
 
     stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
               tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
-              MILBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN, tasks.EvaluateVOC07, CompareDetectors]
+              MILBoxes, tasks.ProposalFreeBoxes, tasks.ImageExtentBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN,
+              tasks.EvaluateVOC07, CompareDetectors, tasks.Detect]
     owners: dict[str, list[str]] = {}
     for cls in stages:
         for name in cls.own_param_names():
             owners.setdefault(name, []).append(cls.task_family)
-    # each parameter has one owning stage, but for a shard and its merge, the two pseudo-box stages' export
-    # settings, and the seed of the two trainings
+    # each parameter has one owning stage, but for a shard and its merge, the pseudo-box stages' shared box and
+    # export settings (the same parameter objects), and the seed of the two trainings
     shared = {k: v for k, v in owners.items() if len(v) > 1}
-    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"},
-                          {"FusePseudoBoxes", "MILBoxes"})
-               for k, v in shared.items() if k not in ("seed", "device")), shared
+    box_stages = {"FusePseudoBoxes", "MILBoxes", "ProposalFreeBoxes", "ImageExtentBoxes"}
+    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"})
+               or set(v) <= box_stages for k, v in shared.items() if k not in ("seed", "device")), shared
     assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
-    assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch"}
-    # FusePseudoBoxes sets each GenerateCAMs' single cam_layer from its own list, so cam_layer is not its parameter
-    assert "cam_layer" in tasks.GenerateCAMs.get_param_names()
-    assert "cam_layer" not in tasks.PseudoLabels.get_param_names()
+    assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch", "eval_train_map"}
+    assert "eval_holdout" in tasks.PrepareDataset.own_param_names()  # a dataset parameter: it changes the splits
+    # --cam-layers is GenerateCAMs' (all layers in one pass); FusePseudoBoxes passes it on resolved per backbone
+    assert "cam_layers" in tasks.GenerateCAMs.own_param_names()
+    assert "cam_layers" not in tasks.FusePseudoBoxes.own_param_names()
+    assert "cam_layers" in tasks.PseudoLabels.get_param_names() and "cam_layer" not in tasks.GenerateCAMs.get_param_names()
+
+
+def test_parameters_added_later_are_hashed_only_when_set():
+    """``unhashed_values``: a stage's outputs from before such a parameter existed keep their directory (the value
+    that reproduces them is not hashed); any other value is."""
+    import tasks
+
+    for cls, name, value in ((tasks.PrepareDataset, "eval_holdout", 5), (tasks.TrainFastRCNN, "det_arch", "faster_rcnn"),
+                             (tasks.EvaluateVOC07, "eval_train_map", True)):
+        assert name in cls.unhashed_values and name in cls.own_param_names()
+        assert name not in cls().significant_params()
+        assert name in cls(**{name: value}).significant_params()
+        assert cls(**{name: value}).stage_dir != cls().stage_dir
+    image_level = dict(classifier_mode="image_labels")
+    assert "classifier_image_pooling" not in tasks.TrainClassifier(**image_level).significant_params()
+    assert tasks.TrainClassifier(**image_level, classifier_image_pooling="spam").significant_params()[
+        "classifier_image_pooling"] == "spam"
 
 
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
@@ -173,10 +193,27 @@ def test_stage_rows_and_table(tmp_path):
     from tasks.main import stage_rows, stage_table
 
     for name, sec, done in (("A", 1.5, "2026-01-01T00:00:02"), ("B", 2.0, "2026-01-01T00:00:01")):
-        write_json(tmp_path / name / "params.json", {"seconds": sec, "peak_rss_mb": 1000.0,
-                                                     "peak_rss_children_mb": 5.0, "finished": done})
+        write_json(tmp_path / name / "params.json", {"seconds": sec, "peak_rss_mb": 1000.0, "cpu_seconds": 2.7,
+                                                     "cores": 2, "peak_rss_children_mb": 5.0, "finished": done})
     rows = stage_rows({"A": str(tmp_path / "A"), "B": str(tmp_path / "B"), "C": str(tmp_path / "C")})
     assert [r["stage"] for r in rows] == ["A", "B", "C"] and rows[0]["seconds"] == 1.5 and rows[2]["seconds"] is None
+    assert rows[0]["cpu_util"] == pytest.approx(2.7 / 1.5 / 2) and rows[2]["cpu_util"] is None
     lines = stage_table(rows).splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["B", "A", "C"]
-    assert lines[3] == "| A | 1.5 | 1000 | 5 | 2026-01-01T00:00:02 |" and lines[4] == "| C | - | - | - | - |"
+    # A: 2.7 CPU s in 1.5 s on 2 cores = 90 %; B: 2.7 / 2.0 / 2 = 68 %
+    assert lines[3] == "| A | 1.5 | 90 | 1000 | 5 | 2026-01-01T00:00:02 |" and lines[4] == "| C | - | - | - | - | - |"
+    assert lines[2].split("|")[3].strip() == "68"
+
+
+@pytest.mark.parametrize("how", ["subprocess", "forkserver"])
+def test_params_json_records_each_stage_cpu_time(outputs, how):
+    """A stage's params.json holds its CPU time, its descendants' included: a stage that busy-loops 0.6 s in a
+    child process it waits for, or in a forkserver's worker (a grandchild the forkserver reaps, as selective
+    search's workers), records at least that much, and the cores of the machine."""
+    from toy_tasks import ToyChildCPU
+
+    task = ToyChildCPU(busy_s=0.6, how=how)
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    meta = read_json(task.stage_dir / "params.json")
+    assert meta["cpu_seconds"] >= 0.55 and meta["cores"] >= 1, meta
+    assert meta["cpu_seconds"] <= meta["seconds"] * meta["cores"] + 0.5

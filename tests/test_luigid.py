@@ -8,14 +8,13 @@ from collections import Counter
 import pytest
 
 import harness as H
-from tasks.defaults import TUNED
 
 pytestmark = pytest.mark.slow  # luigid and luigi worker subprocesses
 
 N_SHARDS = 4  # = harness.TINY: the one-worker reference is shared with the other test modules
 WORKERS = 4
 CAM_SHARDS = 4  # GenerateCAMs' default --cam-shards
-CAM_LAYERS = len(TUNED.cam_layers["efficientnet_lite0"])  # one GenerateCAMs per default CAM layer
+CAM_STORES = 1  # one GenerateCAMs (all of TUNED.cam_layers["efficientnet_lite0"] in one pass)
 #: 8 trainval images in CAM parts of 2: one part for each CAM shard (with the default 64 one shard gets all)
 CAM = {"cam_images_per_part": 2}
 
@@ -77,13 +76,13 @@ def test_four_worker_processes_under_luigid_equal_one_worker(tmp_path):
     # every task of the graph ran exactly once over the four processes
     assert all(n == 1 for n in per_task.values()), [k for k, n in per_task.items() if n > 1]
     assert families == {"PrepareDataset": 1, "SelectiveSearchShard": N_SHARDS, "SelectiveSearch": 1,
-                        "SelectProposals": 1, "TrainClassifier": 1, "GenerateCAMsShard": CAM_LAYERS * CAM_SHARDS,
-                        "GenerateCAMs": CAM_LAYERS, "FusePseudoBoxes": 1, "PseudoLabels": 1}, families
+                        "SelectProposals": 1, "TrainClassifier": 1, "GenerateCAMsShard": CAM_STORES * CAM_SHARDS,
+                        "GenerateCAMs": CAM_STORES, "FusePseudoBoxes": 1, "PseudoLabels": 1}, families
     shards = sorted(int(p.split(" ss_shard=")[1].split(",")[0]) for _, fam, p in runs if fam == "SelectiveSearchShard")
     assert shards == list(range(N_SHARDS))
     cam_shards = sorted(int(p.split("cam_shard=")[1].split(",")[0]) for _, fam, p in runs
                         if fam == "GenerateCAMsShard")
-    assert cam_shards == sorted(list(range(CAM_SHARDS)) * CAM_LAYERS)  # each CAM shard of each layer ran once
+    assert cam_shards == sorted(list(range(CAM_SHARDS)) * CAM_STORES)  # each CAM shard ran once
     shard_pids = {pid for pid, fam, _ in runs if fam == "SelectiveSearchShard"}
     assert len(shard_pids) >= 2, "the proposal shards all ran in one worker process"
     assert len({pid for pid, _, _ in runs}) >= 2
@@ -91,8 +90,8 @@ def test_four_worker_processes_under_luigid_equal_one_worker(tmp_path):
     cams = [d for d in H.stage_dirs(multi) if d.parent.name == "GenerateCAMs"]
     cam_parts = sorted(p.name for d in H.stage_dirs(multi) if d.parent.name == "GenerateCAMsShard"
                        for p in d.glob("cams-*.h5"))
-    assert cam_parts == sorted([f"cams-{i:05d}.h5" for i in range(CAM_SHARDS)] * CAM_LAYERS)
-    assert len(cams) == CAM_LAYERS
+    assert cam_parts == sorted([f"cams-{i:05d}.h5" for i in range(CAM_SHARDS)] * CAM_STORES)
+    assert len(cams) == CAM_STORES
     assert sorted(p.name for d in cams for p in d.glob("cams-*.h5")) == cam_parts
 
     # the graph is complete: one more run (any worker) finds nothing to do

@@ -80,3 +80,39 @@ class ToyMemory(StageTask):
 
         block = np.ones(self.mb * 2**20 // 8) if self.mb else None
         write_text(work / "done.txt", f"{0 if block is None else block.nbytes}\n")
+
+
+class ToyChildCPU(StageTask):
+    """Busy-loops ``busy_s`` seconds of CPU time in a child process (CPU-time bookkeeping): a subprocess it waits
+    for (``how=subprocess``), or a worker of a forkserver pool (``how=forkserver``: a grandchild, reaped by the
+    forkserver, which lives on), as selective search's workers."""
+
+    busy_s = luigi.FloatParameter(default=0.5)
+    how = luigi.Parameter(default="subprocess")
+
+    def requires(self):
+        return []
+
+    def run_stage(self, work: Path) -> None:
+        import subprocess
+        import sys
+
+        if self.how == "forkserver":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+                pool.submit(busy, self.busy_s).result()
+        else:
+            subprocess.run([sys.executable, "-c", f"import toy_tasks; toy_tasks.busy({self.busy_s})"], check=True,
+                           cwd=Path(__file__).parent)
+        write_text(work / "done.txt", "1\n")
+
+
+def busy(seconds: float) -> None:
+    """Spend ``seconds`` of CPU time."""
+    import time
+
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
