@@ -371,6 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument("--floor-epochs", type=int, default=0,
                     help="a quick check: time this many classifier epochs in its floor and scale (0: all)")
     args = ap.parse_args(argv)
+    from pipeline.device import keep_freed_memory
+
+    keep_freed_memory()  # the floors run under the allocator setting every stage runs under (tasks/base.py)
     if args.cam_pass_only:
         return cam_pass_only(args)
     name = "synthetic" if args.synthetic else (f"voc07-sample-first{args.limit}" if args.limit else "voc07-sample")
