@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 from pipeline.device import cpu_cores  # noqa: E402
 from pipeline.io import read_json, write_csv, write_json, write_text  # noqa: E402
+from pipeline.markdown import markdown_table  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 MAX_JOB_RATIO = 1.3
@@ -285,14 +286,11 @@ def markdown(table: pd.DataFrame) -> str:
     def f(v, spec):
         return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
-    lines = ["| stage | outputs | seconds | floor seconds | ratio | images/s | CPU util % | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in table.itertuples(index=False):
-        lines.append(f"| {r.stage} | {r.outputs} | {f(r.seconds, '.1f')} | "
-                     f"{f(r.floor_seconds, '.1f')}{' (' + r.floor + ')' if r.floor else ''} | {f(r.ratio, '.2f')} | "
-                     f"{f(r.images_per_s, '.2f')} | {f(None if r.cpu_util is None else 100 * r.cpu_util, '.0f')} | "
-                     f"{f(r.peak_rss_mb, '.0f')} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["stage", "outputs", "seconds", "floor seconds", "ratio", "images/s", "CPU util %", "peak RSS MB"],
+        [(r.stage, r.outputs, f(r.seconds, ".1f"), f(r.floor_seconds, ".1f") + (f" ({r.floor})" if r.floor else ""),
+          f(r.ratio, ".2f"), f(r.images_per_s, ".2f"), f(None if r.cpu_util is None else 100 * r.cpu_util, ".0f"),
+          f(r.peak_rss_mb, ".0f")) for r in table.itertuples(index=False)], "lrrrrrrr")
 
 
 def check_targets(table: pd.DataFrame, job: dict, passes: dict, synthetic: bool) -> list[str]:

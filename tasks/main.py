@@ -10,6 +10,7 @@ from pathlib import Path
 import luigi
 
 from pipeline.io import read_json, write_json, write_text
+from pipeline.markdown import markdown_table
 
 from .base import StageTask, inherits
 from .mil import MILBoxes
@@ -124,10 +125,9 @@ def stage_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = ["| stage | seconds | CPU util % (CPU s / s / cores) | peak RSS MB | peak RSS of child processes MB | "
-             "finished |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['stage']} | {fmt(r['seconds'], '.1f')} | "
-              f"{fmt(None if r.get('cpu_util') is None else 100 * r['cpu_util'], '.0f')} | "
-              f"{fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['peak_rss_children_mb'], '.0f')} | {r['finished'] or '-'} |"
-              for r in sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))]
-    return "\n".join(lines)
+    return markdown_table(
+        ["stage", "seconds", "CPU util % (CPU s / s / cores)", "peak RSS MB", "peak RSS of child processes MB",
+         "finished"],
+        [(r["stage"], fmt(r["seconds"], ".1f"), fmt(None if r.get("cpu_util") is None else 100 * r["cpu_util"], ".0f"),
+          fmt(r["peak_rss_mb"], ".0f"), fmt(r["peak_rss_children_mb"], ".0f"), r["finished"] or "-")
+         for r in sorted(rows, key=lambda r: (r["finished"] is None, r["finished"] or ""))], "lrrrrl")

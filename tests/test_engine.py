@@ -181,12 +181,9 @@ def test_clip_grad_norm_steps_along_the_clipped_gradient(tmp_path, micro):
 
 
 def loop_first_step_only(spec: FitSpec, steps: list) -> None:
-    """Run ``fit`` and keep the weights after its first optimizer step (a pre-hook on the second step)."""
-    first = {"done": False}
-
+    """Run ``fit`` and keep the weights after its first optimizer step (a post-hook on the steps)."""
     def post(opt, args, kwargs):
-        if not first["done"]:
-            first["done"] = True
+        if not steps:
             steps.append({k: v.clone() for k, v in spec.model.state_dict().items()})
     spec.optimizer.register_step_post_hook(post)
     fit(spec, progress=False)
