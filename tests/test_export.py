@@ -387,7 +387,7 @@ def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
 
 
 @pytest.mark.slow
-def test_fuse_pseudo_boxes_area_prior_with_two_clicks(tmp_path):
+def test_fuse_pseudo_boxes_area_prior_with_two_clicks(outputs, tmp_path):
     """--clicks-per-object 2 --box-area-prior on: the stage's boxes are clickpairs.choose_by_area's choice among the
     candidates of the pipeline functions (stand-in CAM stores as above); without two clicks the option is an error
     at creation."""
