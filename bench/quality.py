@@ -254,10 +254,12 @@ def main(argv=None) -> int:
         timed("ensemble classifiers + CAMs", list(ens_tasks.values()))
 
     # paper 001's two-click supervision with SA-CAM: the pair's mean as the click (own classifier and CAMs), and
-    # with the area score choosing T_cam per click (docs/method.md, two clicks)
+    # with the area score (the pair's distance) or the per-axis extent model (the pair's x and y differences)
+    # choosing T_cam per click (docs/method.md, two clicks)
     two = dict(clicks_per_object="2", annotators="1,2")
     two_tasks = {"mean": FusePseudoBoxes(**common, cam_method="sacam", **two),
-                 "area": FusePseudoBoxes(**common, cam_method="sacam", box_area_prior="on", **two)}
+                 "area": FusePseudoBoxes(**common, cam_method="sacam", box_area_prior="on", **two),
+                 "axes": FusePseudoBoxes(**common, cam_method="sacam", box_area_prior="axes", **two)}
     timed("SA-CAM two clicks", list(two_tasks.values()))
 
     # paper 001's click-supervised MIL; two clicks: annotators 1 and 2 paired (their own classifier on the pairs'
@@ -294,7 +296,9 @@ def main(argv=None) -> int:
     rows.append({"method": "SA-CAM + two clicks: mean center (--clicks-per-object 2)", **metrics_of(two_tasks["mean"])})
     rows.append({"method": "SA-CAM + two clicks: mean center + area score (--box-area-prior on)",
                  **metrics_of(two_tasks["area"])})
-    two_rows = [len(rows) - 2, len(rows) - 1]
+    rows.append({"method": "SA-CAM + two clicks: mean center + extent model per axis (--box-area-prior axes)",
+                 **metrics_of(two_tasks["axes"])})
+    two_rows = [len(rows) - 3, len(rows) - 2, len(rows) - 1]
     sa_rows += two_rows
     rows.append({"method": "--proposals none: SPAM-CAM whole-image map + click (no selective search)",
                  **metrics_of(free_tasks["spam"])})

@@ -15,7 +15,8 @@ the HDF5 CAM store. This module gathers the public names of the modules that imp
 """
 from __future__ import annotations
 
-from .cam_crops import FUSIONS, extract_crops, fusion_weights, image_tensor, paste_and_fuse, paste_maps, pixel_boxes
+from .cam_crops import (FUSIONS, PASTE_MODES, MapGrid, extract_crops, fusion_weights, image_tensor, layer_grid,
+                        paste_and_fuse, paste_maps, pixel_boxes)
 from .cam_methods import (CAM_METHODS, ActivationsAndGradients, BaseCAM, ClassifierOutputTarget, GradCAM, LayerCAM,
                           SACAM, make_cam)
 from .cam_store import INDEX_COLUMNS, STORE_FORMAT, CamStore, FusedMaps, merge_cam_stores, shard_parts
@@ -24,7 +25,7 @@ from .cam_writer import (CamEntry, CamStoreSettings, click_entries, image_entrie
 
 _paste = paste_maps  # (its former name here: bench/cam_throughput.py)
 
-__all__ = ["FUSIONS", "extract_crops", "fusion_weights", "image_tensor", "paste_and_fuse", "paste_maps",
+__all__ = ["FUSIONS", "PASTE_MODES", "MapGrid", "layer_grid", "extract_crops", "fusion_weights", "image_tensor", "paste_and_fuse", "paste_maps",
            "pixel_boxes", "CAM_METHODS", "ActivationsAndGradients", "BaseCAM", "ClassifierOutputTarget", "GradCAM",
            "LayerCAM", "SACAM", "make_cam", "INDEX_COLUMNS", "STORE_FORMAT", "CamStore", "FusedMaps",
            "merge_cam_stores", "shard_parts", "CamEntry", "CamStoreSettings", "click_entries", "image_entries",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cam_crops import FUSIONS, extract_crops, fusion_weights, paste_maps
+from .cam_crops import FUSIONS, PASTE_MODES, extract_crops, fusion_weights, layer_grid, paste_maps
 from .cam_methods import BaseCAM, make_cam
 from .cam_store import (STORE_FORMAT, CamStore, build_index, part_name, partition_digest, plan_parts, plan_record,
                         shard_parts, store_map, store_summary)
@@ -157,6 +157,7 @@ class CamStoreSettings:
     batch_size: int = 0  # crops per forward/backward pass (cut across images; the last of a part smaller);
     #                      0: auto_batch_size(device)
     fusion: str = "sum"  # one of FUSIONS
+    paste: str = "grid"  # one of PASTE_MODES: how a crop's map goes back onto its box (pipeline.cam_crops.paste_maps)
     inspect_images: int = 0  # the first that many images also store each crop's raw map (crop_maps)
     images_per_part: int = 64  # images per HDF5 part: the unit of resuming and of sharding
     shard: tuple[int, int] | None = None  # (i, n): compute only range i of n of the global plan's parts
@@ -171,6 +172,8 @@ class CamStoreSettings:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:  # before any work
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {FUSIONS}")
+        if self.paste not in PASTE_MODES:
+            raise ValueError(f"unknown paste mode {self.paste!r}; choose one of {PASTE_MODES}")
         layers = self.layer_names()
         if len(set(layers)) != len(layers):
             raise ValueError(f"CAM layers {layers}: each layer once")
@@ -192,7 +195,7 @@ class CamStoreSettings:
         return {"method": self.method, "layers": self.layer_names(model),
                 "crop_size": int(self.crop_size or getattr(model, "input_size", 224)),
                 "batch_size": int(self.batch_size) if self.batch_size >= 1 else auto_batch_size(self.device),
-                "fusion": self.fusion,
+                "fusion": self.fusion, **({"paste": self.paste} if self.paste != "resize" else {}),
                 "inspect_images": self.inspect_images, "backbone": getattr(model, "name", type(model).__name__)}
 
 
@@ -238,7 +241,9 @@ def write_cam_store(model: nn.Module, entries: Sequence[CamEntry], image_paths: 
             total=total_crops, unit="crop", desc=f"{s.method} CAMs", disable=not s.progress, smoothing=0.1) as bar:
         ctx = _PassContext(cam, recorded["crop_size"], model.mean, model.std, recorded["batch_size"], device,
                            memory_format, s.fusion, s.compression, s.compression_level,
-                           set(sorted(by_image)[:s.inspect_images]), bar)
+                           set(sorted(by_image)[:s.inspect_images]), bar,
+                           {n: layer_grid(model, n, recorded["crop_size"]) if s.paste == "grid" else None
+                            for n in recorded["layers"]})
         images = _iter_images([img for i in todo for img in plan[i]], image_paths, s.num_workers,
                               pin=device.type == "cuda")
         for written, part in enumerate(todo, 1):
@@ -287,6 +292,7 @@ class _PassContext:
     compression_level: int
     inspect: set  # image ids whose crops' maps are stored too
     bar: tqdm
+    grids: dict  # layer -> its MapGrid (None: pasted as an image resize)
 
 
 def _write_part(ctx: _PassContext, path: Path, image_ids: list[str], images: Iterator, by_image: dict,
@@ -383,7 +389,8 @@ class _CropQueue:
                 weights = fusion_weights(self.ctx.fusion, p)
                 m = {n: lm[k:k + len(e.crops)] for n, lm in maps.items()}
                 k += len(e.crops)
-                fused = {n: paste_maps(lm, e.crops, hw, weights).cpu().numpy() for n, lm in m.items()}
+                fused = {n: paste_maps(lm, e.crops, hw, weights, self.ctx.grids[n]).cpu().numpy()
+                         for n, lm in m.items()}
                 _store_entry(self.ctx, self.f, e, fused, p, m if image_id in self.ctx.inspect else None)
             self.n_crops += n
         self.maps, self.probs = {n: [lm[k:]] for n, lm in maps.items()}, [probs[k:]]

@@ -269,9 +269,15 @@ def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.Dat
 
 
 def reference_areas(clicks: pd.DataFrame, objects: pd.DataFrame) -> pd.Series:
-    """Area of each click's reference box in ``objects`` (ground truth of a few annotated images,
-    ``--box-area-calibration``): the object its ``object_index`` names when that is an object of its class, else
-    the smallest box of its class in its image that contains the click; NaN when none. Indexed by click_id."""
+    """Area of each click's reference box (:func:`reference_boxes`); NaN when none. Indexed by click_id."""
+    ref = reference_boxes(clicks, objects)
+    return ref["w"] * ref["h"]
+
+
+def reference_boxes(clicks: pd.DataFrame, objects: pd.DataFrame) -> pd.DataFrame:
+    """Width ``w`` and height ``h`` of each click's reference box in ``objects`` (ground truth of a few annotated
+    images, ``--box-area-calibration``): the object its ``object_index`` names when that is an object of its class,
+    else the smallest box of its class in its image that contains the click; NaN when none. Indexed by click_id."""
     objs = objects.assign(image_id=objects["image_id"].astype(str),
                           area=(objects.x2 - objects.x1) * (objects.y2 - objects.y1))
     groups = {k: g for k, g in objs.groupby(["image_id", "class"], sort=False)}
@@ -280,13 +286,121 @@ def reference_areas(clicks: pd.DataFrame, objects: pd.DataFrame) -> pd.Series:
     for cid, image_id, cls, x, y, idx in zip(clicks["click_id"], clicks["image_id"].astype(str), clicks["class"],
                                              clicks["x"], clicks["y"], index):
         g = groups.get((image_id, cls))
-        area = np.nan
+        box = None
         if g is not None:
             named = g[g["object_index"] == int(idx)]
             inside = g[(g.x1 <= x) & (x <= g.x2) & (g.y1 <= y) & (y <= g.y2)]
             if len(named):
-                area = float(named["area"].iloc[0])
+                box = named.iloc[0]
             elif len(inside):
-                area = float(inside["area"].min())
-        out[int(cid)] = area
-    return pd.Series(out, dtype=float)
+                box = inside.loc[inside["area"].idxmin()]
+        out[int(cid)] = ((float(box.x2 - box.x1), float(box.y2 - box.y1)) if box is not None else (np.nan, np.nan))
+    return pd.DataFrame.from_dict(out, orient="index", columns=["w", "h"], dtype=float).rename_axis("click_id")
+
+
+# -- the per-axis extent model ("--box-area-prior axes") --------------------------------------------------
+#: median and variance of log of a chi-square variable with one degree of freedom (a squared standard normal)
+CHI2_1_MEDIAN = 0.454936423119572
+LOG_CHI2_1_VAR = float(np.pi ** 2 / 2)
+#: bounds of the fitted spread of the default box's log side
+EXTENT_SIGMA_RANGE = (0.05, 2.0)
+
+
+@dataclass(frozen=True)
+class ExtentModel:
+    """Two annotators click an object of width ``w`` and height ``h``; each click's error along an axis is
+    normal with standard deviation ``k`` times the object's side along it, independently, so the pair's
+    difference along x is ``N(0, 2 (k w)^2)`` (along y with ``h``). The default box's log side deviates from the
+    true one by ``N(0, sigma^2)`` per axis (the map's own evidence, the prior)."""
+
+    k: float
+    sigma: float
+
+    def log_posterior(self, dx, dy, w, h, w0, h0) -> np.ndarray:
+        """Unnormalised log posterior of a box of sides ``w, h`` given the pair's differences ``dx, dy`` and the
+        default box's sides ``w0, h0`` (arrays broadcast)."""
+        out = 0.0
+        for d, side, side0 in ((dx, w, w0), (dy, h, h0)):
+            side = np.maximum(np.asarray(side, float), 1e-6)
+            s = np.sqrt(2.0) * self.k * side
+            out = out - np.log(s) - np.asarray(d, float) ** 2 / (2 * s * s) \
+                - (np.log(side) - np.log(np.maximum(np.asarray(side0, float), 1e-6))) ** 2 / (2 * self.sigma ** 2)
+        return out
+
+
+def fit_extent_model(dx, dy, w0, h0, ref_w=None, ref_h=None) -> ExtentModel:
+    """:class:`ExtentModel` from click pairs (``dx, dy``: the two clicks' differences) and their default boxes
+    (``w0, h0``), pooled over both axes; NaN rows are left out.
+
+    Self-calibrated (no ``ref_*``): with ``r = (d / side0)^2``, ``k = sqrt(median(r) / (2 median(chi2_1)))``, and,
+    since ``log r = 2 (log side - log side0) + log(2 k^2 chi2_1)``, ``sigma^2 = (var(log r) - var(log chi2_1)) / 4``
+    (the part of the spread the click noise does not explain). With reference sides (``ref_w, ref_h``, ground truth
+    of a few images): ``r`` uses them, and ``sigma`` is the standard deviation of ``log(ref / side0)``. ``sigma`` is
+    kept within :data:`EXTENT_SIGMA_RANGE`. ValueError with fewer than 3 usable pairs."""
+    d = np.concatenate([np.abs(np.asarray(dx, float)), np.abs(np.asarray(dy, float))])
+    side0 = np.concatenate([np.asarray(w0, float), np.asarray(h0, float)])
+    ref = None if ref_w is None else np.concatenate([np.asarray(ref_w, float), np.asarray(ref_h, float)])
+    scale = side0 if ref is None else ref
+    ok = np.isfinite(d) & (d > 0) & np.isfinite(scale) & (scale > 0) & np.isfinite(side0) & (side0 > 0)
+    if ok.sum() < 6:  # 3 pairs, 2 axes
+        raise ValueError(f"fitting the extent model needs at least 3 click pairs with a box, got {ok.sum() // 2}")
+    r = (d[ok] / scale[ok]) ** 2
+    k = float(np.sqrt(np.median(r) / (2 * CHI2_1_MEDIAN)))
+    if ref is None:
+        var = (float(np.var(np.log(r))) - LOG_CHI2_1_VAR) / 4
+        sigma = float(np.sqrt(max(var, 0.0)))
+    else:
+        sigma = float(np.std(np.log(ref[ok] / side0[ok])))
+    return ExtentModel(k, float(np.clip(sigma, *EXTENT_SIGMA_RANGE)))
+
+
+def choose_by_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
+                     reference: pd.DataFrame | None = None, folds: int = 5) -> tuple[pd.DataFrame, dict]:
+    """Stage 5 with two clicks, per axis: each paired click's box among its ``candidates`` (its map thresholded at
+    :data:`AREA_THRESHOLDS`) with the highest :meth:`ExtentModel.log_posterior` given the pair's x and y
+    differences and the default box. The model is cross-fitted by image folds (:func:`image_fold`): a click's
+    ``k`` and ``sigma`` come from the clicks of the other folds' images, on their default boxes (self-calibrated)
+    or on ``reference`` sides (``w, h`` indexed by click_id: :func:`reference_boxes`). A lone click, a fallback
+    box or a click without candidates keeps its box. Arguments and result as :func:`choose_by_area`'s (the report
+    lists each fold's ``k`` and ``sigma``)."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    out = boxes.copy()
+    c = clicks.set_index("click_id").reindex(out["click_id"])
+    paired = (c["n_clicks"].to_numpy(float) == 2)
+    dx = np.where(paired, c["x_a"].to_numpy(float) - c["x_b"].to_numpy(float), np.nan)
+    dy = np.where(paired, c["y_a"].to_numpy(float) - c["y_b"].to_numpy(float), np.nan)
+    ok = (out["status"] == "ok").to_numpy() & paired
+    w0, h0 = (out.x2 - out.x1).to_numpy(float), (out.y2 - out.y1).to_numpy(float)
+    if reference is None:
+        rw = rh = None
+        source = "default boxes (self-calibrated)"
+    else:
+        ref = reference.reindex(out["click_id"])
+        rw, rh = ref["w"].to_numpy(float), ref["h"].to_numpy(float)
+        source = "reference boxes"
+    fold = np.array([image_fold(i, folds) for i in out["image_id"].astype(str)])
+    models = []
+    cand = candidates[candidates["click_id"].isin(out.loc[ok, "click_id"])].copy()
+    row_of = pd.Series(np.arange(len(out)), index=out["click_id"].to_numpy())
+    cand_fold = fold[row_of.reindex(cand["click_id"]).to_numpy()]
+    cand["logp"] = -np.inf
+    for f in range(folds):
+        train = ok & (fold != f)
+        model = fit_extent_model(dx[train], dy[train], w0[train], h0[train],
+                                 None if rw is None else rw[train], None if rh is None else rh[train])
+        models.append(model)
+        sel = cand_fold == f
+        rows = row_of.reindex(cand.loc[sel, "click_id"]).to_numpy()
+        cand.loc[sel, "logp"] = model.log_posterior(dx[rows], dy[rows], (cand.x2 - cand.x1)[sel].to_numpy(float),
+                                                    (cand.y2 - cand.y1)[sel].to_numpy(float), w0[rows], h0[rows])
+    best = cand.sort_values(["click_id", "logp", "threshold"], ascending=[True, False, True],
+                            kind="mergesort").drop_duplicates("click_id").set_index("click_id")
+    rows = out["click_id"].isin(best.index).to_numpy()
+    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
+    before = out.loc[rows, "threshold"].to_numpy()
+    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    report = {"model": "axes", "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
+              "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
+              "models": [{"k": m.k, "sigma": m.sigma} for m in models]}
+    return out, report

@@ -22,7 +22,7 @@ from pathlib import Path
 import luigi
 import pandas as pd
 
-from pipeline.cam import (CAM_METHODS, FUSIONS, CamStoreSettings, click_entries, image_entries, merge_cam_stores,
+from pipeline.cam import (CAM_METHODS, FUSIONS, PASTE_MODES, CamStoreSettings, click_entries, image_entries, merge_cam_stores,
                           write_cam_store)
 from pipeline.classifier import load_classifier
 from pipeline.device import resolve_device
@@ -49,6 +49,14 @@ class _CamParams:
                                        description="how a click's crop maps are summed: sum (the paper's Eq. 4) or "
                                                    "prob (each weighted by the classifier's probability of the "
                                                    "click's class on that crop; measured: docs/experiments.md)")
+    cam_paste = luigi.ChoiceParameter(choices=list(PASTE_MODES), default="grid",
+                                      description="how a crop's map goes back onto its box: grid (each map position "
+                                                  "at its receptive field's centre, from the layer's convolutions) "
+                                                  "or resize (the map resized like an image: half a stride cell "
+                                                  "off for convolutions padded by k // 2; the stage before this "
+                                                  "parameter existed)")
+    #: CAM stores computed before --cam-paste existed keep their directories
+    unhashed_values = {"cam_paste": "resize"}
     cam_crop_px = luigi.IntParameter(default=0, description="crops resized to this square (px); 0: the "
                                                             "classifier's input size")
     cam_max_crops = luigi.IntParameter(default=0, description="use the first n selected crops of a click; 0: all")
@@ -128,7 +136,8 @@ class GenerateCAMsShard(_CamParams, StageTask):
         model = load_classifier(self.input_dir("classifier") / "model.pt", device)
         settings = CamStoreSettings(
             method=self.cam_method, layers=self.cam_layers_of(model), crop_size=self.cam_crop_px or model.input_size,
-            batch_size=self.cam_batch_size, fusion=self.cam_fusion, inspect_images=self.cam_inspect_images,
+            batch_size=self.cam_batch_size, fusion=self.cam_fusion, paste=self.cam_paste,
+            inspect_images=self.cam_inspect_images,
             images_per_part=self.cam_images_per_part, shard=(self.cam_shard, self.cam_shards), device=device,
             num_workers=self.decode_workers(device), progress=True)
         manifest = self.manifest()

@@ -20,7 +20,7 @@ from pipeline.backbones import BACKBONES
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
-from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, reference_areas
+from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, choose_by_extent, reference_areas, reference_boxes
 from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
@@ -62,10 +62,13 @@ class FusePseudoBoxes(StageTask):
                                                            "its own classifier and CAMs, and a click's fused maps, "
                                                            "each scaled to max 1, are averaged before the threshold "
                                                            "(measured: docs/experiments.md)")
-    box_area_prior = luigi.ChoiceParameter(choices=["off", "on"], default="off",
-                                           description="with --clicks-per-object 2: T_cam per click, the box whose "
-                                                       "area best matches the click pair's estimate, weighed "
-                                                       "against the default box (docs/method.md, two clicks)")
+    box_area_prior = luigi.ChoiceParameter(choices=["off", "on", "axes"], default="off",
+                                           description="with --clicks-per-object 2: T_cam per click. on: the box "
+                                                       "whose area best matches the click pair's distance, weighed "
+                                                       "against the default box; axes: the box most probable "
+                                                       "given the pair's x and y differences (click error "
+                                                       "proportional to the object's side along each axis) and "
+                                                       "the default box (docs/method.md, two clicks)")
     box_area_map_sigma = luigi.FloatParameter(default=0.5, description="log-area spread trusted to the default "
                                                                        "box against the pair's estimate")
     box_area_calibration = luigi.Parameter(default="", description="ground truth of a few images (VOC "
@@ -84,8 +87,9 @@ class FusePseudoBoxes(StageTask):
         super().__init__(*args, **kwargs)
         self.ensemble_backbones()  # a bad --cam-ensemble fails here, at creation, before any stage runs
         self.fused_layers(self.classifier_backbone)
-        if self.box_area_prior == "on" and self.clicks_per_object != "2":
-            raise ValueError("--box-area-prior on needs two clicks per object (--clicks-per-object 2)")
+        if self.box_area_prior != "off" and self.clicks_per_object != "2":
+            raise ValueError(f"--box-area-prior {self.box_area_prior} needs two clicks per object "
+                             "(--clicks-per-object 2)")
 
     def fused_layers(self, backbone: str) -> list[str]:
         """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layers`` (comma-separated), or the
@@ -162,13 +166,21 @@ class FusePseudoBoxes(StageTask):
 
     def area_choice(self, boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
                     trainval: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """``--box-area-prior on``: each paired click's T_cam by :func:`pipeline.clickpairs.choose_by_area`, with
-        the area model fitted on ``--box-area-calibration``'s boxes or self-calibrated; else ``boxes`` as they are."""
-        if self.box_area_prior != "on":
+        """``--box-area-prior on`` / ``axes``: each paired click's T_cam by :func:`pipeline.clickpairs.choose_by_area`
+        / :func:`pipeline.clickpairs.choose_by_extent`, the model fitted on ``--box-area-calibration``'s boxes or
+        self-calibrated; else ``boxes`` as they are."""
+        if self.box_area_prior == "off":
             return boxes, {}
-        reference = None
-        if self.box_area_calibration:
-            reference = reference_areas(clicks, read_ground_truth(self.box_area_calibration, trainval, partial=True))
+        truth = (read_ground_truth(self.box_area_calibration, trainval, partial=True)
+                 if self.box_area_calibration else None)
+        if self.box_area_prior == "axes":
+            chosen, report = choose_by_extent(boxes, candidates, clicks,
+                                              None if truth is None else reference_boxes(clicks, truth))
+            log.info("FusePseudoBoxes: extent model on %d paired clicks (%s; k %s, sigma %s), %d changed T_cam",
+                     report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
+                     [round(m["sigma"], 2) for m in report["models"]], report["changed"])
+            return chosen, {"area_prior": report}
+        reference = None if truth is None else reference_areas(clicks, truth)
         chosen, report = choose_by_area(boxes, candidates, clicks, self.box_area_map_sigma, reference)
         log.info("FusePseudoBoxes: area prior on %d paired clicks (%s, %d boxes), %d changed T_cam", report["paired"],
                  report["reference"], report["reference_boxes"], report["changed"])
@@ -186,7 +198,7 @@ class FusePseudoBoxes(StageTask):
             boxes, candidates = pseudo_boxes_and_candidates(
                 tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback, classes_per_image(clicks),
                 params, image_sizes=sizes, clicks=clicks,
-                candidate_thresholds=AREA_THRESHOLDS if self.box_area_prior == "on" else ())
+                candidate_thresholds=AREA_THRESHOLDS if self.box_area_prior != "off" else ())
             boxes, area = self.area_choice(boxes, candidates, clicks, trainval)
             result = export_pseudo_labels(
                 work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,

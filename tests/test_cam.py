@@ -13,7 +13,7 @@ from pipeline import cam_writer
 from pipeline.backbones import build_backbone
 from pipeline.boxes import ensemble_map
 from pipeline.cam import (SACAM, CamStore, ClassifierOutputTarget, FusedMaps, GradCAM, click_entries, extract_crops,
-                          image_entries, paste_and_fuse, write_cam_store)
+                          image_entries, layer_grid, paste_and_fuse, write_cam_store)
 from pipeline.classifier import crop_and_resize
 from pipeline.io import read_json
 
@@ -417,7 +417,7 @@ def test_prob_fusion_weights_each_crop_by_its_class_probability(tmp_path, toy_da
             probs = meta["crop_probs"]
             assert probs.shape == (len(e.crops),) and ((probs > 0) & (probs < 1)).all()
             np.testing.assert_allclose(probs, plain.load(e.entry_id)[1]["crop_probs"], rtol=1e-5)
-            want = paste_and_fuse(maps, e.crops, img.shape[:2], weights=probs)
+            want = paste_and_fuse(maps, e.crops, img.shape[:2], weights=probs, grid=layer_grid(net, "conv2", 32))
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * want.max())
             # equal weights would give the plain sum scaled; unequal ones change the map's shape
             if np.ptp(probs) > 0.05 * probs.max():
@@ -430,6 +430,62 @@ def test_prob_fusion_weights_each_crop_by_its_class_probability(tmp_path, toy_da
         write_cam_store(net, entries, paths, tmp_path / "bad", fusion="mean", **kw)
     with pytest.raises(ValueError, match="weights do not match"):
         paste_and_fuse(np.ones((2, 4, 4)), [[0, 0, 5, 5], [1, 1, 6, 6]], (10, 10), weights=[1.0])
+
+
+def test_grid_paste_puts_each_position_at_its_receptive_field_centre():
+    """--cam-paste grid: a position's value lands on the centre of its receptive field (conv padding k // 2 anchors
+    the grid at the crop's first pixel); resizing the map like an image puts it half a stride cell further right
+    and down. For max-pooled grids (VGG16) the two agree."""
+    from pipeline.cam import MapGrid, paste_maps
+
+    peak = torch.zeros(1, 7, 7)
+    peak[0, 3, 3] = 1.0
+    box = [[0, 0, 224, 224]]
+    g = MapGrid(224, 32.0, 0.5)
+    on_grid = paste_maps(peak, box, (224, 224), grid=g)
+    resized = paste_maps(peak, box, (224, 224))
+    assert np.unravel_index(int(on_grid.argmax()), (224, 224)) == (96, 96)  # 3 * 32 + 0.5 is pixel 96's centre
+    assert on_grid[96, 96] == pytest.approx(1.0) and on_grid[96, 64] == pytest.approx(0.0, abs=1e-6)
+    assert np.unravel_index(int(resized.argmax()), (224, 224)) in {(111, 111), (111, 112), (112, 111), (112, 112)}
+    # a box twice the crop: the same place, scaled; beyond the outermost positions the edge value
+    big = paste_maps(peak, [[0, 0, 448, 448]], (448, 448), grid=g)
+    assert np.unravel_index(int(big.argmax()), (448, 448)) in {(192, 192), (192, 193), (193, 192), (193, 193)}
+    edge = torch.zeros(1, 7, 7)
+    edge[0, :, 6] = 1.0
+    assert float(paste_maps(edge, box, (224, 224), grid=g)[100, 223]) == pytest.approx(1.0)
+    # c0 = stride / 2 (a max-pooled grid): the same as resizing
+    torch.manual_seed(0)
+    maps = torch.rand(2, 7, 7)
+    boxes = [[3.2, 5.0, 150.7, 90.1], [0, 0, 37, 200]]
+    torch.testing.assert_close(paste_maps(maps, boxes, (210, 160), grid=MapGrid(224, 32.0, 16.0)),
+                               paste_maps(maps, boxes, (210, 160)), rtol=0, atol=1e-5)
+
+
+def test_layer_grid_from_the_backbones_convolutions():
+    net = build_backbone("efficientnet_lite0", 3, "random")
+    assert tuple(layer_grid(net, "stage6", 224)) == (224, 32.0, 0.5)
+    assert tuple(layer_grid(net, "stage5_expand", 224)) == (224, 16.0, 0.5)  # inside stage 5, before its stride 2
+    assert tuple(layer_grid(tiny_classifier(), "conv1", 32)) == (32, 2.0, 0.5)
+    vgg = build_backbone("vgg16", 3, "random")
+    assert tuple(layer_grid(vgg, "conv5_3", 224)) == (224, 16.0, 8.0)  # 2x2 max pools: cell centres
+    assert layer_grid(nn.Conv2d(3, 3, 3), "layer", 32) is None  # a model that does not say where its layers are
+
+
+def test_cam_store_paste_modes(tmp_path, toy_data):
+    """The store pastes on the layer's grid by default and records it; ``paste="resize"`` is the former stores'
+    behaviour (their digest unchanged), and the two differ on a padded-conv network."""
+    paths, selected, _ = toy_data
+    net = tiny_classifier()
+    entries = click_entries(selected, ("a", "b", "c"))
+    kw = dict(images_per_part=2, batch_size=4, progress=False)
+    grid = write_cam_store(net, entries, paths, tmp_path / "grid", **kw)
+    old = write_cam_store(net, entries, paths, tmp_path / "resize", paste="resize", **kw)
+    assert read_json(tmp_path / "grid" / "summary.json")["paste"] == "grid"
+    assert "paste" not in read_json(tmp_path / "resize" / "summary.json")
+    e = entries[0]
+    assert not np.allclose(grid.load(e.entry_id)[0], old.load(e.entry_id)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="unknown paste mode"):
+        write_cam_store(net, entries, paths, tmp_path / "bad", paste="nearest", **kw)
 
 
 def _contents(store: CamStore):
@@ -455,7 +511,7 @@ def test_store_content_equals_direct_computation(tmp_path, toy_data):
         for e in entries:
             img = read_image(paths[e.image_id])
             maps = cam(extract_crops(img, e.crops, 32, net.mean, net.std), [e.class_index] * len(e.crops))
-            want = paste_and_fuse(maps, e.crops, img.shape[:2])
+            want = paste_and_fuse(maps, e.crops, img.shape[:2], grid=layer_grid(net, "conv2", 32))
             got, meta = store.load(e.entry_id)
             assert got.shape == img.shape[:2] and got.dtype == np.float32
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * want.max())  # float16 storage

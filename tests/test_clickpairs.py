@@ -174,3 +174,82 @@ def test_reference_areas_by_object_index_else_smallest_containing_box():
     assert got[0] == 100 * 100  # named by its object_index, though a smaller dog box holds the click
     assert got[1] == 20 * 20  # the smallest dog box holding the click (not the cat's)
     assert got[2] == 100 * 100 and np.isnan(got[3])  # only the big box holds it; image b is not annotated
+
+
+def test_extent_model_recovers_the_click_noise_and_the_maps_spread():
+    """Self-calibration on simulated pairs: clicks with per-axis error k * side, default boxes whose log sides are
+    off by N(0, sigma^2): the fit recovers both from the pairs and the default boxes alone."""
+    from pipeline.clickpairs import fit_extent_model
+
+    rng = np.random.default_rng(0)
+    n, k, sigma = 20000, 0.08, 0.4
+    w, h = rng.uniform(20, 300, n), rng.uniform(20, 300, n)
+    dx, dy = rng.normal(0, np.sqrt(2) * k * w), rng.normal(0, np.sqrt(2) * k * h)
+    w0, h0 = w * np.exp(rng.normal(0, sigma, n)), h * np.exp(rng.normal(0, sigma, n))
+    m = fit_extent_model(dx, dy, w0, h0)
+    assert m.k == pytest.approx(k, rel=0.06) and m.sigma == pytest.approx(sigma, rel=0.1)
+    ref = fit_extent_model(dx, dy, w0, h0, ref_w=w, ref_h=h)  # reference boxes: k from them, sigma directly
+    assert ref.k == pytest.approx(k, rel=0.03) and ref.sigma == pytest.approx(sigma, rel=0.03)
+    with pytest.raises(ValueError, match="at least 3 click pairs"):
+        fit_extent_model([1.0, np.nan], [1.0, 2.0], [10.0, 10.0], [10.0, 10.0])
+
+
+def test_extent_posterior_hand_values():
+    from pipeline.clickpairs import ExtentModel
+
+    m = ExtentModel(k=0.1, sigma=0.5)
+    # a box of sides 100 x 50, the default box 100 x 100: s = sqrt(2) * 0.1 * side per axis
+    sx, sy = np.sqrt(2) * 10, np.sqrt(2) * 5
+    want = (-np.log(sx) - 3.0 ** 2 / (2 * sx ** 2) - np.log(sy) - 4.0 ** 2 / (2 * sy ** 2)
+            - np.log(0.5) ** 2 / (2 * 0.25))
+    assert float(m.log_posterior(3.0, 4.0, 100.0, 50.0, 100.0, 100.0)) == pytest.approx(want)
+    # the pair's spread along an axis moves the box's side along that axis only
+    sides = np.array([25.0, 50.0, 100.0, 200.0])
+    wide = m.log_posterior(40.0, 2.0, sides[:, None], sides[None, :], 60.0, 60.0)
+    i, j = np.unravel_index(np.argmax(wide), wide.shape)
+    assert sides[i] > sides[j]
+
+
+def test_choose_by_extent_follows_each_axis_and_is_cross_fitted():
+    """Candidates of 4 widths x 4 heights; the pair's x / y differences say the object's width / height. A lone
+    click and a fallback keep their box. Cross-fitting: changing the clicks of one fold's images leaves that
+    fold's own model unchanged (the test fails if a click's own pair entered its model)."""
+    from pipeline.clickpairs import choose_by_extent, image_fold
+
+    rng = np.random.default_rng(1)
+    sides = np.array([20.0, 40.0, 80.0, 160.0])
+    n = 1000
+    tw, th = rng.choice(sides, n), rng.choice(sides, n)
+    dx, dy = rng.normal(0, np.sqrt(2) * 0.08 * tw), rng.normal(0, np.sqrt(2) * 0.08 * th)
+    clicks = pd.DataFrame({"click_id": range(n), "image_id": [f"i{k}" for k in range(n)], "n_clicks": 2,
+                           "x_a": 200.0, "y_a": 200.0, "x_b": 200.0 + dx, "y_b": 200.0 + dy})
+    clicks.loc[0, ["n_clicks", "x_b", "y_b"]] = [1, np.nan, np.nan]
+    rows, t = [], 0
+    for k in range(n):
+        for a in sides:
+            for b in sides:
+                rows.append((k, float(t % 24 * 10 + 10), 200 - a / 2, 200 - b / 2, 200 + a / 2, 200 + b / 2, 0.5))
+                t += 1
+    cands = pd.DataFrame(rows, columns=["click_id", "threshold", "x1", "y1", "x2", "y2", "score"])
+    # the default boxes: the true box with log-normal error (the map's evidence)
+    w0, h0 = tw * np.exp(rng.normal(0, 0.5, n)), th * np.exp(rng.normal(0, 0.5, n))
+    default = pd.DataFrame({"click_id": range(n), "image_id": clicks.image_id, "class": "dog",
+                            "x1": 200 - w0 / 2, "y1": 200 - h0 / 2, "x2": 200 + w0 / 2, "y2": 200 + h0 / 2,
+                            "score": 0.5, "threshold": 50.0, "status": "ok"})
+    default.loc[1, "status"] = "fallback"
+    out, report = choose_by_extent(default, cands, clicks)
+    got_w, got_h = (out.x2 - out.x1).to_numpy(), (out.y2 - out.y1).to_numpy()
+    assert got_w[0] == pytest.approx(w0[0]) and got_w[1] == pytest.approx(w0[1])  # lone click, fallback: kept
+    hit = (got_w[2:] == tw[2:]) & (got_h[2:] == th[2:])
+    nearest = lambda v: sides[np.abs(np.log(sides)[None] - np.log(v)[:, None]).argmin(1)]  # noqa: E731
+    prior_only = (nearest(w0[2:]) == tw[2:]) & (nearest(h0[2:]) == th[2:])
+    assert hit.mean() > prior_only.mean() + 0.04  # the clicks' spread adds to the map's evidence (0.48 vs 0.40)
+    assert report["paired"] == n - 1 and report["chosen"] == n - 2 and len(report["models"]) == 5
+    # cross-fitting: scale the clicks of fold 0's images by 10; fold 0's own model must not move
+    f0 = np.array([image_fold(i, 5) == 0 for i in clicks.image_id])
+    moved = clicks.copy()
+    moved.loc[f0, "x_b"] = 200.0 + 10 * dx[f0]
+    moved.loc[f0, "y_b"] = 200.0 + 10 * dy[f0]
+    _, report2 = choose_by_extent(default, cands, moved)
+    assert report2["models"][0] == report["models"][0]
+    assert report2["models"][1] != report["models"][1]

@@ -75,6 +75,11 @@ def test_parameters_added_later_are_hashed_only_when_set():
         assert name not in cls().significant_params()
         assert name in cls(**{name: value}).significant_params()
         assert cls(**{name: value}).stage_dir != cls().stage_dir
+    # a default that changed the result (--cam-paste grid): the new default is hashed, the former value is not
+    for cls in (tasks.GenerateCAMsShard, tasks.GenerateCAMs):
+        assert cls().significant_params()["cam_paste"] == "grid"
+        assert "cam_paste" not in cls(cam_paste="resize").significant_params()
+        assert cls(cam_paste="resize").stage_dir != cls().stage_dir
     image_level = dict(classifier_mode="image_labels")
     assert "classifier_image_pooling" not in tasks.TrainClassifier(**image_level).significant_params()
     assert tasks.TrainClassifier(**image_level, classifier_image_pooling="spam").significant_params()[
