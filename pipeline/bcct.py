@@ -138,7 +138,7 @@ def background_boxes(proposals: Mapping[str, np.ndarray], clicks: pd.DataFrame, 
         ok = free & (np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= p.min_side_px)
         sel = sel_by.get(image_id)
         if sel is not None and len(sel) and ok.any():
-            iou = box_iou(torch.from_numpy(boxes[ok]), torch.from_numpy(sel)).numpy()
+            iou = box_iou(torch.tensor(boxes[ok]), torch.tensor(sel)).numpy()
             ok[np.flatnonzero(ok)[iou.max(1) >= p.iou_max]] = False
         cand = boxes[ok]
         chosen = cand[_spread_choice(cand, p.per_image, np.random.default_rng([p.seed, 17, k]))]

@@ -100,7 +100,7 @@ class TrainBC(TrainingSeed, StageTask):
     bc_weights = luigi.Parameter(default="imagenet", description="imagenet, a path to a state dict, or random "
                                                                  "(tests only)")
     bc_epochs = luigi.IntParameter(default=3, description="epochs of the BC model's linear output")
-    bc_batch_size = luigi.IntParameter(default=32)
+    bc_batch_size = luigi.IntParameter(default=32, description="crops per BC training step")
     bc_lr = luigi.FloatParameter(default=0.01, description="SGD learning rate of the linear output")
     bc_input_px = luigi.IntParameter(default=TUNED.classifier_input_px, description="crops resized to this square")
     bc_max_positives = luigi.IntParameter(default=800, description="seeded subsample of the selected click crops "
