@@ -7,8 +7,10 @@ branch of the classifier (CT). Here:
 
 * **Background set from clicks** (:func:`background_boxes`): crops of selective-search proposals of the trainval
   images that contain no click of any class (neither as a continuous box nor on the pixels the crop is cut on,
-  :func:`pipeline.geometry.crop_bounds`) and whose IoU with every selected proposal of stage 2 is below
-  ``iou_max``: with clicks on every object, such a region is background of this very dataset (the paper collected
+  :func:`pipeline.geometry.crop_bounds`) and of which every selected proposal of stage 2 covers less than
+  ``overlap_max`` (intersection over the crop's area, :func:`covered_fraction`; an IoU threshold, as first built,
+  let small crops of object parts inside a large object's selected proposals through): with clicks on every object,
+  such a region is background of this very dataset (the paper collected
   its images from the internet; :func:`folder_background` takes such a folder instead). A seeded random choice of
   at most ``per_image`` crops per image (mutually overlapping less than :data:`SPREAD_IOU`), at most ``total`` in
   all; :func:`contact_sheet` draws a sample to judge them by eye.
@@ -71,15 +73,15 @@ class BackgroundParams:
 
     per_image: int = 4          # at most this many crops per image
     total: int = 400            # at most this many in all (0: no cap)
-    iou_max: float = 0.1        # IoU with every selected proposal of the image below this
+    overlap_max: float = 0.1    # the fraction of the crop that any selected proposal of its image covers, below this
     min_side_px: float = 32.0   # a crop's shorter side at least this
     seed: int = 0
 
     def __post_init__(self):
         if self.per_image < 1 or self.total < 0:
             raise ValueError(f"per_image must be >= 1 and total >= 0, got {self.per_image}, {self.total}")
-        if not 0 < self.iou_max <= 1:
-            raise ValueError(f"iou_max must be in (0, 1], got {self.iou_max}")
+        if not 0 < self.overlap_max <= 1:
+            raise ValueError(f"overlap_max must be in (0, 1], got {self.overlap_max}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,16 @@ def click_free(boxes: np.ndarray, clicks_xy: np.ndarray, width: int, height: int
     cx, cy = np.clip(np.floor(x), 0, width - 1), np.clip(np.floor(y), 0, height - 1)
     on_pixels = (ix1[:, None] <= cx) & (cx < ix2[:, None]) & (iy1[:, None] <= cy) & (cy < iy2[:, None])
     return ~(inside | on_pixels).any(1)
+
+
+def covered_fraction(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """``(K, M)``: the fraction of each box's area that each of ``others`` covers (intersection over the box's own
+    area; at least its IoU with it)."""
+    b, o = np.asarray(boxes, np.float64).reshape(-1, 1, 4), np.asarray(others, np.float64).reshape(1, -1, 4)
+    w = np.clip(np.minimum(b[..., 2], o[..., 2]) - np.maximum(b[..., 0], o[..., 0]), 0, None)
+    h = np.clip(np.minimum(b[..., 3], o[..., 3]) - np.maximum(b[..., 1], o[..., 1]), 0, None)
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return w * h / np.maximum(area, 1e-12)
 
 
 def _spread_choice(boxes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -138,8 +150,7 @@ def background_boxes(proposals: Mapping[str, np.ndarray], clicks: pd.DataFrame, 
         ok = free & (np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= p.min_side_px)
         sel = sel_by.get(image_id)
         if sel is not None and len(sel) and ok.any():
-            iou = box_iou(torch.tensor(boxes[ok]), torch.tensor(sel)).numpy()
-            ok[np.flatnonzero(ok)[iou.max(1) >= p.iou_max]] = False
+            ok[np.flatnonzero(ok)[covered_fraction(boxes[ok], sel).max(1) >= p.overlap_max]] = False
         cand = boxes[ok]
         chosen = cand[_spread_choice(cand, p.per_image, np.random.default_rng([p.seed, 17, k]))]
         rows += [(image_id, str(r.path), *b, "proposal") for b in chosen.tolist()]

@@ -45,8 +45,8 @@ class BackgroundSet(StageTask):
                                                                 "the paper's set) instead of crops from the clicks")
     bc_bg_per_image = luigi.IntParameter(default=4, description="background crops per trainval image, at most")
     bc_bg_total = luigi.IntParameter(default=400, description="background crops in all, at most (0: no cap)")
-    bc_bg_iou_max = luigi.FloatParameter(default=0.1, description="a background crop's IoU with every selected "
-                                                                  "proposal of its image stays below this")
+    bc_bg_overlap_max = luigi.FloatParameter(default=0.1, description="every selected proposal of its image covers "
+                                                                      "less than this fraction of a background crop")
     bc_bg_min_px = luigi.FloatParameter(default=32.0, description="a background crop's shorter side, at least (px)")
     bc_bg_sheet = luigi.IntParameter(default=48, significant=False,
                                      description="crops drawn on the contact sheet")
@@ -56,7 +56,7 @@ class BackgroundSet(StageTask):
                 "dataset": self.clone(PrepareDataset)}
 
     def params(self) -> BackgroundParams:
-        return BackgroundParams(self.bc_bg_per_image, self.bc_bg_total, self.bc_bg_iou_max, self.bc_bg_min_px,
+        return BackgroundParams(self.bc_bg_per_image, self.bc_bg_total, self.bc_bg_overlap_max, self.bc_bg_min_px,
                                 self.data_seed)
 
     def run_stage(self, work: Path) -> None:
@@ -71,7 +71,7 @@ class BackgroundSet(StageTask):
             write_csv(counts, work / "counts.csv")
         if crops.empty:
             raise ValueError("BackgroundSet: no background crop found (every proposal holds a click or overlaps a "
-                             "selected one): raise --bc-bg-iou-max or give --bc-background-dir")
+                             "selected one): raise --bc-bg-overlap-max or give --bc-background-dir")
         write_csv(crops, work / "background.csv")
         sheet = contact_sheet(crops, work / "contact_sheet.png", self.bc_bg_sheet, p.seed)
         per_image = counts.chosen.describe().round(2).to_dict() if len(counts) else {}

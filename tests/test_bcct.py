@@ -11,6 +11,7 @@ import torch
 
 from nets import tiny_classifier
 from pipeline.bcct import (BackgroundParams, BCConfig, CTLoss, CTNet, background_boxes, balanced_rows, bc_loss,
+                           covered_fraction,
                            bc_mask, bc_training_set, click_free, contact_sheet, gradient_maps, spread_over_mask,
                            train_bc_model)
 from pipeline.geometry import crop_bounds
@@ -47,7 +48,7 @@ def test_background_crops_never_contain_a_click_and_avoid_the_selected_proposals
             sel_rows.append((image_id, max(0, x - 10), max(0, y - 10), min(100, x + 10), min(80, y + 10)))
     clicks = pd.DataFrame(click_rows, columns=["image_id", "x", "y"])
     selected = pd.DataFrame(sel_rows, columns=["image_id", "x1", "y1", "x2", "y2"])
-    p = BackgroundParams(per_image=5, total=0, iou_max=0.1, min_side_px=8, seed=3)
+    p = BackgroundParams(per_image=5, total=0, overlap_max=0.1, min_side_px=8, seed=3)
     crops, counts = background_boxes(props, clicks, selected, _images(ids), p)
     assert len(crops) and (counts.chosen <= 5).all() and counts.chosen.sum() == len(crops)
     for r in crops.itertuples(index=False):
@@ -59,12 +60,23 @@ def test_background_crops_never_contain_a_click_and_avoid_the_selected_proposals
         from torchvision.ops import box_iou
 
         iou = box_iou(torch.tensor([[r.x1, r.y1, r.x2, r.y2]], dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
-        assert float(iou.max()) < 0.1
+        assert float(iou.max()) < 0.1 and covered_fraction([[r.x1, r.y1, r.x2, r.y2]], s).max() < 0.1
         assert min(r.x2 - r.x1, r.y2 - r.y1) >= 8
     again, _ = background_boxes(props, clicks, selected, _images(ids), p)
     pd.testing.assert_frame_equal(crops, again)  # seeded
     capped, counts = background_boxes(props, clicks, selected, _images(ids), BackgroundParams(5, 7, 0.1, 8, 3))
     assert len(capped) == 7 and counts.chosen.sum() == 7
+
+
+def test_a_crop_inside_a_large_selected_proposal_is_not_background():
+    """A part of a large object away from its click: its IoU with the object's selected proposal is small, but the
+    proposal covers all of it."""
+    props = {"a": np.array([[60, 40, 75, 55], [0, 0, 15, 15]], np.float32)}
+    clicks = pd.DataFrame({"image_id": ["a"], "x": [40.0], "y": [30.0]})
+    selected = pd.DataFrame({"image_id": ["a"], "x1": [20.0], "y1": [10.0], "x2": [99.0], "y2": [79.0]})
+    assert covered_fraction(props["a"][:1], selected[["x1", "y1", "x2", "y2"]].to_numpy())[0, 0] == 1.0
+    crops, _ = background_boxes(props, clicks, selected, _images(["a"]), BackgroundParams(min_side_px=1))
+    assert crops[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == [[0, 0, 15, 15]]
 
 
 def test_background_crops_of_an_image_overlap_each_other_little():
@@ -279,7 +291,7 @@ def test_box_accuracy_by_size_bins_by_the_clicked_object():
 TINY_CHAIN = dict(synth_trainval=6, synth_test=1, synth_image_px=96, ss_image_max_px=64, ss_box_min_px=4, ss_shards=1,
                   classifier_weights="random", classifier_epochs=1, classifier_input_px=32, device="cpu",
                   cam_shards=1, cam_images_per_part=2, bc_weights="random", bc_epochs=2, bc_input_px=32,
-                  bc_bg_min_px=6, bc_bg_iou_max=0.3, bc_images_per_part=2, report_images=0, report_worst=0)
+                  bc_bg_min_px=6, bc_bg_overlap_max=0.3, bc_images_per_part=2, report_images=0, report_worst=0)
 
 
 @pytest.mark.slow
