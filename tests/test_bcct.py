@@ -291,7 +291,7 @@ def test_box_accuracy_by_size_bins_by_the_clicked_object():
 TINY_CHAIN = dict(synth_trainval=6, synth_test=1, synth_image_px=96, ss_image_max_px=64, ss_box_min_px=4, ss_shards=1,
                   classifier_weights="random", classifier_epochs=1, classifier_input_px=32, device="cpu",
                   cam_shards=1, cam_images_per_part=2, bc_weights="random", bc_epochs=2, bc_input_px=32,
-                  bc_bg_min_px=6, bc_bg_overlap_max=0.3, bc_images_per_part=2, report_images=0, report_worst=0)
+                  bc_bg_min_px=4, bc_bg_overlap_max=1.0, bc_images_per_part=2, report_images=0, report_worst=0)
 
 
 @pytest.mark.slow
