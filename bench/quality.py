@@ -7,11 +7,14 @@ method, ``--box-method mil``) with one click and with two clicks per object (``-
 1 and 2), the seed's baseline; seeds 003 / 004 (image-level GAP / GMP / SPAM networks with boxes from one forward
 pass, no clicks; ``--proposals none``, the proposal-free click mode, with the SPAM network and with the click
 classifier applied to the whole image); with ``--extended`` also of the crop-map fusion, of stage 2's same-class
-exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows; with ``--bcct`` also seed 002's rows
+(SA-CAM + the BC mask at inference, ``--box-bc-mask on``; the CT-trained classifier, ``--classifier-ct-weight 1``) and
+box-CorLoc by the clicked object's size (small / medium / large, ``pipeline.metrics.SIZE_BINS``).
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
+    .venv/bin/python bench/quality.py --bcct-only      # only the default SA-CAM and seed 002's rows, by size
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
 with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
@@ -51,7 +54,8 @@ import pandas as pd  # noqa: E402
 from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
-from pipeline.metrics import pseudo_box_metrics  # noqa: E402
+from pipeline.export import read_pseudo_labels, with_object_index  # noqa: E402
+from pipeline.metrics import SIZE_BINS, box_accuracy_by_size, pseudo_box_metrics  # noqa: E402
 from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
@@ -131,6 +135,51 @@ def floor_rows(common: dict) -> list[dict]:
     return rows
 
 
+def by_size(tasks: dict, manifest) -> pd.DataFrame:
+    """Box-CorLoc of each task's pseudo boxes by the clicked object's size (pipeline.metrics.box_accuracy_by_size:
+    sqrt(box area / image area) below / from SIZE_BINS), one row per task."""
+    trainval = manifest.split("trainval")
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+    objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+    rows = []
+    for name, task in tasks.items():
+        boxes = with_object_index(read_pseudo_labels(Path(task.output().path) / "pseudo_labels.csv"),
+                                  manifest.clicks)
+        t = box_accuracy_by_size(boxes, objects, sizes, classes=manifest.classes)
+        row = {"method": name}
+        for r in t.itertuples(index=False):
+            row[f"{r.size} box-CorLoc"] = 100 * r.box_corloc
+            row[f"{r.size} n"] = r.boxes
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bcct_tasks(common: dict) -> dict:
+    """Seed 002's rows (tasks/bcct.py): the default SA-CAM, the BC mask at inference (--box-bc-mask on) and the
+    CT-trained classifier (--classifier-ct-weight 1)."""
+    return {"SA-CAM + clicks (default)": FusePseudoBoxes(**common, cam_method="sacam"),
+            "SA-CAM + BC mask at inference (--box-bc-mask on)": FusePseudoBoxes(**common, cam_method="sacam",
+                                                                                box_bc_mask="on"),
+            "SA-CAM, CT-trained classifier (--classifier-ct-weight 1)": FusePseudoBoxes(
+                **common, cam_method="sacam", classifier_ct_weight=1.0)}
+
+
+def bcct_only(common: dict, timed, out: Path) -> int:
+    """``--bcct-only``: seed 002's rows and their by-size table, nothing else (no docs/results.md rewrite)."""
+    tasks = bcct_tasks(common)
+    timed("BC-CT: background set, BC model and maps, CT classifier and CAMs", list(tasks.values()))
+    manifest = next(iter(tasks.values())).manifest()
+    table = pd.DataFrame([{"method": k, **metrics_of(t)} for k, t in tasks.items()])
+    sizes = by_size(tasks, manifest)
+    write_csv(table, out / "quality_bcct.csv")
+    write_csv(sizes, out / "quality_bcct_by_size.csv")
+    md = "\n\n".join([markdown(table), f"Box-CorLoc by the clicked object's size (side relative to the image's, "
+                       f"edges {SIZE_BINS}):", markdown(sizes)])
+    write_text(out / "quality_bcct.md", md + "\n")
+    print(md)
+    return 0
+
+
 def markdown(df: pd.DataFrame) -> str:
     cols = [c for c in df.columns if c != "output"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -191,6 +240,10 @@ def main(argv=None) -> int:
     ap.add_argument("--extended", action="store_true",
                     help="also the crop-map fusion and stage 2 exclusion variants (one more CAM run and one more "
                          "classifier + CAM run) and the lite0 + lite1 ensemble rows")
+    ap.add_argument("--bcct", action="store_true",
+                    help="also seed 002's rows (BC mask at inference, CT-trained classifier) and the by-size table")
+    ap.add_argument("--bcct-only", action="store_true",
+                    help="only the default SA-CAM and seed 002's rows with their by-size table")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -221,6 +274,8 @@ def main(argv=None) -> int:
         log.info("%s: %s", name, timings[name])
 
     timed("proposals + selection", [SelectProposals(**data)])
+    if args.bcct_only:
+        return bcct_only(common, timed, REPO / args.out)
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
     fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (tasks/defaults.py)
@@ -306,6 +361,12 @@ def main(argv=None) -> int:
                  **metrics_of(free_tasks["crops"])})
     rows.append({"method": "MIL one click (paper 001, --box-method mil)", **metrics_of(mil_tasks["one"])})
     rows.append({"method": "MIL two clicks (paper 001, --clicks-per-object 2)", **metrics_of(mil_tasks["two"])})
+    if args.bcct:
+        bc_tasks = bcct_tasks(common)
+        timed("BC-CT: background set, BC model and maps, CT classifier and CAMs", list(bc_tasks.values()))
+        for name, task in list(bc_tasks.items())[1:]:  # SA-CAM variants: they count among the SA-CAM rows
+            rows.append({"method": name, **metrics_of(task)})
+            sa_rows.append(len(rows) - 1)
     main_rows = len(rows)
     for layer, task in layer_tasks.items():
         rows.append({"method": f"SA-CAM + clicks, layer {layer} alone", **metrics_of(task)})
@@ -348,7 +409,11 @@ def main(argv=None) -> int:
                + ", and Algorithm 1's r of the SPAM network's boxes without clicks (seed 003):")
     from tasks.main import PseudoLabels, stage_rows, stage_table
 
-    md = "\n\n".join([header, markdown(table), caption,
+    size_md = []
+    if args.bcct:
+        size_md = [f"Box-CorLoc by the clicked object's size (side relative to the image's, edges {SIZE_BINS}):",
+                   markdown(by_size(bc_tasks, sacam.manifest()))]
+    md = "\n\n".join([header, markdown(table), *size_md, caption,
                       markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
                       + ", ".join(f"{k} {v}" for k, v in timings.items()),
                       "Each stage of the default SA-CAM chain (from its params.json: the run that computed it):",

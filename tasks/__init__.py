@@ -6,12 +6,15 @@
     TrainFastRCNN (or --detect-model) -> Detect (a folder of new images)
     PrepareDataset -> TrainClassifier (image labels) -> ProposalFreeBoxes -> PseudoLabels (--proposals none)
     PrepareDataset -> TrainClassifier (image labels) -> ImageExtentBoxes (no clicks; seeds 003 / 004)
+    SelectProposals -> BackgroundSet -> TrainBC -> BCMaps -> FusePseudoBoxes (seed 002: --box-bc-mask on;
+                                               TrainBC -> TrainClassifier with --classifier-ct-weight)
 
 ``luigi --module tasks <Task> --local-scheduler`` from the repository root.
 """
 from .base import StageTask, invalidate  # noqa: F401
 from .dataset import PrepareDataset  # noqa: F401
 from .proposals import SelectiveSearch, SelectiveSearchShard, SelectProposals  # noqa: F401
+from .bcct import BackgroundSet, BCMaps, TrainBC  # noqa: F401
 from .classifier import TrainClassifier  # noqa: F401
 from .cams import GenerateCAMs, GenerateCAMsShard  # noqa: F401
 from .pseudo import FusePseudoBoxes  # noqa: F401
