@@ -70,6 +70,9 @@ TWO_CLICK_TARGET = 70.0  # SA-CAM with two clicks per object (issue #22)
 RELOCALIZE_GAIN = 4.0  # box-CorLoc points round 1 should add to its input (issue #25)
 RESULTS = REPO / "docs" / "results.md"
 RESULTS_BEGIN, RESULTS_END = "<!-- begin bench/quality.py -->", "<!-- end bench/quality.py -->"
+#: the block of ``--relocalize-only`` runs (the full run's block holds its re-localisation table with ``--relocalize``)
+RELOCALIZE_MARKERS = ("<!-- begin bench/quality.py --relocalize-only -->",
+                      "<!-- end bench/quality.py --relocalize-only -->")
 log = logging.getLogger("bench.quality")
 
 
@@ -207,14 +210,15 @@ def run_facts(argv) -> str:
             f"commit {commit}, on a machine with {os.cpu_count()} CPU cores ({usable} usable by the run).")
 
 
-def write_results(path: Path, block: str) -> None:
-    """Put ``block`` between the :data:`RESULTS_BEGIN` / :data:`RESULTS_END` markers of ``path``, keeping the rest of
-    the file; a file without them gets them, with the block, at its end."""
+def write_results(path: Path, block: str, markers: tuple[str, str] = (RESULTS_BEGIN, RESULTS_END)) -> None:
+    """Put ``block`` between the ``markers`` (default :data:`RESULTS_BEGIN` / :data:`RESULTS_END`) of ``path``,
+    keeping the rest of the file; a file without them gets them, with the block, at its end."""
+    begin, end = markers
     text = path.read_text() if path.is_file() else "# Results\n"
-    new = f"{RESULTS_BEGIN}\n{block.strip()}\n{RESULTS_END}"
-    head, sep, rest = text.partition(RESULTS_BEGIN)
-    if sep and RESULTS_END in rest:
-        text = head + new + rest.split(RESULTS_END, 1)[1]
+    new = f"{begin}\n{block.strip()}\n{end}"
+    head, sep, rest = text.partition(begin)
+    if sep and end in rest:
+        text = head + new + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     write_text(path, text)
@@ -245,8 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--relocalize", action="store_true",
                     help="also the re-localisation rounds (tasks/relocalize.py) on the default one-click boxes")
     ap.add_argument("--relocalize-only", action="store_true",
-                    help="only the default SA-CAM chain and its re-localisation rounds (no other rows; docs/results.md "
-                         "is not rewritten unless --results names a file)")
+                    help="only the default SA-CAM chain and its re-localisation rounds (no other rows; they go to "
+                         "their own block of docs/results.md)")
     ap.add_argument("--relocalize-rounds", type=int, default=2, help="re-localisation rounds")
     ap.add_argument("--relocalize-two-clicks", action="store_true",
                     help="also re-localise the two-click area-score boxes (annotators 1 and 2)")
@@ -295,8 +299,10 @@ def main(argv=None) -> int:
         write_csv(reloc, out / "quality_relocalize.csv")
         write_text(out / "quality_relocalize.md", md + "\n")
         print(md)
-        if args.results:
-            write_results(REPO / args.results, "\n\n".join([run_facts(argv), md]))
+        results = args.results if args.results is not None else ("" if args.limit else str(RESULTS))
+        if results:
+            write_results(REPO / results, "\n\n".join([run_facts(argv), md]), RELOCALIZE_MARKERS)
+            print(f"wrote {results}")
         return 0
     fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (tasks/defaults.py)
     last = "conv5_3" if args.backbone == "vgg16" else "stage6"  # Grad-CAM's layer in its paper and in ours

@@ -140,6 +140,26 @@ def test_expected_areas_only_with_click_pairs():
     assert expected_areas(clicks, boxes, RelocalizeParams()) == (None, None)
 
 
+def test_expected_areas_are_fitted_on_the_other_images_boxes_without_fallbacks():
+    """Pairs whose (non-fallback) boxes all have area 4 d^2 give, with the slope fixed at 2, the intercept log 4 in
+    every fold and the floor spread 0.1: mu = log(4 d^2) for every pair. The fallback box, 100 times too large, and
+    the lone click (no pair) do not enter the fit (else the intercept would move)."""
+    n = 14
+    d = np.arange(1, n + 1) * 10.0
+    clicks = pd.DataFrame({"click_id": range(n), "image_id": [f"i{k}" for k in range(n)], "class": "cat",
+                           "x": 200.0, "y": 200.0, "n_clicks": 2, "x_a": 200.0 - d / 2, "y_a": 200.0,
+                           "x_b": 200.0 + d / 2, "y_b": 200.0})
+    clicks.loc[n - 1, ["n_clicks", "x_b", "y_b"]] = [1, np.nan, np.nan]
+    side = 2 * d
+    side[0] *= 10  # a fallback: area 100 x 4 d^2
+    boxes = pd.DataFrame({"image_id": clicks.image_id, "class": "cat", "x1": 0.0, "y1": 0.0, "x2": side, "y2": side,
+                          "score": 1.0, "click_id": clicks.click_id, "fallback": [True] + [False] * (n - 1),
+                          "status": ["small"] + ["ok"] * (n - 1)})
+    mu, sigma = expected_areas(clicks, boxes, RelocalizeParams())
+    np.testing.assert_allclose(mu[:-1], np.log(4 * d[:-1] ** 2), rtol=1e-9)
+    assert np.isnan(mu[-1]) and np.allclose(sigma, 0.1)
+
+
 def test_paired_iou():
     a = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 1, 1]], float)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [2, 2, 3, 3]], float)
