@@ -29,6 +29,8 @@ row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22). ``--relocalize`` adds a t
 ``--relocalize-two-clicks`` also on the two-click area-score boxes) with each round's CPU time (its fold detectors'
 and its own ``cpu_seconds``, params.json) and the verdict of issue #25 (round 1 >= round 0 + ``RELOCALIZE_GAIN``
 box-CorLoc; reported, not a failure of the benchmark). The fold detectors use the ``cpu`` preset.
+``--relocalize-control`` adds round 1 with untrained detectors (one iteration) and every detection a candidate: the
+part of a gain that the choice rule (box-center score over the regressed proposals) makes without learning.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -150,7 +152,8 @@ def relocalize_rows(name: str, last: RelocalizeBoxes) -> list[dict]:
     chain = [last]
     while chain[0].relocalize_round > 1:
         chain.insert(0, chain[0].requires()["input"])
-    rows = [{"input": name, "round": 0, **metrics_of(chain[0].requires()["input"])}]
+    rows = [{"input": name, "round": 0, **metrics_of(chain[0].requires()["input"]),
+             **dict.fromkeys(("relocalized", "kept", "moved", "cpu_s", "wall_s"), "-")}]
     for task in chain:
         stages = [task, *task.detectors().values()]
         meta = [read_json(Path(t.output().path) / "params.json") for t in stages]
@@ -177,6 +180,12 @@ def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]
         timed(f"re-localisation of {name}, rounds 1-{args.relocalize_rounds}", [last])
         these = relocalize_rows(name, last)
         rows += these
+        if args.relocalize_control:  # the choice rule alone: detectors of one iteration, every detection a candidate
+            control = RelocalizeBoxes(**common, **kw, det_preset="cpu", relocalize_det_epochs=1, det_max_iters=1,
+                                      relocalize_min_score=0.0, relocalize_round=1)
+            timed(f"re-localisation control of {name}", [control])
+            row = relocalize_rows(name, control)[1]
+            rows.append({**row, "input": f"{name}; control: untrained detectors, min score 0", "round": 1})
         gain = these[1]["box_corloc"] - these[0]["box_corloc"]
         verdict.append(f"{'MET' if gain >= RELOCALIZE_GAIN else 'NOT MET'} (issue #25): round 1 on {name} "
                        f"{these[1]['box_corloc']:.1f} vs {these[0]['box_corloc']:.1f} box-CorLoc ({gain:+.1f}; "
@@ -257,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--relocalize-det-epochs", type=int,
                     help="epochs of each fold's detector (default: the pipeline's --relocalize-det-epochs)")
     ap.add_argument("--det-max-iters", type=int, help="cap on the fold detectors' iterations per epoch (smoke runs)")
+    ap.add_argument("--relocalize-control", action="store_true",
+                    help="also round 1 with detectors of one iteration and --relocalize-min-score 0: what the choice "
+                         "rule (box-center score over the regressed proposals) gives without a trained detector")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")

@@ -197,15 +197,16 @@ class RelocalizeBoxes(BoxSource, StageTask):
                                                    params, device, trained_on=trained_on)
         write_csv(dets, work / "detections.csv")
         counts = {k: report[k] for k in ("relocalized", "kept", "moved")}
+        earlier = self.earlier_rounds(boxes_in)  # (also in the report's parameters)
         result = export_pseudo_labels(
             work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,
             objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],
             clicks=manifest.clicks, params={"box_method": "relocalize", "round": self.relocalize_round,
-                                            **params.as_dict(), **counts, "input": str(self.input_dir("input"))},
+                                            **params.as_dict(), **counts, "input": str(self.input_dir("input")),
+                                            "earlier_rounds": earlier},
             report_images=self.report_images, report_worst=self.report_worst, seed=self.seed,
             difficult=self.metrics_difficult)
-        rounds = [*self.earlier_rounds(boxes_in), round_row(self.relocalize_round, boxes, result.get("metrics"),
-                                                            report)]
+        rounds = [*earlier, round_row(self.relocalize_round, boxes, result.get("metrics"), report)]
         write_json(work / "relocalize.json", {
             **report, "round": self.relocalize_round, "rounds": rounds,
             "detectors": {str(f): str(d) for f, d in dirs.items()},
