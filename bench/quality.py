@@ -15,6 +15,9 @@ box-CorLoc by the clicked object's size (small / medium / large, ``pipeline.metr
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
     .venv/bin/python bench/quality.py --bcct-only      # only the default SA-CAM and seed 002's rows, by size
+    .venv/bin/python bench/quality.py --relocalize     # + re-localisation rounds 1 and 2 (detectors per fold)
+    .venv/bin/python bench/quality.py --relocalize-only --limit 40 --relocalize-det-epochs 1 --det-max-iters 2
+                                                       # a smoke run of the re-localisation rows alone
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
 with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
@@ -24,7 +27,13 @@ process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md``, rewrit
 (the tables, the command line, the date, the commit and the machine's core count; not with ``--limit`` unless
 ``--results`` names a file) and exits non-zero when the best SA-CAM + clicks row (one click, the ensemble, two
 clicks) is not the best method row, when the one-click default scores below ``TARGET`` or the better two-click
-row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22).
+row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22). ``--relocalize`` adds a table of re-localisation rounds
+(tasks/relocalize.py: round 0 = the default one-click SA-CAM boxes, rounds 1..``--relocalize-rounds``, with
+``--relocalize-two-clicks`` also on the two-click area-score boxes) with each round's CPU time (its fold detectors'
+and its own ``cpu_seconds``, params.json) and the verdict of issue #25 (round 1 >= round 0 + ``RELOCALIZE_GAIN``
+box-CorLoc; reported, not a failure of the benchmark). The fold detectors use the ``cpu`` preset.
+``--relocalize-control`` adds round 1 with untrained detectors (one iteration) and every detection a candidate: the
+part of a gain that the choice rule (box-center score over the regressed proposals) makes without learning.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -59,12 +68,17 @@ from pipeline.metrics import SIZE_BINS, box_accuracy_by_size, pseudo_box_metrics
 from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
+from tasks.relocalize import RelocalizeBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 TARGET = 61.0  # the one-click default (issue #22: stays >= 61)
 TWO_CLICK_TARGET = 70.0  # SA-CAM with two clicks per object (issue #22)
+RELOCALIZE_GAIN = 4.0  # box-CorLoc points round 1 should add to its input (issue #25)
 RESULTS = REPO / "docs" / "results.md"
 RESULTS_BEGIN, RESULTS_END = "<!-- begin bench/quality.py -->", "<!-- end bench/quality.py -->"
+#: the block of ``--relocalize-only`` runs (the full run's block holds its re-localisation table with ``--relocalize``)
+RELOCALIZE_MARKERS = ("<!-- begin bench/quality.py --relocalize-only -->",
+                      "<!-- end bench/quality.py --relocalize-only -->")
 log = logging.getLogger("bench.quality")
 
 
@@ -178,6 +192,53 @@ def bcct_only(common: dict, timed, out: Path) -> int:
     write_text(out / "quality_bcct.md", md + "\n")
     print(md)
     return 0
+def relocalize_rows(name: str, last: RelocalizeBoxes) -> list[dict]:
+    """One row per round of ``last``'s chain (round 0: its input boxes): the metrics, the counts of
+    relocalize.json and the round's wall and CPU seconds (its fold detectors' and its own, from params.json: the
+    run that computed them)."""
+    chain = [last]
+    while chain[0].relocalize_round > 1:
+        chain.insert(0, chain[0].requires()["input"])
+    rows = [{"input": name, "round": 0, **metrics_of(chain[0].requires()["input"]),
+             **dict.fromkeys(("relocalized", "kept", "moved", "cpu_s", "wall_s"), "-")}]
+    for task in chain:
+        stages = [task, *task.detectors().values()]
+        meta = [read_json(Path(t.output().path) / "params.json") for t in stages]
+        rep = read_json(Path(task.output().path) / "relocalize.json")
+        rows.append({"input": name, "round": task.relocalize_round, **metrics_of(task),
+                     "relocalized": rep["relocalized"], "kept": rep["kept"], "moved": rep["moved"],
+                     "cpu_s": sum(m.get("cpu_seconds") or float("nan") for m in meta),
+                     "wall_s": sum(m.get("seconds") or float("nan") for m in meta)})
+    return rows
+
+
+def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]]:
+    """The re-localisation rounds on the default one-click boxes (and with ``--relocalize-two-clicks`` on the
+    two-click area-score boxes): the table and the issue #25 verdict lines."""
+    det = {"det_preset": "cpu", **{k: v for k, v in (("relocalize_det_epochs", args.relocalize_det_epochs),
+                                                     ("det_max_iters", args.det_max_iters)) if v is not None}}
+    inputs = {"SA-CAM + clicks (default)": dict(cam_method="sacam")}
+    if args.relocalize_two_clicks:
+        inputs["SA-CAM + two clicks + area score"] = dict(cam_method="sacam", box_area_prior="on",
+                                                          clicks_per_object="2", annotators="1,2")
+    rows, verdict = [], []
+    for name, kw in inputs.items():
+        last = RelocalizeBoxes(**common, **kw, **det, relocalize_round=args.relocalize_rounds)
+        timed(f"re-localisation of {name}, rounds 1-{args.relocalize_rounds}", [last])
+        these = relocalize_rows(name, last)
+        rows += these
+        if args.relocalize_control:  # the choice rule alone: detectors of one iteration, every detection a candidate
+            control = RelocalizeBoxes(**common, **kw, det_preset="cpu", relocalize_det_epochs=1, det_max_iters=1,
+                                      relocalize_min_score=0.0, relocalize_round=1)
+            timed(f"re-localisation control of {name}", [control])
+            row = relocalize_rows(name, control)[1]
+            rows.append({**row, "input": f"{name}; control: untrained detectors, min score 0", "round": 1})
+        gain = these[1]["box_corloc"] - these[0]["box_corloc"]
+        verdict.append(f"{'MET' if gain >= RELOCALIZE_GAIN else 'NOT MET'} (issue #25): round 1 on {name} "
+                       f"{these[1]['box_corloc']:.1f} vs {these[0]['box_corloc']:.1f} box-CorLoc ({gain:+.1f}; "
+                       f"target +{RELOCALIZE_GAIN:g}), round CPU {these[1]['cpu_s']:.0f} s")
+    table = pd.DataFrame(rows)
+    return table[[c for c in table.columns if c != "output"] + ["output"]], verdict
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -205,14 +266,15 @@ def run_facts(argv) -> str:
             f"commit {commit}, on a machine with {os.cpu_count()} CPU cores ({usable} usable by the run).")
 
 
-def write_results(path: Path, block: str) -> None:
-    """Put ``block`` between the :data:`RESULTS_BEGIN` / :data:`RESULTS_END` markers of ``path``, keeping the rest of
-    the file; a file without them gets them, with the block, at its end."""
+def write_results(path: Path, block: str, markers: tuple[str, str] = (RESULTS_BEGIN, RESULTS_END)) -> None:
+    """Put ``block`` between the ``markers`` (default :data:`RESULTS_BEGIN` / :data:`RESULTS_END`) of ``path``,
+    keeping the rest of the file; a file without them gets them, with the block, at its end."""
+    begin, end = markers
     text = path.read_text() if path.is_file() else "# Results\n"
-    new = f"{RESULTS_BEGIN}\n{block.strip()}\n{RESULTS_END}"
-    head, sep, rest = text.partition(RESULTS_BEGIN)
-    if sep and RESULTS_END in rest:
-        text = head + new + rest.split(RESULTS_END, 1)[1]
+    new = f"{begin}\n{block.strip()}\n{end}"
+    head, sep, rest = text.partition(begin)
+    if sep and end in rest:
+        text = head + new + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     write_text(path, text)
@@ -244,6 +306,20 @@ def main(argv=None) -> int:
                     help="also seed 002's rows (BC mask at inference, CT-trained classifier) and the by-size table")
     ap.add_argument("--bcct-only", action="store_true",
                     help="only the default SA-CAM and seed 002's rows with their by-size table")
+    ap.add_argument("--relocalize", action="store_true",
+                    help="also the re-localisation rounds (tasks/relocalize.py) on the default one-click boxes")
+    ap.add_argument("--relocalize-only", action="store_true",
+                    help="only the default SA-CAM chain and its re-localisation rounds (no other rows; they go to "
+                         "their own block of docs/results.md)")
+    ap.add_argument("--relocalize-rounds", type=int, default=2, help="re-localisation rounds")
+    ap.add_argument("--relocalize-two-clicks", action="store_true",
+                    help="also re-localise the two-click area-score boxes (annotators 1 and 2)")
+    ap.add_argument("--relocalize-det-epochs", type=int,
+                    help="epochs of each fold's detector (default: the pipeline's --relocalize-det-epochs)")
+    ap.add_argument("--det-max-iters", type=int, help="cap on the fold detectors' iterations per epoch (smoke runs)")
+    ap.add_argument("--relocalize-control", action="store_true",
+                    help="also round 1 with detectors of one iteration and --relocalize-min-score 0: what the choice "
+                         "rule (box-center score over the regressed proposals) gives without a trained detector")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -278,6 +354,21 @@ def main(argv=None) -> int:
         return bcct_only(common, timed, REPO / args.out)
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
+    if args.relocalize_only:
+        reloc, verdict = relocalize_table(common, args, timed)
+        md = "\n\n".join([f"Re-localisation rounds ({len(sacam.manifest().split('trainval'))} trainval images; cpu "
+                           "preset detectors; CPU s: the round's fold detectors and its detection):",
+                           markdown(reloc), "Stage times of this run (s; cached: read from outputs/): "
+                           + ", ".join(f"{k} {v}" for k, v in timings.items()), "\n".join(verdict)])
+        out = REPO / args.out
+        write_csv(reloc, out / "quality_relocalize.csv")
+        write_text(out / "quality_relocalize.md", md + "\n")
+        print(md)
+        results = args.results if args.results is not None else ("" if args.limit else str(RESULTS))
+        if results:
+            write_results(REPO / results, "\n\n".join([run_facts(argv), md]), RELOCALIZE_MARKERS)
+            print(f"wrote {results}")
+        return 0
     fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (tasks/defaults.py)
     last = "conv5_3" if args.backbone == "vgg16" else "stage6"  # Grad-CAM's layer in its paper and in ours
     gradcam = FusePseudoBoxes(**common, cam_method="gradcam")
@@ -392,6 +483,7 @@ def main(argv=None) -> int:
     timed("symmetry / T_cam / partition" + (" / fusion / exclusion" if args.extended else "") + " variants",
           list(variant_tasks.values()))
     ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in {**variant_tasks, **ratio_tasks}.items()])
+    reloc, reloc_verdict = relocalize_table(common, args, timed) if args.relocalize else (None, [])
 
     out = REPO / args.out
     write_csv(table, out / "quality.csv")
@@ -413,8 +505,13 @@ def main(argv=None) -> int:
     if args.bcct:
         size_md = [f"Box-CorLoc by the clicked object's size (side relative to the image's, edges {SIZE_BINS}):",
                    markdown(by_size(bc_tasks, sacam.manifest()))]
+    if reloc is not None:
+        write_csv(reloc, out / "quality_relocalize.csv")
+    reloc_md = [] if reloc is None else [
+        "Re-localisation rounds (tasks/relocalize.py; cpu preset detectors; CPU s: the round's fold detectors and its "
+        "detection):", markdown(reloc), "\n".join(reloc_verdict)]
     md = "\n\n".join([header, markdown(table), *size_md, caption,
-                      markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
+                      markdown(ablation), *reloc_md, "Stage times of this run (s; cached: read from outputs/): "
                       + ", ".join(f"{k} {v}" for k, v in timings.items()),
                       "Each stage of the default SA-CAM chain (from its params.json: the run that computed it):",
                       stage_table(stage_rows(PseudoLabels(**common, cam_method="sacam").stage_chain()))])

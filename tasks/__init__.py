@@ -3,6 +3,8 @@
     PrepareDataset -> SelectiveSearch(+Shards) -> SelectProposals -> TrainClassifier -> GenerateCAMs(+Shards)
                    -> FusePseudoBoxes -> PseudoLabels -> TrainFastRCNN -> EvaluateVOC07
     PrepareDataset -> SelectiveSearch + TrainClassifier -> MILBoxes -> PseudoLabels (--box-method mil)
+    pseudo boxes -> RelocalizeDetector (one per fold) -> RelocalizeBoxes, per round -> PseudoLabels
+        (--relocalize-rounds N)
     TrainFastRCNN (or --detect-model) -> Detect (a folder of new images)
     PrepareDataset -> TrainClassifier (image labels) -> ProposalFreeBoxes -> PseudoLabels (--proposals none)
     PrepareDataset -> TrainClassifier (image labels) -> ImageExtentBoxes (no clicks; seeds 003 / 004)
@@ -22,4 +24,5 @@ from .mil import MILBoxes  # noqa: F401
 from .proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: F401
 from .main import PseudoLabels  # noqa: F401
 from .detector import EvaluateVOC07, TrainFastRCNN  # noqa: F401
+from .relocalize import RelocalizeBoxes, RelocalizeDetector  # noqa: F401
 from .detect import Detect  # noqa: F401
