@@ -7,11 +7,17 @@ method, ``--box-method mil``) with one click and with two clicks per object (``-
 1 and 2), the seed's baseline; seeds 003 / 004 (image-level GAP / GMP / SPAM networks with boxes from one forward
 pass, no clicks; ``--proposals none``, the proposal-free click mode, with the SPAM network and with the click
 classifier applied to the whole image); with ``--extended`` also of the crop-map fusion, of stage 2's same-class
-exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows.
+exclusion (``--sel-exclusive``) and the lite0 + lite1 ``--cam-ensemble`` rows; with ``--bcct`` also seed 002's rows
+(SA-CAM + the BC mask at inference, ``--box-bc-mask on``; the CT-trained classifier, ``--classifier-ct-weight 1``) and
+box-CorLoc by the clicked object's size (small / medium / large, ``pipeline.metrics.SIZE_BINS``).
 
     .venv/bin/python bench/quality.py                  # the full benchmark (CPU, long: docs/results.md has its time)
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
+    .venv/bin/python bench/quality.py --bcct-only      # only the default SA-CAM and seed 002's rows, by size
+    .venv/bin/python bench/quality.py --relocalize     # + re-localisation rounds 1 and 2 (detectors per fold)
+    .venv/bin/python bench/quality.py --relocalize-only --limit 40 --relocalize-det-epochs 1 --det-max-iters 2
+                                                       # a smoke run of the re-localisation rows alone
 
 Data: ../shared/data/voc07-sample (750 VOC2007 trainval images, annotator-1 clicks), backbone efficientnet_lite0
 with its shipped ImageNet weights (the ensemble rows add efficientnet_lite1), CPU; the pipeline's classifier
@@ -21,7 +27,13 @@ process. Writes ``outputs/bench/quality/quality.csv`` and ``quality.md``, rewrit
 (the tables, the command line, the date, the commit and the machine's core count; not with ``--limit`` unless
 ``--results`` names a file) and exits non-zero when the best SA-CAM + clicks row (one click, the ensemble, two
 clicks) is not the best method row, when the one-click default scores below ``TARGET`` or the better two-click
-row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22).
+row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22). ``--relocalize`` adds a table of re-localisation rounds
+(tasks/relocalize.py: round 0 = the default one-click SA-CAM boxes, rounds 1..``--relocalize-rounds``, with
+``--relocalize-two-clicks`` also on the two-click area-score boxes) with each round's CPU time (its fold detectors'
+and its own ``cpu_seconds``, params.json) and the verdict of issue #25 (round 1 >= round 0 + ``RELOCALIZE_GAIN``
+box-CorLoc; reported, not a failure of the benchmark). The fold detectors use the ``cpu`` preset.
+``--relocalize-control`` adds round 1 with untrained detectors (one iteration) and every detection a candidate: the
+part of a gain that the choice rule (box-center score over the regressed proposals) makes without learning.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -51,16 +63,22 @@ import pandas as pd  # noqa: E402
 from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
-from pipeline.metrics import pseudo_box_metrics  # noqa: E402
+from pipeline.export import read_pseudo_labels, with_object_index  # noqa: E402
+from pipeline.metrics import SIZE_BINS, box_accuracy_by_size, pseudo_box_metrics  # noqa: E402
 from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
+from tasks.relocalize import RelocalizeBoxes  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "voc07-sample"
 TARGET = 61.0  # the one-click default (issue #22: stays >= 61)
 TWO_CLICK_TARGET = 70.0  # SA-CAM with two clicks per object (issue #22)
+RELOCALIZE_GAIN = 4.0  # box-CorLoc points round 1 should add to its input (issue #25)
 RESULTS = REPO / "docs" / "results.md"
 RESULTS_BEGIN, RESULTS_END = "<!-- begin bench/quality.py -->", "<!-- end bench/quality.py -->"
+#: the block of ``--relocalize-only`` runs (the full run's block holds its re-localisation table with ``--relocalize``)
+RELOCALIZE_MARKERS = ("<!-- begin bench/quality.py --relocalize-only -->",
+                      "<!-- end bench/quality.py --relocalize-only -->")
 log = logging.getLogger("bench.quality")
 
 
@@ -131,6 +149,98 @@ def floor_rows(common: dict) -> list[dict]:
     return rows
 
 
+def by_size(tasks: dict, manifest) -> pd.DataFrame:
+    """Box-CorLoc of each task's pseudo boxes by the clicked object's size (pipeline.metrics.box_accuracy_by_size:
+    sqrt(box area / image area) below / from SIZE_BINS), one row per task."""
+    trainval = manifest.split("trainval")
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+    objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))]
+    rows = []
+    for name, task in tasks.items():
+        boxes = with_object_index(read_pseudo_labels(Path(task.output().path) / "pseudo_labels.csv"),
+                                  manifest.clicks)
+        t = box_accuracy_by_size(boxes, objects, sizes, classes=manifest.classes)
+        row = {"method": name}
+        for r in t.itertuples(index=False):
+            row[f"{r.size} box-CorLoc"] = 100 * r.box_corloc
+            row[f"{r.size} n"] = r.boxes
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bcct_tasks(common: dict) -> dict:
+    """Seed 002's rows (tasks/bcct.py): the default SA-CAM, the BC mask at inference (--box-bc-mask on) and the
+    CT-trained classifier (--classifier-ct-weight 1)."""
+    return {"SA-CAM + clicks (default)": FusePseudoBoxes(**common, cam_method="sacam"),
+            "SA-CAM + BC mask at inference (--box-bc-mask on)": FusePseudoBoxes(**common, cam_method="sacam",
+                                                                                box_bc_mask="on"),
+            "SA-CAM, CT-trained classifier (--classifier-ct-weight 1)": FusePseudoBoxes(
+                **common, cam_method="sacam", classifier_ct_weight=1.0)}
+
+
+def bcct_only(common: dict, timed, out: Path) -> int:
+    """``--bcct-only``: seed 002's rows and their by-size table, nothing else (no docs/results.md rewrite)."""
+    tasks = bcct_tasks(common)
+    timed("BC-CT: background set, BC model and maps, CT classifier and CAMs", list(tasks.values()))
+    manifest = next(iter(tasks.values())).manifest()
+    table = pd.DataFrame([{"method": k, **metrics_of(t)} for k, t in tasks.items()])
+    sizes = by_size(tasks, manifest)
+    write_csv(table, out / "quality_bcct.csv")
+    write_csv(sizes, out / "quality_bcct_by_size.csv")
+    md = "\n\n".join([markdown(table), f"Box-CorLoc by the clicked object's size (side relative to the image's, "
+                       f"edges {SIZE_BINS}):", markdown(sizes)])
+    write_text(out / "quality_bcct.md", md + "\n")
+    print(md)
+    return 0
+def relocalize_rows(name: str, last: RelocalizeBoxes) -> list[dict]:
+    """One row per round of ``last``'s chain (round 0: its input boxes): the metrics, the counts of
+    relocalize.json and the round's wall and CPU seconds (its fold detectors' and its own, from params.json: the
+    run that computed them)."""
+    chain = [last]
+    while chain[0].relocalize_round > 1:
+        chain.insert(0, chain[0].requires()["input"])
+    rows = [{"input": name, "round": 0, **metrics_of(chain[0].requires()["input"]),
+             **dict.fromkeys(("relocalized", "kept", "moved", "cpu_s", "wall_s"), "-")}]
+    for task in chain:
+        stages = [task, *task.detectors().values()]
+        meta = [read_json(Path(t.output().path) / "params.json") for t in stages]
+        rep = read_json(Path(task.output().path) / "relocalize.json")
+        rows.append({"input": name, "round": task.relocalize_round, **metrics_of(task),
+                     "relocalized": rep["relocalized"], "kept": rep["kept"], "moved": rep["moved"],
+                     "cpu_s": sum(m.get("cpu_seconds") or float("nan") for m in meta),
+                     "wall_s": sum(m.get("seconds") or float("nan") for m in meta)})
+    return rows
+
+
+def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]]:
+    """The re-localisation rounds on the default one-click boxes (and with ``--relocalize-two-clicks`` on the
+    two-click area-score boxes): the table and the issue #25 verdict lines."""
+    det = {"det_preset": "cpu", **{k: v for k, v in (("relocalize_det_epochs", args.relocalize_det_epochs),
+                                                     ("det_max_iters", args.det_max_iters)) if v is not None}}
+    inputs = {"SA-CAM + clicks (default)": dict(cam_method="sacam")}
+    if args.relocalize_two_clicks:
+        inputs["SA-CAM + two clicks + area score"] = dict(cam_method="sacam", box_area_prior="on",
+                                                          clicks_per_object="2", annotators="1,2")
+    rows, verdict = [], []
+    for name, kw in inputs.items():
+        last = RelocalizeBoxes(**common, **kw, **det, relocalize_round=args.relocalize_rounds)
+        timed(f"re-localisation of {name}, rounds 1-{args.relocalize_rounds}", [last])
+        these = relocalize_rows(name, last)
+        rows += these
+        if args.relocalize_control:  # the choice rule alone: detectors of one iteration, every detection a candidate
+            control = RelocalizeBoxes(**common, **kw, det_preset="cpu", relocalize_det_epochs=1, det_max_iters=1,
+                                      relocalize_min_score=0.0, relocalize_round=1)
+            timed(f"re-localisation control of {name}", [control])
+            row = relocalize_rows(name, control)[1]
+            rows.append({**row, "input": f"{name}; control: untrained detectors, min score 0", "round": 1})
+        gain = these[1]["box_corloc"] - these[0]["box_corloc"]
+        verdict.append(f"{'MET' if gain >= RELOCALIZE_GAIN else 'NOT MET'} (issue #25): round 1 on {name} "
+                       f"{these[1]['box_corloc']:.1f} vs {these[0]['box_corloc']:.1f} box-CorLoc ({gain:+.1f}; "
+                       f"target +{RELOCALIZE_GAIN:g}), round CPU {these[1]['cpu_s']:.0f} s")
+    table = pd.DataFrame(rows)
+    return table[[c for c in table.columns if c != "output"] + ["output"]], verdict
+
+
 def markdown(df: pd.DataFrame) -> str:
     cols = [c for c in df.columns if c != "output"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -156,14 +266,15 @@ def run_facts(argv) -> str:
             f"commit {commit}, on a machine with {os.cpu_count()} CPU cores ({usable} usable by the run).")
 
 
-def write_results(path: Path, block: str) -> None:
-    """Put ``block`` between the :data:`RESULTS_BEGIN` / :data:`RESULTS_END` markers of ``path``, keeping the rest of
-    the file; a file without them gets them, with the block, at its end."""
+def write_results(path: Path, block: str, markers: tuple[str, str] = (RESULTS_BEGIN, RESULTS_END)) -> None:
+    """Put ``block`` between the ``markers`` (default :data:`RESULTS_BEGIN` / :data:`RESULTS_END`) of ``path``,
+    keeping the rest of the file; a file without them gets them, with the block, at its end."""
+    begin, end = markers
     text = path.read_text() if path.is_file() else "# Results\n"
-    new = f"{RESULTS_BEGIN}\n{block.strip()}\n{RESULTS_END}"
-    head, sep, rest = text.partition(RESULTS_BEGIN)
-    if sep and RESULTS_END in rest:
-        text = head + new + rest.split(RESULTS_END, 1)[1]
+    new = f"{begin}\n{block.strip()}\n{end}"
+    head, sep, rest = text.partition(begin)
+    if sep and end in rest:
+        text = head + new + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     write_text(path, text)
@@ -191,6 +302,24 @@ def main(argv=None) -> int:
     ap.add_argument("--extended", action="store_true",
                     help="also the crop-map fusion and stage 2 exclusion variants (one more CAM run and one more "
                          "classifier + CAM run) and the lite0 + lite1 ensemble rows")
+    ap.add_argument("--bcct", action="store_true",
+                    help="also seed 002's rows (BC mask at inference, CT-trained classifier) and the by-size table")
+    ap.add_argument("--bcct-only", action="store_true",
+                    help="only the default SA-CAM and seed 002's rows with their by-size table")
+    ap.add_argument("--relocalize", action="store_true",
+                    help="also the re-localisation rounds (tasks/relocalize.py) on the default one-click boxes")
+    ap.add_argument("--relocalize-only", action="store_true",
+                    help="only the default SA-CAM chain and its re-localisation rounds (no other rows; they go to "
+                         "their own block of docs/results.md)")
+    ap.add_argument("--relocalize-rounds", type=int, default=2, help="re-localisation rounds")
+    ap.add_argument("--relocalize-two-clicks", action="store_true",
+                    help="also re-localise the two-click area-score boxes (annotators 1 and 2)")
+    ap.add_argument("--relocalize-det-epochs", type=int,
+                    help="epochs of each fold's detector (default: the pipeline's --relocalize-det-epochs)")
+    ap.add_argument("--det-max-iters", type=int, help="cap on the fold detectors' iterations per epoch (smoke runs)")
+    ap.add_argument("--relocalize-control", action="store_true",
+                    help="also round 1 with detectors of one iteration and --relocalize-min-score 0: what the choice "
+                         "rule (box-center score over the regressed proposals) gives without a trained detector")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -221,8 +350,25 @@ def main(argv=None) -> int:
         log.info("%s: %s", name, timings[name])
 
     timed("proposals + selection", [SelectProposals(**data)])
+    if args.bcct_only:
+        return bcct_only(common, timed, REPO / args.out)
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
+    if args.relocalize_only:
+        reloc, verdict = relocalize_table(common, args, timed)
+        md = "\n\n".join([f"Re-localisation rounds ({len(sacam.manifest().split('trainval'))} trainval images; cpu "
+                           "preset detectors; CPU s: the round's fold detectors and its detection):",
+                           markdown(reloc), "Stage times of this run (s; cached: read from outputs/): "
+                           + ", ".join(f"{k} {v}" for k, v in timings.items()), "\n".join(verdict)])
+        out = REPO / args.out
+        write_csv(reloc, out / "quality_relocalize.csv")
+        write_text(out / "quality_relocalize.md", md + "\n")
+        print(md)
+        results = args.results if args.results is not None else ("" if args.limit else str(RESULTS))
+        if results:
+            write_results(REPO / results, "\n\n".join([run_facts(argv), md]), RELOCALIZE_MARKERS)
+            print(f"wrote {results}")
+        return 0
     fused = sacam.fused_layers(args.backbone)  # the default CAM layers, averaged (tasks/defaults.py)
     last = "conv5_3" if args.backbone == "vgg16" else "stage6"  # Grad-CAM's layer in its paper and in ours
     gradcam = FusePseudoBoxes(**common, cam_method="gradcam")
@@ -306,6 +452,12 @@ def main(argv=None) -> int:
                  **metrics_of(free_tasks["crops"])})
     rows.append({"method": "MIL one click (paper 001, --box-method mil)", **metrics_of(mil_tasks["one"])})
     rows.append({"method": "MIL two clicks (paper 001, --clicks-per-object 2)", **metrics_of(mil_tasks["two"])})
+    if args.bcct:
+        bc_tasks = bcct_tasks(common)
+        timed("BC-CT: background set, BC model and maps, CT classifier and CAMs", list(bc_tasks.values()))
+        for name, task in list(bc_tasks.items())[1:]:  # SA-CAM variants: they count among the SA-CAM rows
+            rows.append({"method": name, **metrics_of(task)})
+            sa_rows.append(len(rows) - 1)
     main_rows = len(rows)
     for layer, task in layer_tasks.items():
         rows.append({"method": f"SA-CAM + clicks, layer {layer} alone", **metrics_of(task)})
@@ -331,6 +483,7 @@ def main(argv=None) -> int:
     timed("symmetry / T_cam / partition" + (" / fusion / exclusion" if args.extended else "") + " variants",
           list(variant_tasks.values()))
     ablation = pd.DataFrame([{"variant": k, **metrics_of(t)} for k, t in {**variant_tasks, **ratio_tasks}.items()])
+    reloc, reloc_verdict = relocalize_table(common, args, timed) if args.relocalize else (None, [])
 
     out = REPO / args.out
     write_csv(table, out / "quality.csv")
@@ -348,8 +501,17 @@ def main(argv=None) -> int:
                + ", and Algorithm 1's r of the SPAM network's boxes without clicks (seed 003):")
     from tasks.main import PseudoLabels, stage_rows, stage_table
 
-    md = "\n\n".join([header, markdown(table), caption,
-                      markdown(ablation), "Stage times of this run (s; cached: read from outputs/): "
+    size_md = []
+    if args.bcct:
+        size_md = [f"Box-CorLoc by the clicked object's size (side relative to the image's, edges {SIZE_BINS}):",
+                   markdown(by_size(bc_tasks, sacam.manifest()))]
+    if reloc is not None:
+        write_csv(reloc, out / "quality_relocalize.csv")
+    reloc_md = [] if reloc is None else [
+        "Re-localisation rounds (tasks/relocalize.py; cpu preset detectors; CPU s: the round's fold detectors and its "
+        "detection):", markdown(reloc), "\n".join(reloc_verdict)]
+    md = "\n\n".join([header, markdown(table), *size_md, caption,
+                      markdown(ablation), *reloc_md, "Stage times of this run (s; cached: read from outputs/): "
                       + ", ".join(f"{k} {v}" for k, v in timings.items()),
                       "Each stage of the default SA-CAM chain (from its params.json: the run that computed it):",
                       stage_table(stage_rows(PseudoLabels(**common, cam_method="sacam").stage_chain()))])

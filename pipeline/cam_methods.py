@@ -225,10 +225,38 @@ LayerCAM = SACAM
 CAM_METHODS: dict[str, type[BaseCAM]] = {"sacam": SACAM, "gradcam": GradCAM}
 
 
+class InputGradient(BaseCAM):
+    """Not a CAM: seed 002's Eq. 1, the gradient of the target score with respect to the input pixels,
+    ``max_c |d y / d x_c|`` at the crop's resolution (the BC model's foreground map, :mod:`pipeline.bcct`). Its one
+    "layer" is ``input``; the whole network is backpropagated (nothing to cut below)."""
+
+    def __init__(self, model: nn.Module, layer: str | None = None, *, layers: Sequence[str] | None = None,
+                 **kwargs):
+        names = list(layers) if layers else [layer or "input"]
+        if names != ["input"]:
+            raise ValueError(f"the input gradient has one layer, 'input', not {names}")
+        self.model, self.layers, self.layer, self.efficient, self._hooks = model, ("input",), "input", False, []
+        self.outputs: torch.Tensor | None = None
+
+    def _one_pass(self, x: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+        if self.model.training:
+            raise RuntimeError("input gradients need the model in eval mode")
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            self.outputs = logits.detach()
+            (grad,) = torch.autograd.grad(_target_scores(logits, targets).sum(), x)
+        return {"input": grad.abs().amax(1).float()}
+
+
+#: every map a CAM store can hold: the CAM methods and the BC model's input gradient
+MAP_METHODS: dict[str, type[BaseCAM]] = {**CAM_METHODS, "input_gradient": InputGradient}
+
+
 def make_cam(method: str, model: nn.Module, layer: str | None = None, **kwargs) -> BaseCAM:
-    """A CAM object of ``method`` (a name of :data:`CAM_METHODS`); ``layers=(...)`` for several layers."""
+    """A CAM object of ``method`` (a name of :data:`MAP_METHODS`); ``layers=(...)`` for several layers."""
     try:
-        cls = CAM_METHODS[method.lower()]
+        cls = MAP_METHODS[method.lower()]
     except KeyError:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {tuple(CAM_METHODS)}") from None
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {tuple(MAP_METHODS)}") from None
     return cls(model, layer, **kwargs)

@@ -521,8 +521,10 @@ class _CropTask:
     from a DataLoader (built once, kept across epochs), logits, the loss, top-1 hits."""
 
     def __init__(self, model: nn.Module, dataset: CropDataset, cfg: TrainConfig, device: torch.device,
-                 sampler: EpochSampler, drop_last: bool, workers: int, rank: int, world: int):
+                 sampler: EpochSampler, drop_last: bool, workers: int, rank: int, world: int,
+                 aux_loss: Callable | None = None):
         self.model, self.dataset, self.cfg, self.device, self.sampler = model, dataset, cfg, device, sampler
+        self.aux_loss = aux_loss
         self.loader_args = (drop_last, workers, rank, world)
         self.loader: DataLoader | None = None
         self.criterion = _loss_fn(cfg).to(device)
@@ -557,6 +559,8 @@ class _CropTask:
         logits = net(x)
         with torch.autocast(self.device.type, enabled=False):  # the loss in float32, outside autocast
             loss = self.criterion(logits.float(), y)
+            if self.aux_loss is not None:
+                loss = loss + self.aux_loss(net, x, logits)
         return Step(loss, x.shape[0], {"hits": _hits(logits.detach(), y, self.cfg.multilabel)})
 
     def record(self, step: Step, share: float) -> None:
@@ -589,7 +593,9 @@ def _check_training_set(dataset: CropDataset, cfg: TrainConfig, world: int) -> N
 
 def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.PathLike,
                      config: TrainConfig | None = None, *, resume: bool = True, progress: bool = True,
-                     on_epoch_end: Callable[[int, dict], None] | None = None) -> pd.DataFrame:
+                     on_epoch_end: Callable[[int, dict], None] | None = None,
+                     aux_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     ) -> pd.DataFrame:
     """Fine-tune ``model`` on ``dataset`` in place; returns the training log (one row per epoch).
 
     Writes ``out_dir/checkpoint.pt`` (``{model, optimizer, lr_scheduler, scaler, epoch, args, log}``, epoch
@@ -600,7 +606,9 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
     an existing checkpoint (same training arguments, else an error) is continued; the final weights equal an
     uninterrupted run's (exactly on CPU). Randomness comes only from ``config.seed``: the sampler and the
     augmentation draw from ``(seed, epoch, index)``, dropout from a generator re-seeded at every epoch.
-    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. A NaN/inf loss raises
+    ``on_epoch_end(epoch, row)`` is called after each epoch's checkpoint is written. ``aux_loss(net, crops,
+    logits)``, when given, is added to each step's loss (seed 002's CT mask loss, :class:`pipeline.bcct.CTLoss`;
+    one process only). A NaN/inf loss raises
     :class:`NonFiniteLossError`; the checkpoint on disk is then the last good epoch's. The model is left in eval
     mode. The loop is :func:`pipeline.engine.fit`.
 
@@ -630,7 +638,9 @@ def train_classifier(model: nn.Module, dataset: CropDataset, out_dir: str | os.P
         optimizer, lambda it: lr_factor(it, iters_per_epoch * cfg.epochs, cfg.warmup_fraction))
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(device) // max(1, D.env_info().local_world_size)
     sampler = EpochSampler(dataset.image_ids, seed=cfg.seed, window=cfg.shuffle_window)
-    task = _CropTask(model, dataset, cfg, device, sampler, drop_last, workers, rank, world)
+    if aux_loss is not None and world > 1:
+        raise ValueError("train_classifier: an auxiliary loss trains in one process only")
+    task = _CropTask(model, dataset, cfg, device, sampler, drop_last, workers, rank, world, aux_loss)
     log.info("training %s on %d %s for %d epochs (%d iterations/epoch, batch %d%s, %s, %d workers, amp=%s%s)",
              getattr(model, "name", type(model).__name__), len(dataset),
              "images" if dataset.multilabel else "crops", cfg.epochs, iters_per_epoch, cfg.batch_size,

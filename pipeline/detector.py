@@ -797,23 +797,27 @@ def train_detector_distributed(model: FastRCNN, dataset: DetectionDataset, check
 
 # ---------------------------------------------------------------------------------------------------- testing
 @contextmanager
-def _test_settings(model: FastRCNN, score_thresh: float | None, detections_per_img: int | None):
-    """Temporarily change the test-time score threshold / per-image cap of ``model.roi_heads``."""
+def _test_settings(model: FastRCNN, score_thresh: float | None = None, detections_per_img: int | None = None,
+                   nms_thresh: float | None = None):
+    """Temporarily change the test-time score threshold / per-image cap / per-class NMS IoU of ``model.roi_heads``."""
     heads = model.roi_heads
-    saved = heads.score_thresh, heads.detections_per_img
+    saved = heads.score_thresh, heads.detections_per_img, heads.nms_thresh
     if score_thresh is not None:
         heads.score_thresh = float(score_thresh)
     if detections_per_img is not None:
         heads.detections_per_img = int(detections_per_img)
+    if nms_thresh is not None:
+        heads.nms_thresh = float(nms_thresh)
     try:
         yield
     finally:
-        heads.score_thresh, heads.detections_per_img = saved
+        heads.score_thresh, heads.detections_per_img, heads.nms_thresh = saved
 
 
 @torch.no_grad()
 def detect(model: FastRCNN, dataset: DetectionDataset, device: torch.device | str = "cpu", batch_size: int = 1,
-           progress: bool = True, top_per_class: bool = False) -> tuple[pd.DataFrame, dict]:
+           progress: bool = True, top_per_class: bool = False,
+           test_settings: Mapping[str, float | int] | None = None) -> tuple[pd.DataFrame, dict]:
     """Detections on every image of ``dataset``: ``(dets, stats)``.
 
     ``dets``: ``image_id, class, score, x1, y1, x2, y2`` (original-image coordinates; per-class NMS and the
@@ -823,6 +827,8 @@ def detect(model: FastRCNN, dataset: DetectionDataset, device: torch.device | st
     ``top_per_class`` (for CorLoc): no score threshold and no per-image cap, and only the highest-scoring box of
     each class in each image is kept, so every class gets its top box however low its score (NMS never removes
     a class's top-scoring box; with the test-time threshold an image could have no box of its class at all).
+    ``test_settings`` (not with ``top_per_class``): other test-time ``score_thresh``, ``detections_per_img`` or
+    ``nms_thresh`` than the model's config for this call (re-localisation, :mod:`pipeline.relocalize`).
     """
     from tqdm import tqdm
 
@@ -834,7 +840,10 @@ def detect(model: FastRCNN, dataset: DetectionDataset, device: torch.device | st
                                          num_workers=model.config.num_workers)
     rows, model_s = [], 0.0
     t0 = time.perf_counter()
-    settings = _test_settings(model, -1.0, 2 ** 31 - 1) if top_per_class else nullcontext()
+    if top_per_class and test_settings:
+        raise ValueError("detect: top_per_class sets its own test settings; pass one or the other")
+    settings = (_test_settings(model, -1.0, 2 ** 31 - 1) if top_per_class
+                else _test_settings(model, **test_settings) if test_settings else nullcontext())
     with settings:
         for imgs, props, _, ids in tqdm(loader, total=len(batches), desc="detect", leave=False,
                                         disable=not progress):

@@ -228,3 +228,46 @@ def pseudo_box_metrics(boxes: pd.DataFrame, objects: pd.DataFrame, classes: Sequ
         fb = int(boxes["fallback"].astype(bool).sum())
         summary.update(fallback=fb, fallback_rate=fb / len(boxes) if len(boxes) else 0.0)
     return summary, per_class
+
+
+#: object size bins of the by-size tables: the object's side relative to the image's, sqrt(box area / image area)
+#: (as pipeline.report's size histogram), below 0.2 small, from 0.6 large (docs/experiments.md, "Where 56.0 fails")
+SIZE_BINS = (0.2, 0.6)
+SIZE_NAMES = ("small", "medium", "large")
+
+
+def object_sizes(objects: pd.DataFrame, image_sizes: dict) -> pd.Series:
+    """Each object's side relative to its image's: ``sqrt(box area / image area)``; ``image_sizes``: image id ->
+    ``(width, height)``. Aligned with ``objects``; NaN for an image of unknown size."""
+    wh = objects["image_id"].astype(str).map(lambda i: image_sizes.get(i, (np.nan, np.nan)))
+    area = (objects["x2"] - objects["x1"]) * (objects["y2"] - objects["y1"])
+    img = np.array([w * h for w, h in wh], dtype=np.float64) if len(wh) else np.zeros(0)
+    return pd.Series(np.sqrt(area.to_numpy(np.float64) / img), index=objects.index, name="size")
+
+
+def box_accuracy_by_size(boxes: pd.DataFrame, objects: pd.DataFrame, image_sizes: dict,
+                         bins: Sequence[float] = SIZE_BINS, names: Sequence[str] = SIZE_NAMES,
+                         iou_threshold: float = IOU_THRESHOLD, classes: Sequence[str] | None = None,
+                         difficult: str = "include") -> pd.DataFrame:
+    """Box-CorLoc (:func:`box_accuracy`, the mean over classes) of the boxes whose clicked object (``object_index``
+    column, see :func:`pipeline.export.with_object_index`) falls in each size bin of :func:`object_sizes` (edges
+    ``bins``: ``[0, b0)``, ``[b0, b1)``, ``[b1, inf)``). One row per bin: ``size, lo, hi, boxes, box_corloc,
+    box_corloc_all`` (the plain fraction of correct boxes); boxes of no known object are left out."""
+    if len(names) != len(bins) + 1:
+        raise ValueError(f"{len(bins)} size edges need {len(bins) + 1} names, got {list(names)}")
+    _check(boxes, BOX_COLUMNS + ["object_index"], "boxes")
+    o = objects.assign(image_id=objects["image_id"].astype(str))
+    size = object_sizes(o, image_sizes)
+    key = pd.Series(size.to_numpy(), index=pd.MultiIndex.from_arrays([o["image_id"], o["object_index"].astype(int)]))
+    key = key[~key.index.duplicated()]
+    idx = pd.MultiIndex.from_arrays([boxes["image_id"].astype(str), boxes["object_index"].fillna(-1).astype(int)])
+    b_size = pd.Series(key.reindex(idx).to_numpy(), index=boxes.index)
+    correct = match_boxes(boxes, objects)["iou"] >= iou_threshold
+    edges = [0.0, *bins, np.inf]
+    rows = []
+    for name, lo, hi in zip(names, edges[:-1], edges[1:]):
+        sel = (b_size >= lo) & (b_size < hi)
+        _, mean = box_accuracy(boxes[sel], objects, iou_threshold, classes, difficult) if sel.any() else (None, np.nan)
+        rows.append({"size": name, "lo": lo, "hi": hi, "boxes": int(sel.sum()), "box_corloc": mean,
+                     "box_corloc_all": float(correct[sel].mean()) if sel.any() else np.nan})
+    return pd.DataFrame(rows)

@@ -23,13 +23,15 @@ import luigi
 import luigi.configuration
 
 from pipeline.backbones import BACKBONES, build_backbone
-from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, items_per_class, save_classifier,
-                                 stage_training_set, train_classifier_distributed)
+from pipeline.bcct import CTLoss, CTNet
+from pipeline.classifier import (CHECKPOINT_NAME, LOG_NAME, TrainConfig, items_per_class, load_classifier,
+                                 save_classifier, stage_training_set, train_classifier, train_classifier_distributed)
 from pipeline.device import resolve_device
 from pipeline.io import write_json
 from pipeline.pooling import POOLINGS, with_cam_head
 
 from .base import StageTask, TrainingSeed, inherits
+from .bcct import TrainBC
 from .dataset import PrepareDataset
 from .defaults import TUNED
 from .proposals import SelectProposals
@@ -39,7 +41,7 @@ log = logging.getLogger("clickscale")
 MODES = ("crops", "image_labels")
 
 
-@inherits(SelectProposals)
+@inherits(SelectProposals, TrainBC)  # TrainBC: the BC model of --classifier-ct-weight (its parameters)
 class TrainClassifier(TrainingSeed, StageTask):
     """Fine-tuned classifier: ``model.pt`` (:func:`pipeline.classifier.load_classifier`), ``train_log.csv`` (per
     epoch: loss, accuracy, lr, seconds, crops/s) and ``report.json``.
@@ -51,7 +53,9 @@ class TrainClassifier(TrainingSeed, StageTask):
     """
 
     uses_gpu = True  # luigi resource gpu_<host>: one GPU stage per machine at a time (tasks/base.py)
-    unhashed_values = {"classifier_image_pooling": "gap"}  # the network trained before the parameter existed
+    # the network trained before these parameters existed
+    unhashed_values = {"classifier_image_pooling": "gap", "classifier_ct_weight": "0.0", "classifier_ct_layer": "",
+                       "classifier_ct_delta": "0.8", "classifier_ct_sigma": "0.01"}
 
     classifier_mode = luigi.ChoiceParameter(choices=list(MODES), default="crops",
                                             description="crops: selected proposals labelled with their click's "
@@ -82,6 +86,16 @@ class TrainClassifier(TrainingSeed, StageTask):
     classifier_max_crops_per_class = luigi.IntParameter(default=TUNED.classifier_max_crops_per_class,
                                                         description="seeded subsample of the training crops per "
                                                                     "class; 0 = all")
+    classifier_ct_weight = luigi.FloatParameter(
+        default=0.0, description="seed 002's CT training: weight of a mask loss beside the classification loss, a "
+                                 "mask branch on --classifier-ct-layer against the BC model's mask of each crop "
+                                 "(TrainBC; docs/method.md); 0: off")
+    classifier_ct_layer = luigi.Parameter(default="", description="layer the CT mask branch reads; empty: the "
+                                                                  "backbone's default CAM layer")
+    classifier_ct_delta = luigi.FloatParameter(default=0.8, description="Eq. 2's delta of the CT masks")
+    classifier_ct_sigma = luigi.FloatParameter(default=0.01, description="Gaussian smoothing of the crop's BC "
+                                                                         "gradient map before Eq. 2, a fraction of "
+                                                                         "the crop side")
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu or cuda")
     classifier_workers = luigi.IntParameter(default=-1, significant=False,
                                             description="DataLoader workers; -1 = auto")
@@ -100,11 +114,26 @@ class TrainClassifier(TrainingSeed, StageTask):
         if self.classifier_image_pooling != "gap" and self.classifier_mode != "image_labels":
             raise ValueError(f"--classifier-image-pooling {self.classifier_image_pooling} needs "
                              "--classifier-mode image_labels (the crop classifier keeps its GAP head)")
+        if self.classifier_ct_weight and (self.classifier_mode != "crops" or self.classifier_nproc > 1):
+            raise ValueError("--classifier-ct-weight trains the crop classifier in one process "
+                             "(--classifier-mode crops, --classifier-nproc 1)")
 
     def requires(self):
         if self.classifier_mode == "image_labels":
             return self.clone(PrepareDataset)
+        if self.classifier_ct_weight:
+            return {"selection": self.clone(SelectProposals), "bc": self.clone(TrainBC)}
         return self.clone(SelectProposals)
+
+    def ct_loss(self, model):
+        """``(model to train, auxiliary loss)``: with ``--classifier-ct-weight``, the CT model (the classifier and a
+        mask branch, :class:`pipeline.bcct.CTNet`) and its mask loss; else ``(model, None)``."""
+        if not self.classifier_ct_weight:
+            return model, None
+        bc = load_classifier(self.input_dir("bc") / "model.pt", resolve_device(self.device))
+        ct = CTNet(model, self.classifier_ct_layer or model.default_cam_layer, seed=self.seed)
+        return ct, CTLoss(bc, self.classifier_ct_weight, self.classifier_ct_delta, self.classifier_ct_sigma,
+                          (model.mean, model.std))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.classifier_epochs, batch_size=self.classifier_batch_size,
@@ -121,7 +150,8 @@ class TrainClassifier(TrainingSeed, StageTask):
         if self.classifier_image_pooling != "gap":
             model = with_cam_head(model, self.classifier_image_pooling, seed=self.seed)
         model.input_size = self.classifier_input_px
-        selected = None if self.classifier_mode == "image_labels" else self.input_dir() / "selected.parquet"
+        selected = None if self.classifier_mode == "image_labels" else Path(
+            self.clone(SelectProposals).output().path) / "selected.parquet"
         dataset, source = stage_training_set(manifest, selected, input_size=self.classifier_input_px,
                                              mean=model.mean, std=model.std, seed=self.seed,
                                              max_crops_per_class=self.classifier_max_crops_per_class or None)
@@ -129,9 +159,12 @@ class TrainClassifier(TrainingSeed, StageTask):
         if self.classifier_nproc < 1:
             raise ValueError(f"--classifier-nproc must be >= 1, got {self.classifier_nproc}")
         t0 = time.time()
-        train_log = train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc)
+        trained, aux = self.ct_loss(model)
+        train_log = (train_classifier(trained, dataset, work, cfg, aux_loss=aux) if aux is not None
+                     else train_classifier_distributed(model, dataset, work, cfg, nproc=self.classifier_nproc))
         final = train_log.iloc[-1].to_dict()
         meta = {"mode": self.classifier_mode, "pooling": self.classifier_image_pooling,
+                **({"ct_weight": self.classifier_ct_weight} if aux is not None else {}),
                 "weights": self.classifier_weights, "train": cfg.result_args(),
                 "final": final, "stage": self.stage_ref}
         save_classifier(work / "model.pt", model, classes, meta)

@@ -108,11 +108,16 @@ class TrainFastRCNN(TrainingSeed, StageTask):
                 raise ValueError(f"TrainFastRCNN --det-box-source {self.det_box_source} needs --det-box-path")
         return reqs
 
+    def training_epochs(self) -> int | None:
+        """The epochs of the schedule (None: the preset's): ``--det-epochs``."""
+        return self.det_epochs
+
     def detector_config(self) -> DetectorConfig:
         name = self.det_preset
         if name == "auto":
             name = "paper" if self.voc_root else "cpu"
-        over = {"backbone": self.det_backbone, "weights": self.det_weights, "epochs": self.det_epochs,
+        epochs = self.training_epochs()
+        over = {"backbone": self.det_backbone, "weights": self.det_weights, "epochs": epochs,
                 "lr": self.det_lr, "min_size": self.det_image_min_px, "max_size": self.det_image_max_px,
                 "max_proposals": self.det_max_proposals, "bg_iou_lo": self.det_bg_iou_lo, "pooler": self.det_pooler,
                 "images_per_batch": self.det_images_per_batch,
@@ -120,7 +125,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
         if self.det_arch == "faster_rcnn" and self.det_bg_iou_lo is None:
             over["bg_iou_lo"] = 0.0  # RPN proposals: background is everything below 0.5 (py-faster-rcnn end2end)
         cfg = preset(name, arch=self.det_arch, **{k: v for k, v in over.items() if v is not None})
-        if self.det_epochs is not None and self.det_lr_steps is None:  # keep the drop at 80% of the schedule
+        if epochs is not None and self.det_lr_steps is None:  # keep the drop at 80% of the schedule
             cfg = replace(cfg, lr_steps=(max(1, int(round(0.8 * cfg.epochs))),))
         return replace(cfg, seed=int(self.seed), num_workers=int(self.det_workers)).resolved()
 

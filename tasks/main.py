@@ -16,30 +16,24 @@ from .base import StageTask, inherits
 from .mil import MILBoxes
 from .proposal_free import ProposalFreeBoxes
 from .pseudo import FusePseudoBoxes
-
-#: the pseudo-box stage of each ``--box-method``
-BOX_STAGES = {"cam": FusePseudoBoxes, "mil": MILBoxes}
-#: ``--proposals``: selective_search (the chain above) or none (whole-image CAMs, tasks/proposal_free.py)
-PROPOSALS = ("selective_search", "none")
+from .relocalize import BOX_STAGES, PROPOSALS, BoxSource, RelocalizeBoxes  # noqa: F401 (the first two: re-exported)
 
 
-@inherits(FusePseudoBoxes, MILBoxes, ProposalFreeBoxes)
-class PseudoLabels(StageTask):
+@inherits(FusePseudoBoxes, MILBoxes, ProposalFreeBoxes, RelocalizeBoxes, without=("relocalize_round",))
+class PseudoLabels(BoxSource, StageTask):
     """Stages 1-5 (dataset -> proposals -> selection -> classifier -> CAMs -> pseudo boxes; or, with
-    ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes); writes ``summary.md`` /
+    ``--box-method mil``, dataset -> proposals (+ selection -> classifier) -> MIL boxes), then ``--relocalize-rounds``
+    rounds of re-localisation by detectors trained on the boxes (tasks/relocalize.py); writes ``summary.md`` /
     ``summary.json`` pointing at the labels, the exports and the HTML report. Its hash covers ``box_method`` and the
     box stage in use (tasks/base.py), so the other method's parameters do not move it."""
 
-    unhashed_values = {"proposals": "selective_search"}  # the chain before --proposals existed
+    # the chain before --proposals and --relocalize-rounds existed
+    unhashed_values = {"proposals": "selective_search", "relocalize_rounds": "0"}
 
-    box_method = luigi.ChoiceParameter(choices=list(BOX_STAGES), default="cam",
-                                       description="cam: SA-CAM boxes (FusePseudoBoxes, the default); mil: "
-                                                   "click-supervised MIL (MILBoxes, paper 001)")
-
-    proposals = luigi.ChoiceParameter(choices=list(PROPOSALS), default="selective_search",
-                                      description="none: no selective search and no stage 2; each click's box from "
-                                                  "the whole-image map of its class (ProposalFreeBoxes, "
-                                                  "--cam-network), with --box-method cam")
+    relocalize_rounds = luigi.IntParameter(default=0, description="rounds of re-localisation of the pseudo boxes by "
+                                                                  "detectors trained on them, cross-fitted by image "
+                                                                  "folds (RelocalizeBoxes; seed 001's deep MIL); 0: "
+                                                                  "the pseudo-box stage's boxes")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -50,11 +44,13 @@ class PseudoLabels(StageTask):
         if self.proposals == "none" and unused:
             raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "
                              f"{', '.join(unused)} belong to the crop CAM stages and do not apply")
+        if self.relocalize_rounds < 0:
+            raise ValueError(f"--relocalize-rounds must be >= 0, got {self.relocalize_rounds}")
+        if self.relocalize_rounds:
+            self.requires()  # the re-localisation stages check their parameters when created: fail here, not later
 
     def requires(self):
-        if self.proposals == "none":
-            return self.clone(ProposalFreeBoxes)
-        return self.clone(BOX_STAGES[self.box_method])
+        return self.boxes_of_round(self.relocalize_rounds)
 
     def run_stage(self, work: Path) -> None:
         boxes_dir = self.input_dir().resolve()
@@ -70,8 +66,10 @@ class PseudoLabels(StageTask):
         metrics = read_json(boxes_dir / "metrics.json") if (boxes_dir / "metrics.json").is_file() else {}
         chain = self.stage_chain()
         stages = stage_rows(chain)
+        reloc = boxes_dir / "relocalize.json"  # --relocalize-rounds: every round's row (box-CorLoc, moved boxes)
+        rounds = {"relocalize_rounds": read_json(reloc)["rounds"]} if reloc.is_file() else {}
         write_json(work / "summary.json", {"stage_dirs": chain, "files": files, "metrics": metrics,
-                                           "stages": stages})
+                                           "stages": stages, **rounds})
         lines = ["# clickscale pseudo labels", ""]
         lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in files.items()]
         inner = boxes_dir / "summary.md"

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.backbones import BACKBONES
+from pipeline.bcct import with_bc_masks
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
@@ -25,6 +26,7 @@ from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
 from .base import StageTask, inherits
+from .bcct import BCMaps
 from .cams import GenerateCAMs
 from .defaults import TUNED
 from .proposals import SelectProposals
@@ -32,13 +34,16 @@ from .proposals import SelectProposals
 log = logging.getLogger("clickscale")
 
 
-@inherits(GenerateCAMs)
+@inherits(GenerateCAMs, BCMaps)
 class FusePseudoBoxes(StageTask):
     """One pseudo box per click from its fused CAM (pipeline/boxes.py), rank-1 proposal as counted fallback.
 
     Output: ``pseudo_labels.csv``, ``Annotations/`` (VOC XML), ``coco.json``, ``metrics.json``, ``per_class.csv``
     (with ground truth), ``summary.md`` and ``report/index.html``.
     """
+
+    #: parameters added later, at the values that give the earlier outputs (tasks/base.py)
+    unhashed_values = {"box_bc_mask": "off", "box_bc_delta": "0.8", "box_bc_sigma": "0.01"}
 
     # defaults chosen on bench/quality.py (voc07-sample, efficientnet_lite0): tasks/defaults.py
     box_threshold_rule = luigi.ChoiceParameter(choices=list(THRESHOLD_RULES), default=TUNED.box_threshold_rule,
@@ -74,6 +79,16 @@ class FusePseudoBoxes(StageTask):
     box_area_calibration = luigi.Parameter(default="", description="ground truth of a few images (VOC "
                                                                    "Annotations/ folder or COCO JSON) to fit the "
                                                                    "area model on; empty: self-calibrated")
+    box_bc_mask = luigi.ChoiceParameter(choices=["off", "on"], default="off",
+                                        description="seed 002: within the click's cell, the BC model's foreground "
+                                                    "mask component holding the click takes the fused map's "
+                                                    "maximum before the threshold (BackgroundSet -> TrainBC -> "
+                                                    "BCMaps; docs/method.md)")
+    box_bc_delta = luigi.FloatParameter(default=0.8, description="Eq. 2's delta: the BC mask is the gradient map "
+                                                                 ">= delta x its maximum in the cell")
+    box_bc_sigma = luigi.FloatParameter(default=0.01, description="Gaussian smoothing of the BC gradient map before "
+                                                                  "Eq. 2, as a fraction of the image's longer side "
+                                                                  "(0: none)")
     metrics_difficult = luigi.ChoiceParameter(choices=["include", "exclude"], default="include",
                                               description="how difficult ground truths count in the metrics")
     report_images = luigi.IntParameter(default=24, significant=False, description="clicks drawn in the report")
@@ -87,6 +102,8 @@ class FusePseudoBoxes(StageTask):
         super().__init__(*args, **kwargs)
         self.ensemble_backbones()  # a bad --cam-ensemble fails here, at creation, before any stage runs
         self.fused_layers(self.classifier_backbone)
+        if self.box_bc_mask == "on" and self.image_label_mode():
+            raise ValueError("--box-bc-mask on acts on click maps; it does not apply to classifier_mode=image_labels")
         if self.box_area_prior != "off" and self.clicks_per_object != "2":
             raise ValueError(f"--box-area-prior {self.box_area_prior} needs two clicks per object "
                              "(--clicks-per-object 2)")
@@ -141,7 +158,19 @@ class FusePseudoBoxes(StageTask):
         reqs = dict(self.cam_stages())  # the same chain per ensemble backbone
         if not self.image_label_mode():
             reqs["selected"] = self.clone(SelectProposals)
+        if self.box_bc_mask == "on":
+            reqs["bc"] = self.clone(BCMaps)
         return reqs
+
+    def bc_masked(self, items, clicks: pd.DataFrame, stats: dict):
+        """``--box-bc-mask on``: the items with each click's BC mask component spread over
+        (:func:`pipeline.bcct.with_bc_masks`); else the items as they are."""
+        if self.box_bc_mask != "on":
+            return items
+        stats.update(store=str(self.input_dir("bc")), background_set=str(
+            Path(self.find_upstream("BackgroundSet").output().path) / "index.html"))
+        return with_bc_masks(items, self.input_dir("bc"), clicks, self.box_partition, self.box_bc_delta,
+                             self.box_bc_sigma, stats)
 
     def box_params(self) -> BoxParams:
         return BoxParams(self.box_threshold_rule, self.box_threshold, self.box_symmetry, self.box_score,
@@ -193,13 +222,16 @@ class FusePseudoBoxes(StageTask):
         sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
         selected_path, fallback = self.fallback_boxes()
         # the main store first, then the other layers and ensemble members
+        bc: dict = {}
         with FusedMaps(self.map_readers()) as maps:
             items, total = maps.items(clicks)
             boxes, candidates = pseudo_boxes_and_candidates(
-                tqdm(items, total=total, desc="pseudo boxes", leave=False), fallback, classes_per_image(clicks),
-                params, image_sizes=sizes, clicks=clicks,
+                tqdm(self.bc_masked(items, clicks, bc), total=total, desc="pseudo boxes", leave=False), fallback,
+                classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks,
                 candidate_thresholds=AREA_THRESHOLDS if self.box_area_prior != "off" else ())
             boxes, area = self.area_choice(boxes, candidates, clicks, trainval)
+            if bc:
+                area["bc_mask"] = {**bc, "delta": self.box_bc_delta, "sigma": self.box_bc_sigma}
             result = export_pseudo_labels(
                 work, boxes, trainval[trainval["image_id"].isin(set(boxes["image_id"]))], manifest.classes,
                 objects=manifest.objects[manifest.objects["image_id"].isin(set(trainval["image_id"]))],

@@ -41,6 +41,9 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "FusePseudoBoxes": ("params.json", "pseudo_labels.csv", "Annotations/*.xml", "coco.json", "metrics.json",
                         "per_class.csv", "summary.md"),
     "PseudoLabels": ("params.json", "summary.json", "summary.md"),
+    "BackgroundSet": ("params.json", "background.csv", "report.json", "contact_sheet.png", "index.html"),
+    "TrainBC": ("params.json", "model.pt", "train_log.csv", "report.json"),
+    "BCMaps": ("params.json", "cams-*.h5", "index.csv", "summary.json"),
     "MILBoxes": ("params.json", "pseudo_labels.csv", "Annotations/*.xml", "coco.json", "metrics.json",
                  "per_class.csv", "summary.md", "mil.json"),
 }

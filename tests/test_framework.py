@@ -44,18 +44,25 @@ def test_every_stage_hashes_only_its_own_params():
     stages = [tasks.PrepareDataset, tasks.SelectiveSearchShard, tasks.SelectiveSearch, tasks.SelectProposals,
               tasks.TrainClassifier, tasks.GenerateCAMsShard, tasks.GenerateCAMs, tasks.FusePseudoBoxes,
               MILBoxes, tasks.ProposalFreeBoxes, tasks.ImageExtentBoxes, tasks.PseudoLabels, tasks.TrainFastRCNN,
-              tasks.EvaluateVOC07, CompareDetectors, tasks.Detect]
+              tasks.EvaluateVOC07, CompareDetectors, tasks.Detect, tasks.RelocalizeDetector, tasks.RelocalizeBoxes]
     owners: dict[str, list[str]] = {}
     for cls in stages:
         for name in cls.own_param_names():
             owners.setdefault(name, []).append(cls.task_family)
     # each parameter has one owning stage, but for a shard and its merge, the pseudo-box stages' shared box and
-    # export settings (the same parameter objects), and the seed of the two trainings
+    # export settings (the same parameter objects), the seed of the trainings, and the re-localisation stages: the
+    # fold detector is a TrainFastRCNN, it and the round share the round, and they and PseudoLabels the choice of
+    # the pseudo-box stage (tasks/relocalize.py BoxSource)
     shared = {k: v for k, v in owners.items() if len(v) > 1}
-    box_stages = {"FusePseudoBoxes", "MILBoxes", "ProposalFreeBoxes", "ImageExtentBoxes"}
-    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"})
+    box_stages = {"FusePseudoBoxes", "MILBoxes", "ProposalFreeBoxes", "ImageExtentBoxes", "RelocalizeBoxes"}
+    relocalize = ({"TrainFastRCNN", "RelocalizeDetector"}, {"RelocalizeDetector", "RelocalizeBoxes"},
+                  {"PseudoLabels", "RelocalizeDetector", "RelocalizeBoxes"})
+    assert all(set(v) in ({"SelectiveSearchShard", "SelectiveSearch"}, {"GenerateCAMsShard", "GenerateCAMs"},
+                          *relocalize)
                or set(v) <= box_stages for k, v in shared.items() if k not in ("seed", "device")), shared
-    assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN"}
+    assert set(owners["seed"]) == {"TrainClassifier", "TrainFastRCNN", "RelocalizeDetector"}
+    assert set(owners["relocalize_round"]) == {"RelocalizeDetector", "RelocalizeBoxes"}
+    assert "relocalize_min_score" not in tasks.RelocalizeDetector.own_param_names()  # its input's, not its own
     assert tasks.EvaluateVOC07.own_param_names() == {"eval_split", "eval_corloc", "eval_batch", "eval_train_map"}
     assert "eval_holdout" in tasks.PrepareDataset.own_param_names()  # a dataset parameter: it changes the splits
     # --cam-layers is GenerateCAMs' (all layers in one pass); FusePseudoBoxes passes it on resolved per backbone
@@ -70,7 +77,8 @@ def test_parameters_added_later_are_hashed_only_when_set():
     import tasks
 
     for cls, name, value in ((tasks.PrepareDataset, "eval_holdout", 5), (tasks.TrainFastRCNN, "det_arch", "faster_rcnn"),
-                             (tasks.EvaluateVOC07, "eval_train_map", True)):
+                             (tasks.EvaluateVOC07, "eval_train_map", True),
+                             (tasks.PseudoLabels, "relocalize_rounds", 1)):
         assert name in cls.unhashed_values and name in cls.own_param_names()
         assert name not in cls().significant_params()
         assert name in cls(**{name: value}).significant_params()
