@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
+import torch
 
 from .boxes import PSEUDO_COLUMNS, cam_threshold
+from .cam_crops import MapGrid, paste_maps
 from .extent import extent_boxes, grid
 from .pooling import conv_layers, feature_body, whole_image_maps
 
@@ -29,13 +30,11 @@ def upsample_map(cam: np.ndarray, width: int, height: int, layers: Sequence[tupl
                  input_px: int) -> np.ndarray:
     """A feature-resolution map on the ``width x height`` image: each map value placed at its position's receptive
     field centre (:func:`pipeline.extent.grid`; the ``input_px`` square covers the whole image), bilinear between
-    them, the edge values beyond (``cv2.remap``). (Resizing the map as an image would put a value at the middle of
-    its stride cell instead: half a cell off for convolutions padded by ``k // 2``.)"""
+    them, the edge values beyond: the CAM stage's own paste (:func:`pipeline.cam_crops.paste_maps` with a
+    :class:`pipeline.cam_crops.MapGrid`) with the whole image as the one crop."""
     stride, c0 = grid(layers)
-    fx = (((np.arange(width) + 0.5) * input_px / width - c0) / stride).astype(np.float32)
-    fy = (((np.arange(height) + 0.5) * input_px / height - c0) / stride).astype(np.float32)
-    mx, my = np.meshgrid(fx, fy)
-    return cv2.remap(np.asarray(cam, np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return paste_maps(torch.as_tensor(np.asarray(cam, np.float32))[None], [[0, 0, width, height]], (height, width),
+                      grid=MapGrid(int(input_px), float(stride), float(c0))).numpy()
 
 
 class LowResMaps:
