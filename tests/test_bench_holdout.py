@@ -1,0 +1,46 @@
+"""bench/detector_holdout.py's targets (issue #26) on hand-made result rows: the ratio of the better architecture,
+faster_rcnn's speed-up over fast_rcnn with its proposals, the mAP gap, and a row left out with --skip."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import detector_holdout as dh  # noqa: E402
+
+
+def _rows(fast_map, fast_ratio, fast_img_s, faster_map, faster_ratio, faster_img_s):
+    return pd.DataFrame([
+        {"arch": "fast_rcnn", "boxes": "pseudo", "mAP": fast_map, "ratio": fast_ratio,
+         "img_s_with_proposals": fast_img_s},
+        {"arch": "faster_rcnn", "boxes": "pseudo", "mAP": faster_map, "ratio": faster_ratio,
+         "img_s_with_proposals": faster_img_s},
+    ])
+
+
+def test_all_targets_met():
+    assert dh.missed_targets(_rows(40.0, 0.86, 0.5, 39.0, 0.90, 2.0)) == []
+
+
+def test_ratio_is_judged_on_the_better_architecture():
+    # fast_rcnn has the better mAP, so its 0.80 counts, not faster_rcnn's 0.90
+    failures = dh.missed_targets(_rows(43.0, 0.80, 0.5, 41.0, 0.90, 2.0))
+    assert len(failures) == 1 and "(fast_rcnn) 0.800 < 0.85" in failures[0]
+
+
+def test_speed_and_map_gap():
+    failures = dh.missed_targets(_rows(40.0, 0.9, 0.5, 36.0, 0.9, 1.4))
+    assert any("2.80x" in f for f in failures) and any("36.0 is more than 3.0 points" in f for f in failures)
+
+
+def test_a_skipped_gt_detector_is_reported_not_passed():
+    failures = dh.missed_targets(_rows(40.0, float("nan"), 0.5, 39.0, 0.9, 2.0))
+    assert failures == ["pseudo/GT mAP ratio of the better architecture (fast_rcnn) not measured: no GT detector"]
+
+
+def test_one_architecture_alone_checks_only_its_ratio():
+    df = _rows(0, 0, 0, 30.0, 0.95, 2.0).iloc[[1]]
+    assert dh.missed_targets(df) == []
+    assert "0.700 < 0.85" in dh.missed_targets(df.assign(ratio=0.7))[0]
