@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-crops-per-class", type=int,
                     help="seeded subsample of the classifier's training crops (default: the pipeline's)")
     ap.add_argument("--input-size", type=int, help="classifier/CAM crop size in px (default: the pipeline's)")
-    ap.add_argument("--image-epochs", type=int, default=4, help="epochs of the image-label-only classifier")
+    ap.add_argument("--image-epochs", type=int, default=0,
+                    help="epochs of the image-level networks (GAP / GMP / SPAM); 0: the pipeline's default")
     ap.add_argument("--layers", default="stage6,stage5_expand,stage5,conv_head",
                     help="comma-separated SA-CAM ablation layers, each alone (empty: all of the backbone's CAM "
                          "layers; stage3 and stage4 add two CAM runs; they scored lowest in the layer probe of "
@@ -490,7 +491,7 @@ def main(argv=None) -> int:
     write_csv(ablation, out / "quality_ablation.csv")
     images = len(SelectProposals(**data).manifest().split("trainval"))
     header = (f"voc07-sample trainval ({images} images), annotator-1 clicks, {args.backbone}, "
-              f"{args.device}; classifier {classifier.classifier_epochs} epochs on <= "
+              f"{args.device}; classifier {classifier.epochs} epochs on <= "
               f"{classifier.classifier_max_crops_per_class} crops/class at {classifier.classifier_input_px}px; "
               f"this run took {time.time() - t0:.0f}s")
     caption = ("Symmetry rule (at the default T_cam), T_cam, "

@@ -69,7 +69,9 @@ class TrainClassifier(TrainingSeed, StageTask):
     classifier_weights = luigi.Parameter(default="imagenet",
                                          description="imagenet, a path to a state dict, or random (tests only)")
     # the CPU budget bench/quality.py runs with (tasks/defaults.py)
-    classifier_epochs = luigi.IntParameter(default=TUNED.classifier_epochs)
+    classifier_epochs = luigi.IntParameter(
+        default=0, description="training epochs; 0: the mode's default (tasks/defaults.py: classifier_epochs for "
+                               "crops, classifier_image_epochs for image_labels)")
     classifier_batch_size = luigi.IntParameter(default=32)
     classifier_optimizer = luigi.ChoiceParameter(choices=["sgd", "adamw"], default=TUNED.classifier_optimizer)
     classifier_lr = luigi.FloatParameter(default=TUNED.classifier_lr,
@@ -118,6 +120,17 @@ class TrainClassifier(TrainingSeed, StageTask):
             raise ValueError("--classifier-ct-weight trains the crop classifier in one process "
                              "(--classifier-mode crops, --classifier-nproc 1)")
 
+    @property
+    def epochs(self) -> int:
+        """``--classifier-epochs``, 0 resolved to the mode's default."""
+        if self.classifier_epochs:
+            return self.classifier_epochs
+        return TUNED.classifier_image_epochs if self.classifier_mode == "image_labels" else TUNED.classifier_epochs
+
+    def significant_params(self) -> dict:
+        """The epochs enter the hash as resolved (0 and the mode's default number are the same training)."""
+        return {**super().significant_params(), "classifier_epochs": str(self.epochs)}
+
     def requires(self):
         if self.classifier_mode == "image_labels":
             return self.clone(PrepareDataset)
@@ -136,7 +149,7 @@ class TrainClassifier(TrainingSeed, StageTask):
                           (model.mean, model.std))
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.classifier_epochs, batch_size=self.classifier_batch_size,
+        return TrainConfig(epochs=self.epochs, batch_size=self.classifier_batch_size,
                            lr=self.classifier_lr, optimizer=self.classifier_optimizer,
                            freeze_bn_stats=self.classifier_freeze_bn,
                            clip_grad_norm=self.classifier_clip_grad_norm or None,

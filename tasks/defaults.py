@@ -37,6 +37,11 @@ class Tuned:
     #: more epochs or crops did not help; 224 px crops did, at most 50 per class kept their cost down
     #: (docs/experiments.md, 2026-11-21, "Classifier budget and crop size")
     classifier_epochs: int = 3
+    #: the whole-image networks of ``--classifier-mode image_labels`` (GAP, and seeds 003 / 004's GMP / SPAM) see
+    #: one item per image, not eight crops per click: at the crop classifier's 3 epochs they had barely left their
+    #: initial loss, and seed 003's boxes were nearly all fallbacks (docs/experiments.md, 2026-12-07, "Image-level
+    #: networks undertrained")
+    classifier_image_epochs: int = 16
     classifier_input_px: int = 224
     classifier_max_crops_per_class: int = 50
     #: SGD, lr 0.003 (head x10), frozen BatchNorm statistics (docs/experiments.md, 2026-11-21, "Classifier

@@ -92,6 +92,18 @@ def test_parameters_added_later_are_hashed_only_when_set():
     assert "classifier_image_pooling" not in tasks.TrainClassifier(**image_level).significant_params()
     assert tasks.TrainClassifier(**image_level, classifier_image_pooling="spam").significant_params()[
         "classifier_image_pooling"] == "spam"
+    # --classifier-epochs 0 resolves to the mode's default and is hashed as that number: the crop classifier keeps
+    # its directory, the image-level networks (a longer default) get new ones
+    from tasks.defaults import TUNED
+
+    crops = tasks.TrainClassifier()
+    assert crops.epochs == TUNED.classifier_epochs and crops.significant_params()["classifier_epochs"] == "3"
+    assert tasks.TrainClassifier(classifier_epochs=3).stage_dir == crops.stage_dir
+    image = tasks.TrainClassifier(**image_level)
+    assert image.epochs == TUNED.classifier_image_epochs > TUNED.classifier_epochs
+    assert image.train_config().epochs == image.epochs
+    assert tasks.TrainClassifier(**image_level, classifier_epochs=3).stage_dir != image.stage_dir
+    assert tasks.TrainClassifier(**image_level, classifier_epochs=image.epochs).stage_dir == image.stage_dir
 
 
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
