@@ -288,13 +288,22 @@ def pseudo_labels(outputs: str | os.PathLike) -> "pd.DataFrame":  # noqa: F821
 
 # -- kill and resume ------------------------------------------------------------------------------------
 def kill_in_stage(cmd: list[str], env: dict, outputs: Path, stage: str, delay: float, timeout: float = 120,
-                  poll: float = 0.01) -> dict:
+                  poll: float = 0.01, later: Sequence[str] = ()) -> dict:
     """Start ``cmd``; when a new ``<stage>/`` entry appears (its ``<hash>.partial`` work directory, or already
     its published ``<hash>`` when the stage was faster than the poll), wait ``delay`` seconds and SIGKILL the
-    process group. Returns ``{"killed": bool (the process died of the signal), "in_stage": bool (the stage's
+    process group; sooner if one of the ``later`` stages (those the job runs after ``stage``) gets a new entry
+    during the wait, so that a delay longer than this run's stage (the durations come from another run) never
+    lets the job run on past the next stage's start, whose own kill would then find it already published.
+    Returns ``{"killed": bool (the process died of the signal), "in_stage": bool (the stage's
     work directory still existed at the kill), "rc": exit code, "log": output}``."""
     log = tempfile.TemporaryFile("w+")
+
+    def entries(name: str) -> set[Path]:
+        d = outputs / name
+        return {w for w in d.iterdir() if w.suffix != ".lock"} if d.is_dir() else set()
+
     before = set((outputs / stage).iterdir()) if (outputs / stage).is_dir() else set()
+    later_before = {name: entries(name) for name in later}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     res = {"killed": False, "in_stage": False}
     deadline = time.monotonic() + timeout
@@ -305,7 +314,11 @@ def kill_in_stage(cmd: list[str], env: dict, outputs: Path, stage: str, delay: f
             new = set((outputs / stage).iterdir()) - before if (outputs / stage).is_dir() else set()
             new = {w for w in new if w.suffix != ".lock"}  # the stage's lock (tasks.base.stage_lock) comes first
             if new:
-                time.sleep(delay)
+                until = time.monotonic() + delay
+                while time.monotonic() < until and proc.poll() is None:
+                    if any(entries(name) - later_before[name] for name in later):
+                        break
+                    time.sleep(min(poll, max(until - time.monotonic(), 0.0)))
                 res["in_stage"] = any(w.name.endswith(".partial") and w.exists() for w in new)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -388,9 +401,9 @@ def kill_each_stage(outputs: Path, data_root: Path, rng, stages: Sequence[str] =
     cmd = luigi_cmd("PseudoLabels", tiny_args(data_root))
     env = pipeline_env(outputs)
     records, first_seen = [], {}
-    for stage in stages:
+    for i, stage in enumerate(stages):
         delay = rng.uniform(0.0, 0.9 * max(durations.get(stage, 0.05), 0.01))
-        res = kill_in_stage(cmd, env, outputs, stage, delay, timeout=timeout)
+        res = kill_in_stage(cmd, env, outputs, stage, delay, timeout=timeout, later=stages[i + 1:])
         if not res["killed"] and res["rc"] != 0:
             raise RuntimeError(f"run before the kill in {stage} failed ({res['rc']}):\n{res['log'][-3000:]}")
         now = published(outputs)

@@ -230,6 +230,7 @@ def test_stage_rows_and_table(tmp_path):
     assert lines[2].split("|")[3].strip() == "68"
 
 
+@pytest.mark.slow  # runs a tiny luigi chain per start method
 @pytest.mark.parametrize("how", ["subprocess", "forkserver"])
 def test_params_json_records_each_stage_cpu_time(outputs, how):
     """A stage's params.json holds its CPU time, its descendants' included: a stage that busy-loops 0.6 s in a
