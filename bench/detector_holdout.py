@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N trainval images only (0: all 750)")
     ap.add_argument("--epochs", type=int, default=10, help="detector epochs (lr drop at 80%%)")
     ap.add_argument("--det-max-iters", type=int, default=None, help="cap on iterations per epoch (slice checks)")
+    ap.add_argument("--lr", type=float, default=None, help="detector learning rate (default: the cpu preset's)")
+    ap.add_argument("--freeze-through", default=None,
+                    help="trunk layers frozen up to and including this one (default: the backbone's, stage1)")
     ap.add_argument("--classifier-epochs", type=int, default=None, help="(default: the pipeline's)")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--skip", default="", help="ARCH/SOURCE pairs not to run, e.g. fast_rcnn/gt (its ratio is then "
@@ -93,6 +96,10 @@ def main(argv=None) -> int:
         common["det_max_iters"] = args.det_max_iters
     if args.classifier_epochs:
         common["classifier_epochs"] = args.classifier_epochs
+    if args.lr:
+        common["det_lr"] = args.lr
+    if args.freeze_through:
+        common["det_freeze_through"] = args.freeze_through
     archs = [a for a in args.archs.split(",") if a]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     rows, curves = [], {}

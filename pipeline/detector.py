@@ -101,6 +101,7 @@ class DetectorConfig:
     weights: str = "imagenet"          # "imagenet", a state-dict path, or "random" (tests / timing only)
     trunk_layer: str = ""              # "" = the backbone's default (BACKBONE_DEFAULTS)
     trunk_stride: int = 0              # 0 = default; efficientnet_lite0 can dilate its last stages to 16
+    freeze_through: str = ""           # trunk layers frozen up to and including this one; "" = the backbone's default
     pooler: str = "auto"               # auto: roi_pool for vgg16 (paper), roi_align otherwise
     pool_size: int = 7
     reduce_channels: int = -1          # 1x1 conv + ReLU before RoI pooling to this many channels; 0 none, -1 default
@@ -160,6 +161,7 @@ class DetectorConfig:
         if self.images_per_batch < 1 or self.rois_per_image < 1 or self.epochs < 1:
             raise ValueError("images_per_batch, rois_per_image and epochs must be positive")
         return replace(self, trunk_layer=self.trunk_layer or d["trunk_layer"],
+                       freeze_through=self.freeze_through or d["freeze_through"],
                        trunk_stride=self.trunk_stride or d["trunk_stride"], pooler=pooler,
                        reduce_channels=d["reduce_channels"] if self.reduce_channels < 0 else self.reduce_channels,
                        lr_steps=tuple(int(s) for s in self.lr_steps))
@@ -168,9 +170,14 @@ class DetectorConfig:
     TUPLE_FIELDS = ("lr_steps", "rpn_anchor_sizes", "rpn_aspect_ratios")
 
     def to_dict(self) -> dict:
+        """The fields as a dict (checkpoint ``args``); ``freeze_through`` only when it is not the backbone's default,
+        so that the args of a default config are those of checkpoints written before the field existed (a run
+        interrupted then still resumes)."""
         out = asdict(self)
         for k in self.TUPLE_FIELDS:
             out[k] = list(out[k])
+        if out["freeze_through"] in ("", BACKBONE_DEFAULTS.get(self.backbone, {}).get("freeze_through")):
+            del out["freeze_through"]
         return out
 
     @classmethod
@@ -181,6 +188,8 @@ class DetectorConfig:
         for k in cls.TUPLE_FIELDS:
             if k in kw:
                 kw[k] = tuple(kw[k])
+        if "freeze_through" not in kw and kw.get("backbone", cls.backbone) in BACKBONE_DEFAULTS:  # (see to_dict)
+            kw["freeze_through"] = BACKBONE_DEFAULTS[kw.get("backbone", cls.backbone)]["freeze_through"]
         return cls(**kw)
 
 
@@ -403,7 +412,7 @@ def build_detector(classes: Sequence[str], config: DetectorConfig | None = None)
                 raise ValueError(f"{cfg.backbone} layer {cfg.trunk_layer} has stride {stride}; cannot raise it to "
                                  f"{cfg.trunk_stride}")
             stride = dilate_to_stride(body, stride, cfg.trunk_stride)
-        _freeze_through(body, d["freeze_through"])
+        _freeze_through(body, cfg.freeze_through)
         freeze_batchnorm(body, stats=False, affine=True)  # (statistics: FastRCNN.train)
         if cfg.reduce_channels:
             if cfg.backbone == "vgg16":

@@ -80,13 +80,18 @@ class TrainFastRCNN(TrainingSeed, StageTask):
                                                                                 "(split over --det-nproc processes)")
     det_bg_iou_lo = luigi.OptionalFloatParameter(default=None, description="lower IoU bound of background RoIs")
     det_pooler = luigi.OptionalStrParameter(default=None, description="roi_pool | roi_align")
+    det_freeze_through = luigi.OptionalStrParameter(default=None,
+                                                    description="trunk layers frozen up to and including this one "
+                                                                "(efficientnet: stem, stage0..stage6; vgg16: conv1_1.."
+                                                                "pool4); default: the backbone's (stage1 / pool2)")
     det_max_iters = luigi.OptionalIntParameter(default=None, description="cap on iterations per epoch (smoke runs)")
     det_workers = luigi.IntParameter(default=0, significant=False, description="DataLoader workers")
     det_nproc = luigi.IntParameter(default=1, significant=False,
                                    description="training processes (torch DDP via torchrun, one GPU each); 1: train "
                                                "in the luigi worker")
     device = luigi.Parameter(default="auto", significant=False, description="auto | cpu | cuda")
-    unhashed_values = {"det_arch": "fast_rcnn"}  # the detector before --det-arch existed
+    unhashed_values = {"det_arch": "fast_rcnn",  # the detector before --det-arch existed
+                       "det_freeze_through": ""}  # ... and before --det-freeze-through
 
     @property
     def resources(self) -> dict:
@@ -120,6 +125,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
         over = {"backbone": self.det_backbone, "weights": self.det_weights, "epochs": epochs,
                 "lr": self.det_lr, "min_size": self.det_image_min_px, "max_size": self.det_image_max_px,
                 "max_proposals": self.det_max_proposals, "bg_iou_lo": self.det_bg_iou_lo, "pooler": self.det_pooler,
+                "freeze_through": self.det_freeze_through,
                 "images_per_batch": self.det_images_per_batch,
                 "lr_steps": tuple(int(s) for s in self.det_lr_steps) if self.det_lr_steps is not None else None}
         if self.det_arch == "faster_rcnn" and self.det_bg_iou_lo is None:

@@ -124,6 +124,28 @@ def test_config_resolution_and_errors():
         DetectorConfig(backbone="resnet").resolved()
 
 
+def test_freeze_through_freezes_the_trunk_up_to_that_layer_and_round_trips():
+    """``freeze_through`` (``--det-freeze-through``): trunk layers up to and including it have no gradient, later
+    ones do; the backbone's default is left out of the checkpoint args (those of checkpoints written before the
+    field existed), and args without it read back as the default."""
+    def trainable(model, layer):
+        # (conv weights: BatchNorm's affine parameters are frozen everywhere)
+        return {p.requires_grad for p in model.backbone.body._modules[layer].parameters() if p.ndim > 1}
+
+    default = build_detector(CLASSES, preset("cpu", weights="random"))
+    assert default.config.freeze_through == "stage1"
+    assert trainable(default, "stage1") == {False} and trainable(default, "stage2") == {True}
+    late = build_detector(CLASSES, preset("cpu", weights="random", freeze_through="stage5"))
+    assert trainable(late, "stage5") == {False} and trainable(late, "stage6") == {True}
+    assert trainable(late, "reduce") == {True}
+    assert "freeze_through" not in default.config.to_dict()
+    assert late.config.to_dict()["freeze_through"] == "stage5"
+    for cfg in (default.config, late.config):
+        assert DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="cannot freeze through 'conv9'"):
+        build_detector(CLASSES, preset("cpu", weights="random", freeze_through="conv9"))
+
+
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2"])
 def test_efficientnet_trunk_is_dilated_to_stride_16(backbone):
     model = build_detector(CLASSES, small_cfg(backbone=backbone))
