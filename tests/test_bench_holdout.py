@@ -44,3 +44,9 @@ def test_one_architecture_alone_checks_only_its_ratio():
     df = _rows(0, 0, 0, 30.0, 0.95, 2.0).iloc[[1]]
     assert dh.missed_targets(df) == []
     assert "0.700 < 0.85" in dh.missed_targets(df.assign(ratio=0.7))[0]
+
+
+def test_a_gt_detector_alone_is_reported_not_a_crash():
+    gt_only = pd.DataFrame([{"arch": "faster_rcnn", "boxes": "gt", "mAP": 27.9, "ratio": float("nan"),
+                             "img_s_with_proposals": 5.0}])
+    assert dh.missed_targets(gt_only) == ["pseudo/GT mAP ratio not measured: no pseudo-box detector"]
