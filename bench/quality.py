@@ -216,7 +216,12 @@ def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]
     """The re-localisation rounds on the default one-click boxes (and with ``--relocalize-two-clicks`` on the
     two-click area-score boxes): the table and the issue #25 verdict lines."""
     det = {"det_preset": "cpu", **{k: v for k, v in (("relocalize_det_epochs", args.relocalize_det_epochs),
-                                                     ("det_max_iters", args.det_max_iters)) if v is not None}}
+                                                     ("det_max_iters", args.det_max_iters),
+                                                     ("det_arch", args.relocalize_det_arch),
+                                                     ("det_lr", args.relocalize_det_lr),
+                                                     ("det_freeze_through", args.relocalize_det_freeze_through))
+                                   if v is not None}}
+    arch = {"det_arch": det["det_arch"]} if "det_arch" in det else {}
     inputs = {"SA-CAM + clicks (default)": dict(cam_method="sacam")}
     if args.relocalize_two_clicks:
         inputs["SA-CAM + two clicks + area score"] = dict(cam_method="sacam", box_area_prior="on",
@@ -228,7 +233,8 @@ def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]
         these = relocalize_rows(name, last)
         rows += these
         if args.relocalize_control:  # the choice rule alone: detectors of one iteration, every detection a candidate
-            control = RelocalizeBoxes(**common, **kw, det_preset="cpu", relocalize_det_epochs=1, det_max_iters=1,
+            control = RelocalizeBoxes(**common, **kw, **arch, det_preset="cpu", relocalize_det_epochs=1,
+                                      det_max_iters=1,
                                       relocalize_min_score=0.0, relocalize_round=1)
             timed(f"re-localisation control of {name}", [control])
             row = relocalize_rows(name, control)[1]
@@ -318,9 +324,17 @@ def main(argv=None) -> int:
     ap.add_argument("--relocalize-det-epochs", type=int,
                     help="epochs of each fold's detector (default: the pipeline's --relocalize-det-epochs)")
     ap.add_argument("--det-max-iters", type=int, help="cap on the fold detectors' iterations per epoch (smoke runs)")
+    ap.add_argument("--relocalize-det-arch", choices=["fast_rcnn", "faster_rcnn"],
+                    help="the fold detectors' architecture (default: the pipeline's)")
+    ap.add_argument("--relocalize-det-lr", type=float, help="the fold detectors' learning rate (default: the preset's)")
+    ap.add_argument("--relocalize-det-freeze-through",
+                    help="the fold detectors' frozen trunk layers (default: the backbone's; e.g. stage5)")
     ap.add_argument("--relocalize-control", action="store_true",
                     help="also round 1 with detectors of one iteration and --relocalize-min-score 0: what the choice "
                          "rule (box-center score over the regressed proposals) gives without a trained detector")
+    ap.add_argument("--eval-holdout", type=int, default=0,
+                    help="leave this many trainval images out (their clicks dropped; the split of "
+                         "bench/detector_holdout.py): every row is then computed on the others")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="processes for selective search")
     ap.add_argument("--out", default="outputs/bench/quality")
@@ -336,7 +350,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     root, clicks = subset_root(args.limit) if args.limit else (SAMPLE / "VOC2007", SAMPLE / "clicks_trainval.csv")
     data = dict(voc_root=str(root), clicks=str(clicks), annotator=1,
-                ss_workers=args.workers)
+                ss_workers=args.workers, **({"eval_holdout": args.eval_holdout} if args.eval_holdout else {}))
     overrides = {"classifier_epochs": args.epochs, "classifier_max_crops_per_class": args.max_crops_per_class,
                  "classifier_input_px": args.input_size}
     common = dict(data, device=args.device, classifier_backbone=args.backbone,
