@@ -10,8 +10,9 @@ dropped, so neither the pseudo boxes nor any detector sees them).
 Per detector: mAP (11-point, VOC2007, and all-point) on the held-out images, the test images/s (for fast_rcnn also
 with the selective search of each image included, timed here on the first ``--ss-timing-images`` held-out images;
 faster_rcnn needs none), the training curve (loss per epoch) and, for the ground-truth detectors, the mAP on their own
-training images (``--eval-train-map``: an underfit check). Schedule: the cpu preset (efficientnet_lite0, 384 px)
-with ``--epochs`` epochs, the lr drop at 80% of them. Each detector's luigi stages run in their own process;
+training images (``--eval-train-map``: an underfit check). Schedule: the cpu preset (efficientnet_lite0, 384 px,
+lr 4e-3 unless ``--lr``) with ``--epochs`` epochs, the lr drop at 80% of them, the trunk frozen through
+``--freeze-through`` (default stage5, so that 10 epochs of 500 images take about 30-35 minutes on one core). Each detector's luigi stages run in their own process;
 outputs/ caches them (the pseudo boxes' chain is shared by both architectures).
 
 Exits non-zero when the better architecture's pseudo/GT mAP ratio is below ``RATIO_TARGET``, when faster_rcnn's
@@ -77,8 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10, help="detector epochs (lr drop at 80%%)")
     ap.add_argument("--det-max-iters", type=int, default=None, help="cap on iterations per epoch (slice checks)")
     ap.add_argument("--lr", type=float, default=None, help="detector learning rate (default: the cpu preset's)")
-    ap.add_argument("--freeze-through", default=None,
-                    help="trunk layers frozen up to and including this one (default: the backbone's, stage1)")
+    ap.add_argument("--freeze-through", default="stage5",
+                    help="trunk layers frozen up to and including this one ('' = the backbone's default, stage1; "
+                         "stage5 makes an iteration about 2x cheaper on CPU: docs/results.md)")
     ap.add_argument("--classifier-epochs", type=int, default=None, help="(default: the pipeline's)")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--skip", default="", help="ARCH/SOURCE pairs not to run, e.g. fast_rcnn/gt (its ratio is then "
