@@ -12,8 +12,9 @@ with the selective search of each image included, timed here on the first ``--ss
 faster_rcnn needs none), the training curve (loss per epoch) and, for the ground-truth detectors, the mAP on their own
 training images (``--eval-train-map``: an underfit check). Schedule: the cpu preset (efficientnet_lite0, 384 px,
 lr 4e-3 unless ``--lr``) with ``--epochs`` epochs, the lr drop at 80% of them, the trunk frozen through
-``--freeze-through`` (default stage5, so that 10 epochs of 500 images take about 30-35 minutes on one core). Each detector's luigi stages run in their own process;
-outputs/ caches them (the pseudo boxes' chain is shared by both architectures).
+``--freeze-through`` (default stage5, so that 10 epochs of 500 images take about 30-35 minutes on one core). Each
+detector's luigi stages run in their own process; outputs/ caches them (the pseudo boxes' chain is shared by both
+architectures).
 
 Exits non-zero when the better architecture's pseudo/GT mAP ratio is below ``RATIO_TARGET``, when faster_rcnn's
 test images/s is below ``SPEED_TARGET`` x fast_rcnn's with its proposals, or when faster_rcnn's pseudo-box mAP is
