@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="fast_rcnn", choices=["fast_rcnn", "faster_rcnn"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--backbone", default=None, help="override the preset's backbone")
+    ap.add_argument("--freeze-through", default=None,
+                    help="trunk layers frozen up to and including this one (default: the backbone's)")
     ap.add_argument("--weights", default="imagenet")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--iters", type=int, default=10, help="training iterations timed (2 images each)")
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
         proposals = None
     if args.backbone:
         over["backbone"] = args.backbone
+    if args.freeze_through:
+        over["freeze_through"] = args.freeze_through
     cfg = preset(args.preset, **over)
     model = build_detector(classes, cfg)
     ds = DetectionDataset(images, proposals, classes, objects, flip=True, seed=0)
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
                           top_per_class=True)
     cfg = model.config
     with_props = stats["fps"] if proposals is None else 1.0 / (ss_per_image + 1.0 / stats["fps"])
-    result = {"arch": cfg.arch, "backbone": cfg.backbone, "preset": args.preset, "min_size": cfg.min_size, "max_size": cfg.max_size,
+    result = {"arch": cfg.arch, "backbone": cfg.backbone, "freeze_through": cfg.freeze_through, "preset": args.preset,
+              "min_size": cfg.min_size, "max_size": cfg.max_size,
               "device": str(device), "threads": args.threads, "images": len(images),
               "proposals_per_image": n_props if proposals is not None else cfg.rpn_post_nms_test,
               "selective_search_s_per_image": ss_per_image if proposals is not None else 0.0,

@@ -64,7 +64,8 @@ from pipeline.baselines import median_size_boxes  # noqa: E402
 from pipeline.boxes import rank1_proposals  # noqa: E402
 from pipeline.io import read_json, write_csv, write_text  # noqa: E402
 from pipeline.export import read_pseudo_labels, with_object_index  # noqa: E402
-from pipeline.metrics import SIZE_BINS, box_accuracy_by_size, pseudo_box_metrics  # noqa: E402
+from pipeline.metrics import (IOU_THRESHOLD, SIZE_BINS, box_accuracy_by_size, match_boxes,  # noqa: E402
+                              pseudo_box_metrics)
 from tasks import MILBoxes, PrepareDataset, SelectProposals  # noqa: E402
 from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes  # noqa: E402
 from tasks.pseudo import FusePseudoBoxes  # noqa: E402
@@ -192,21 +193,37 @@ def bcct_only(common: dict, timed, out: Path) -> int:
     write_text(out / "quality_bcct.md", md + "\n")
     print(md)
     return 0
+def replaced_correct(before: pd.DataFrame, after: pd.DataFrame, objects: pd.DataFrame) -> tuple[float, float]:
+    """Of the boxes a re-localisation round replaced (``after``'s rows with ``relocalized``), the % correct (IoU >=
+    0.5 with a ground truth of the class) in its input ``before`` (matched by ``click_id``) and after it: what the
+    detectors did where they were trusted. NaN when it replaced none."""
+    after = after[after["relocalized"].astype(bool)]
+    if after.empty:
+        return float("nan"), float("nan")
+    before = before.set_index("click_id").loc[after["click_id"]].reset_index()
+    return tuple(100 * float((match_boxes(b, objects)["iou"] >= IOU_THRESHOLD).mean()) for b in (before, after))
+
+
 def relocalize_rows(name: str, last: RelocalizeBoxes) -> list[dict]:
     """One row per round of ``last``'s chain (round 0: its input boxes): the metrics, the counts of
-    relocalize.json and the round's wall and CPU seconds (its fold detectors' and its own, from params.json: the
-    run that computed them)."""
+    relocalize.json, the % of the re-localised boxes correct before and after (:func:`replaced_correct`) and the
+    round's wall and CPU seconds (its fold detectors' and its own, from params.json: the run that computed them)."""
     chain = [last]
     while chain[0].relocalize_round > 1:
         chain.insert(0, chain[0].requires()["input"])
     rows = [{"input": name, "round": 0, **metrics_of(chain[0].requires()["input"]),
-             **dict.fromkeys(("relocalized", "kept", "moved", "cpu_s", "wall_s"), "-")}]
+             **dict.fromkeys(("relocalized", "kept", "moved", "replaced_ok_before", "replaced_ok_after", "cpu_s",
+                              "wall_s"), "-")}]
     for task in chain:
         stages = [task, *task.detectors().values()]
         meta = [read_json(Path(t.output().path) / "params.json") for t in stages]
         rep = read_json(Path(task.output().path) / "relocalize.json")
+        ok_before, ok_after = replaced_correct(
+            read_pseudo_labels(Path(task.requires()["input"].output().path) / "pseudo_labels.csv"),
+            read_pseudo_labels(Path(task.output().path) / "pseudo_labels.csv"), task.manifest().objects)
         rows.append({"input": name, "round": task.relocalize_round, **metrics_of(task),
                      "relocalized": rep["relocalized"], "kept": rep["kept"], "moved": rep["moved"],
+                     "replaced_ok_before": round(ok_before, 1), "replaced_ok_after": round(ok_after, 1),
                      "cpu_s": sum(m.get("cpu_seconds") or float("nan") for m in meta),
                      "wall_s": sum(m.get("seconds") or float("nan") for m in meta)})
     return rows

@@ -188,8 +188,8 @@ class DetectorConfig:
         for k in cls.TUPLE_FIELDS:
             if k in kw:
                 kw[k] = tuple(kw[k])
-        if "freeze_through" not in kw and kw.get("backbone", cls.backbone) in BACKBONE_DEFAULTS:  # (see to_dict)
-            kw["freeze_through"] = BACKBONE_DEFAULTS[kw.get("backbone", cls.backbone)]["freeze_through"]
+        backbone = BACKBONE_DEFAULTS.get(kw.get("backbone", cls.backbone), {})
+        kw.setdefault("freeze_through", backbone.get("freeze_through", ""))  # absent = the default (to_dict)
         return cls(**kw)
 
 

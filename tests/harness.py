@@ -302,7 +302,7 @@ def kill_in_stage(cmd: list[str], env: dict, outputs: Path, stage: str, delay: f
         d = outputs / name
         return {w for w in d.iterdir() if w.suffix != ".lock"} if d.is_dir() else set()
 
-    before = set((outputs / stage).iterdir()) if (outputs / stage).is_dir() else set()
+    before = entries(stage)  # the stage's lock (tasks.base.stage_lock) comes first: not an entry
     later_before = {name: entries(name) for name in later}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     res = {"killed": False, "in_stage": False}
@@ -311,8 +311,7 @@ def kill_in_stage(cmd: list[str], env: dict, outputs: Path, stage: str, delay: f
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(cmd[:6])}... did not reach {stage} within {timeout} s")
-            new = set((outputs / stage).iterdir()) - before if (outputs / stage).is_dir() else set()
-            new = {w for w in new if w.suffix != ".lock"}  # the stage's lock (tasks.base.stage_lock) comes first
+            new = entries(stage) - before
             if new:
                 until = time.monotonic() + delay
                 while time.monotonic() < until and proc.poll() is None:
