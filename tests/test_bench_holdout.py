@@ -1,9 +1,11 @@
 """bench/detector_holdout.py's targets (issue #26) on hand-made result rows: the ratio of the better architecture,
-faster_rcnn's speed-up over fast_rcnn with its proposals, the mAP gap, and a row left out with --skip."""
+faster_rcnn's speed-up over fast_rcnn with its proposals, the mAP gap, and a row left out with --skip; and the
+oracle-fixed training boxes of ``--sources pseudo_fixed`` on hand-made boxes."""
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -50,3 +52,29 @@ def test_a_gt_detector_alone_is_reported_not_a_crash():
     gt_only = pd.DataFrame([{"arch": "faster_rcnn", "boxes": "gt", "mAP": 27.9, "ratio": float("nan"),
                              "img_s_with_proposals": 5.0}])
     assert dh.missed_targets(gt_only) == ["pseudo/GT mAP ratio not measured: no pseudo-box detector"]
+
+
+def test_oracle_fixed_boxes_replace_only_the_wrong_ones_by_their_clicked_object():
+    objects = pd.DataFrame({"image_id": ["a", "a", "b"], "object_index": [0, 1, 0], "class": ["dog", "dog", "cat"],
+                            "x1": [0.0, 50.0, 10.0], "y1": [0.0, 50.0, 10.0], "x2": [40.0, 90.0, 30.0],
+                            "y2": [40.0, 90.0, 30.0]})
+    clicks = pd.DataFrame({"click_id": [0, 1, 2], "object_index": [0, 1, 0]})
+    boxes = pd.DataFrame({"image_id": ["a", "a", "b"], "class": ["dog", "dog", "cat"], "click_id": [0, 1, 2],
+                          # IoU with the clicked object: 0.81 (kept); 0 (it boxes object 0: replaced by object 1's);
+                          # 100 / 400 = 0.25 (replaced)
+                          "x1": [0.0, 0.0, 10.0], "y1": [0.0, 0.0, 10.0], "x2": [36.0, 40.0, 20.0],
+                          "y2": [36.0, 40.0, 20.0], "score": [1.0, 1.0, 1.0]})
+    out = dh.oracle_fixed_boxes(boxes, clicks, objects)
+    assert out.fixed.tolist() == [False, True, True]
+    assert out.loc[0, dh.BOX].tolist() == [0.0, 0.0, 36.0, 36.0]
+    assert out.loc[1, dh.BOX].tolist() == [50.0, 50.0, 90.0, 90.0]
+    assert out.loc[2, dh.BOX].tolist() == [10.0, 10.0, 30.0, 30.0]
+
+
+def test_oracle_fixed_boxes_need_each_box_clicked_object():
+    objects = pd.DataFrame({"image_id": ["a"], "object_index": [0], "class": ["dog"], "x1": [0.0], "y1": [0.0],
+                            "x2": [9.0], "y2": [9.0]})
+    boxes = pd.DataFrame({"image_id": ["a"], "class": ["dog"], "click_id": [7], "x1": [0.0], "y1": [0.0],
+                          "x2": [9.0], "y2": [9.0]})
+    with pytest.raises(ValueError, match="1 pseudo boxes have no clicked object"):
+        dh.oracle_fixed_boxes(boxes, pd.DataFrame({"click_id": [0], "object_index": [0]}), objects)
