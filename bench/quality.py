@@ -15,6 +15,8 @@ box-CorLoc by the clicked object's size (small / medium / large, ``pipeline.metr
     .venv/bin/python bench/quality.py --extended       # + fusion, exclusion and ensemble rows (longer still)
     .venv/bin/python bench/quality.py --limit 100      # a quick look on the first 100 trainval images
     .venv/bin/python bench/quality.py --bcct-only      # only the default SA-CAM and seed 002's rows, by size
+    .venv/bin/python bench/quality.py --bcct-only --bcct-no-ct --bc-mask-sheet 24
+                                                       # ... without the CT row, + what the BC masks look like
     .venv/bin/python bench/quality.py --relocalize     # + re-localisation rounds 1 and 2 (detectors per fold)
     .venv/bin/python bench/quality.py --relocalize-only --limit 40 --relocalize-det-epochs 1 --det-max-iters 2
                                                        # a smoke run of the re-localisation rows alone
@@ -169,27 +171,53 @@ def by_size(tasks: dict, manifest) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bcct_tasks(common: dict) -> dict:
-    """Seed 002's rows (tasks/bcct.py): the default SA-CAM, the BC mask at inference (--box-bc-mask on) and the
-    CT-trained classifier (--classifier-ct-weight 1)."""
-    return {"SA-CAM + clicks (default)": FusePseudoBoxes(**common, cam_method="sacam"),
-            "SA-CAM + BC mask at inference (--box-bc-mask on)": FusePseudoBoxes(**common, cam_method="sacam",
-                                                                                box_bc_mask="on"),
-            "SA-CAM, CT-trained classifier (--classifier-ct-weight 1)": FusePseudoBoxes(
-                **common, cam_method="sacam", classifier_ct_weight=1.0)}
+BC_DEFAULT, BC_MASK = "SA-CAM + clicks (default)", "SA-CAM + BC mask at inference (--box-bc-mask on)"
 
 
-def bcct_only(common: dict, timed, out: Path) -> int:
-    """``--bcct-only``: seed 002's rows and their by-size table, nothing else (no docs/results.md rewrite)."""
-    tasks = bcct_tasks(common)
+def bcct_tasks(common: dict, ct: bool = True) -> dict:
+    """Seed 002's rows (tasks/bcct.py): the default SA-CAM, the BC mask at inference (--box-bc-mask on) and (with
+    ``ct``) the CT-trained classifier (--classifier-ct-weight 1)."""
+    tasks = {BC_DEFAULT: FusePseudoBoxes(**common, cam_method="sacam"),
+             BC_MASK: FusePseudoBoxes(**common, cam_method="sacam", box_bc_mask="on")}
+    if ct:
+        tasks["SA-CAM, CT-trained classifier (--classifier-ct-weight 1)"] = FusePseudoBoxes(
+            **common, cam_method="sacam", classifier_ct_weight=1.0)
+    return tasks
+
+
+def bc_mask_report(tasks: dict, out: Path, n: int) -> str:
+    """``--bc-mask-sheet N``: bench/bc_masks.py's per-click table, its summary by size and the contact sheet of
+    ``n`` large-object clicks, written to ``out``; returns the summary as markdown."""
+    import bc_masks
+
+    masked = tasks[BC_MASK]
+    manifest = masked.manifest()
+    args = dict(partition=masked.box_partition, delta=float(masked.box_bc_delta), sigma=float(masked.box_bc_sigma))
+    bc_dir = Path(masked.input_dir("bc"))
+    table = bc_masks.click_table(Path(tasks[BC_DEFAULT].output().path), Path(masked.output().path), bc_dir,
+                                 manifest, **args)
+    write_csv(table, out / "bc_masks.csv")
+    summ = bc_masks.summary(table)
+    write_csv(summ, out / "bc_masks_summary.csv")
+    large = table[table.size_bin == "large"]
+    sheet = bc_masks.sheet(large if len(large) else table, bc_dir, manifest, out / "bc_masks.png", n=n, **args)
+    return "\n\n".join([f"BC masks against the clicked objects ({len(table)} clicks; bench/bc_masks.py; contact "
+                         f"sheet of {n} large-object clicks: {sheet}):", markdown(summ.round(3))])
+
+
+def bcct_only(common: dict, timed, out: Path, ct: bool = True, sheet: int = 0) -> int:
+    """``--bcct-only``: seed 002's rows and their by-size table, nothing else (no docs/results.md rewrite); with
+    ``sheet`` the BC masks' report (:func:`bc_mask_report`)."""
+    tasks = bcct_tasks(common, ct)
     timed("BC-CT: background set, BC model and maps, CT classifier and CAMs", list(tasks.values()))
     manifest = next(iter(tasks.values())).manifest()
     table = pd.DataFrame([{"method": k, **metrics_of(t)} for k, t in tasks.items()])
     sizes = by_size(tasks, manifest)
     write_csv(table, out / "quality_bcct.csv")
     write_csv(sizes, out / "quality_bcct_by_size.csv")
-    md = "\n\n".join([markdown(table), f"Box-CorLoc by the clicked object's size (side relative to the image's, "
-                       f"edges {SIZE_BINS}):", markdown(sizes)])
+    parts = [markdown(table), f"Box-CorLoc by the clicked object's size (side relative to the image's, edges "
+             f"{SIZE_BINS}):", markdown(sizes)]
+    md = "\n\n".join(parts + ([bc_mask_report(tasks, out, sheet)] if sheet else []))
     write_text(out / "quality_bcct.md", md + "\n")
     print(md)
     return 0
@@ -330,6 +358,12 @@ def main(argv=None) -> int:
                     help="also seed 002's rows (BC mask at inference, CT-trained classifier) and the by-size table")
     ap.add_argument("--bcct-only", action="store_true",
                     help="only the default SA-CAM and seed 002's rows with their by-size table")
+    ap.add_argument("--bcct-no-ct", action="store_true",
+                    help="leave the CT-trained classifier's row out (it trains a classifier and CAMs anew)")
+    ap.add_argument("--bc-mask-sheet", type=int, default=0, metavar="N",
+                    help="with --bcct-only: also the BC masks' geometry per click against the clicked object "
+                         "(bc_masks.csv, bc_masks_summary.csv) and a contact sheet of N large-object clicks "
+                         "(bc_masks.png; bench/bc_masks.py)")
     ap.add_argument("--relocalize", action="store_true",
                     help="also the re-localisation rounds (tasks/relocalize.py) on the default one-click boxes")
     ap.add_argument("--relocalize-only", action="store_true",
@@ -383,7 +417,7 @@ def main(argv=None) -> int:
 
     timed("proposals + selection", [SelectProposals(**data)])
     if args.bcct_only:
-        return bcct_only(common, timed, REPO / args.out)
+        return bcct_only(common, timed, REPO / args.out, ct=not args.bcct_no_ct, sheet=args.bc_mask_sheet)
     sacam = FusePseudoBoxes(**common, cam_method="sacam")
     timed("classifier + SA-CAM", [sacam])
     if args.relocalize_only:

@@ -1,0 +1,164 @@
+"""What seed 002's BC masks look like against the objects they should enlarge (issue #27): per click, the mask
+component that ``--box-bc-mask on`` spreads the CAM over (:func:`pipeline.bcct.bc_mask` of the click's BC map, in its
+Voronoi cell, exactly as stage 5 does), its size against the clicked object's ground-truth box, how much of it lies
+inside the default pseudo box already, and a contact sheet of a seeded sample of large-object clicks.
+
+Called by ``bench/quality.py --bcct-only --bc-mask-sheet N`` (the stages are those of its BC-CT rows), which writes
+``bc_masks.csv`` (one row per click), ``bc_masks_summary.csv`` (medians by object size) and ``bc_masks.png`` to its
+``--out`` folder. Sheet: the image with the ground-truth box (blue), the default pseudo box (red, wide: it shows as
+a red rim where the masked box is the same), the box with the mask (yellow), the mask component (green, filled) and
+the click (white); under each, the two boxes' IoU with the clicked object and the mask's area in % of its box.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.bcct import bc_mask
+from pipeline.boxes import voronoi_cell
+from pipeline.cam_store import CamStore
+from pipeline.clicks import other_clicks
+from pipeline.export import read_pseudo_labels, with_object_index
+from pipeline.imageio import read_image
+from pipeline.io import atomic_path
+from pipeline.metrics import SIZE_BINS, SIZE_NAMES, object_sizes
+
+BOX = ["x1", "y1", "x2", "y2"]
+COLOURS = {"gt": (40, 90, 255), "default": (230, 30, 30), "masked": (250, 210, 0), "mask": (0, 200, 60)}
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of two ``(N, 4)`` x1, y1, x2, y2 arrays (continuous coordinates, as pipeline.metrics)."""
+    inter = (np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2])).clip(min=0).prod(1)
+    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def mask_geometry(mask: np.ndarray, gt: np.ndarray, box: np.ndarray) -> dict:
+    """For a boolean ``HxW`` mask: its pixels, its area over the ground-truth box's, the share of it inside the
+    ground-truth box and inside the pseudo ``box`` (x1, y1, x2, y2), and its bounding box."""
+    px = int(mask.sum())
+    if not px:
+        return {"mask_px": 0, "mask_over_gt": 0.0, "mask_in_gt": np.nan, "mask_in_box": np.nan,
+                "mask_box": [np.nan] * 4}
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs + 0.5, ys + 0.5
+
+    def inside(b):
+        return float(((cx >= b[0]) & (cx <= b[2]) & (cy >= b[1]) & (cy <= b[3])).mean())
+
+    gt_area = max(float((gt[2] - gt[0]) * (gt[3] - gt[1])), 1e-12)
+    return {"mask_px": px, "mask_over_gt": px / gt_area, "mask_in_gt": inside(gt), "mask_in_box": inside(box),
+            "mask_box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]}
+
+
+def click_table(default_dir: Path, masked_dir: Path, bc_dir: Path, manifest, partition: str, delta: float,
+                sigma: float) -> pd.DataFrame:
+    """One row per click with a BC map: the clicked object's size, the default and masked boxes' IoU with it and
+    :func:`mask_geometry` of the mask stage 5 used (same delta, sigma and Voronoi cell)."""
+    clicks = manifest.clicks
+    trainval = manifest.split("trainval")
+    sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+    objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))].assign(
+        image_id=lambda o: o.image_id.astype(str))
+    objects = objects.assign(size=object_sizes(objects, sizes).to_numpy()).set_index(["image_id", "object_index"])
+    default = with_object_index(read_pseudo_labels(default_dir / "pseudo_labels.csv"), clicks).set_index("click_id")
+    masked = read_pseudo_labels(masked_dir / "pseudo_labels.csv").set_index("click_id")
+    by_image = {str(k): g for k, g in clicks.groupby(clicks.image_id.astype(str), sort=False)}
+    rows = []
+    with CamStore(bc_dir) as store:
+        for cid, d in default.iterrows():
+            if cid not in store or pd.isna(d.object_index) or cid not in masked.index:
+                continue
+            gmap = store.load(cid)[0]
+            c = clicks.loc[clicks.click_id == cid].iloc[0]
+            others = other_clicks(by_image.get(str(c.image_id)), int(cid), c["class"], partition)
+            cell = voronoi_cell(gmap.shape, float(c.x), float(c.y), others) if others is not None and len(others) \
+                else None
+            mask = bc_mask(gmap, delta, sigma, point=(float(c.x), float(c.y)), region=cell)
+            o = objects.loc[(str(c.image_id), int(d.object_index))]
+            gt = o[BOX].to_numpy(float)
+            box = d[BOX].to_numpy(float)
+            mbox = masked.loc[cid, BOX].to_numpy(float)
+            geo = mask_geometry(mask, gt, box)
+            rows.append({"click_id": int(cid), "image_id": str(c.image_id), "class": c["class"], "x": float(c.x),
+                         "y": float(c.y), "size": float(o["size"]),
+                         "iou_default": float(box_iou(box[None], gt[None])[0]),
+                         "iou_masked": float(box_iou(mbox[None], gt[None])[0]),
+                         **{k: v for k, v in geo.items() if k != "mask_box"},
+                         "mask_box_iou_gt": float(box_iou(np.asarray(geo["mask_box"])[None], gt[None])[0])
+                         if geo["mask_px"] else 0.0,
+                         **{f"gt_{k}": float(v) for k, v in zip(BOX, gt)},
+                         **{f"default_{k}": float(v) for k, v in zip(BOX, box)},
+                         **{f"masked_{k}": float(v) for k, v in zip(BOX, mbox)}})
+    t = pd.DataFrame(rows)
+    if len(t):
+        t["size_bin"] = pd.cut(t["size"], [0.0, *SIZE_BINS, np.inf], right=False, labels=list(SIZE_NAMES))
+    return t
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Medians by object size (and over all clicks), in %: mask area / GT box area, share of the mask inside the
+    GT box and inside the default box, IoU of the mask's bounding box with the GT; and the % of default and masked
+    boxes correct (IoU >= 0.5 with the clicked object)."""
+    def row(name, t):
+        return {"size": name, "clicks": len(t), "median mask px": float(t.mask_px.median()),
+                "median mask / GT box area %": 100 * float(t.mask_over_gt.median()),
+                "median % of mask in GT box": 100 * float(t.mask_in_gt.median()),
+                "median % of mask in default box": 100 * float(t.mask_in_box.median()),
+                "median IoU(mask bbox, GT) %": 100 * float(t.mask_box_iou_gt.median()),
+                "default boxes correct %": 100 * float((t.iou_default >= 0.5).mean()),
+                "masked boxes correct %": 100 * float((t.iou_masked >= 0.5).mean())}
+    rows = [row(str(name), g) for name, g in table.groupby("size_bin", observed=True)]
+    return pd.DataFrame(rows + [row("all", table)])
+
+
+def sheet(table: pd.DataFrame, bc_dir: Path, manifest, path: Path, delta: float, sigma: float, partition: str,
+          n: int = 24, seed: int = 0, tile: int = 240, columns: int = 6) -> Path | None:
+    """The contact sheet of a seeded sample of ``n`` rows of ``table`` (module docstring for the colours)."""
+    if not len(table) or n <= 0:
+        return None
+    take = table.iloc[np.sort(np.random.default_rng([seed, 27]).choice(len(table), min(n, len(table)),
+                                                                       replace=False))]
+    paths = dict(zip(manifest.images.image_id.astype(str), manifest.images.path))
+    clicks = manifest.clicks
+    by_image = {str(k): g for k, g in clicks.groupby(clicks.image_id.astype(str), sort=False)}
+    tiles = []
+    with CamStore(bc_dir) as store:
+        for r in take.itertuples(index=False):
+            img = read_image(paths[r.image_id]).copy()
+            gmap = store.load(r.click_id)[0]
+            others = other_clicks(by_image.get(r.image_id), int(r.click_id), r[2], partition)
+            cell = voronoi_cell(gmap.shape, r.x, r.y, others) if others is not None and len(others) else None
+            mask = bc_mask(gmap, delta, sigma, point=(r.x, r.y), region=cell)
+            img[mask] = (0.45 * img[mask] + 0.55 * np.array(COLOURS["mask"])).astype(np.uint8)
+            for key in ("gt", "default", "masked"):
+                x1, y1, x2, y2 = (int(round(getattr(r, f"{key}_{k}"))) for k in BOX)
+                cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), COLOURS[key], {"gt": 3, "default": 5, "masked": 2}[key])
+            cv2.circle(img, (int(r.x), int(r.y)), 6, (255, 255, 255), -1)
+            cv2.circle(img, (int(r.x), int(r.y)), 6, (0, 0, 0), 1)
+            h, w = img.shape[:2]
+            s = tile / max(h, w)
+            small = cv2.resize(img, (max(1, int(w * s)), max(1, int(h * s))), interpolation=cv2.INTER_AREA)
+            canvas = np.full((tile + 16, tile, 3), 255, np.uint8)
+            canvas[:small.shape[0], :small.shape[1]] = small
+            label = f"{r[2]} IoU {r.iou_default:.2f}->{r.iou_masked:.2f} mask {100 * r.mask_over_gt:.1f}% of GT"
+            cv2.putText(canvas, label,
+                        (2, tile + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
+            tiles.append(canvas)
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    th, tw = tiles[0].shape[:2]
+    out = np.full((rows * (th + 4), cols * (tw + 4), 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        rr, cc = divmod(i, cols)
+        out[rr * (th + 4) + 2:rr * (th + 4) + 2 + th, cc * (tw + 4) + 2:cc * (tw + 4) + 2 + tw] = t
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.tobytes())
+    return path
