@@ -69,6 +69,10 @@ def test_oracle_fixed_boxes_replace_only_the_wrong_ones_by_their_clicked_object(
     assert out.loc[0, dh.BOX].tolist() == [0.0, 0.0, 36.0, 36.0]
     assert out.loc[1, dh.BOX].tolist() == [50.0, 50.0, 90.0, 90.0]
     assert out.loc[2, dh.BOX].tolist() == [10.0, 10.0, 30.0, 30.0]
+    stats = dh.fixed_stats(out)
+    assert stats["boxes"] == 3 and stats["fixed"] == 2 and stats["kept_iou_quartiles"] == [0.81, 0.81, 0.81]
+    # the mended boxes' areas over their objects': 1600 / 1600 and 100 / 400
+    assert stats["fixed_median_area_ratio"] == 0.625 and stats["fixed_share_larger"] == 0.0
 
 
 def test_oracle_fixed_boxes_need_each_box_clicked_object():
