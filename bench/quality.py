@@ -35,7 +35,9 @@ row below ``TWO_CLICK_TARGET`` box-CorLoc (issue #22). ``--relocalize`` adds a t
 and its own ``cpu_seconds``, params.json) and the verdict of issue #25 (round 1 >= round 0 + ``RELOCALIZE_GAIN``
 box-CorLoc; reported, not a failure of the benchmark). The fold detectors use the ``cpu`` preset.
 ``--relocalize-control`` adds round 1 with untrained detectors (one iteration) and every detection a candidate: the
-part of a gain that the choice rule (box-center score over the regressed proposals) makes without learning.
+part of a gain that the choice rule (box-center score over the regressed proposals) makes without learning;
+``--relocalize-oracle`` round 1 with fold detectors trained on the ground truth of the same images: what the round
+gives when the detectors' labels are perfect.
 
 Metrics (pipeline/metrics.py, fractions printed as %): box-CorLoc = per class, the fraction of pseudo boxes with
 IoU >= 0.5 to a ground truth of their class, then the mean over classes; CorLoc = per class, over images with the
@@ -284,6 +286,11 @@ def relocalize_table(common: dict, args, timed) -> tuple[pd.DataFrame, list[str]
             timed(f"re-localisation control of {name}", [control])
             row = relocalize_rows(name, control)[1]
             rows.append({**row, "input": f"{name}; control: untrained detectors, min score 0", "round": 1})
+        if args.relocalize_oracle:  # the same round with fold detectors trained on the ground truth of their images
+            oracle = RelocalizeBoxes(**common, **kw, **det, relocalize_det_labels="gt", relocalize_round=1)
+            timed(f"re-localisation upper bound of {name}", [oracle])
+            row = relocalize_rows(name, oracle)[1]
+            rows.append({**row, "input": f"{name}; upper bound: fold detectors trained on ground truth", "round": 1})
         gain = these[1]["box_corloc"] - these[0]["box_corloc"]
         verdict.append(f"{'MET' if gain >= RELOCALIZE_GAIN else 'NOT MET'} (issue #25): round 1 on {name} "
                        f"{these[1]['box_corloc']:.1f} vs {these[0]['box_corloc']:.1f} box-CorLoc ({gain:+.1f}; "
@@ -383,6 +390,9 @@ def main(argv=None) -> int:
     ap.add_argument("--relocalize-control", action="store_true",
                     help="also round 1 with detectors of one iteration and --relocalize-min-score 0: what the choice "
                          "rule (box-center score over the regressed proposals) gives without a trained detector")
+    ap.add_argument("--relocalize-oracle", action="store_true",
+                    help="also round 1 with fold detectors trained on the ground truth of the same images "
+                         "(--relocalize-det-labels gt): what the round gives with perfect training labels")
     ap.add_argument("--eval-holdout", type=int, default=0,
                     help="leave this many trainval images out (their clicks dropped; the split of "
                          "bench/detector_holdout.py): every row is then computed on the others")

@@ -92,9 +92,15 @@ class RelocalizeDetector(BoxSource, TrainFastRCNN):
                                                                       "drops after four fifths of them unless "
                                                                       "--det-lr-steps); the other --det-* "
                                                                       "parameters as TrainFastRCNN")
+    relocalize_det_labels = luigi.ChoiceParameter(choices=["pseudo", "gt"], default="pseudo",
+                                                  description="what the fold detectors train on: pseudo (the previous "
+                                                              "round's boxes) or gt (the ground truth of the same "
+                                                              "images: an upper bound, to diagnose a round, not a "
+                                                              "method)")
     #: TrainFastRCNN parameters this stage does not read: its boxes are the previous round's, its epochs
     #: --relocalize-det-epochs (left out of its hash, so they do not move it)
     unread = ("det_box_source", "det_box_path", "det_epochs")
+    unhashed_values = {**TrainFastRCNN.unhashed_values, "relocalize_det_labels": "pseudo"}  # the stage before it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,6 +127,11 @@ class RelocalizeDetector(BoxSource, TrainFastRCNN):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         ids = training_image_ids(self.image_folds(manifest), self.relocalize_fold)
+        if self.relocalize_det_labels == "gt":
+            if manifest.objects is None or manifest.objects.empty:
+                raise ValueError("RelocalizeDetector --relocalize-det-labels gt needs ground truth (--gt / a VOC root)")
+            return load_training_boxes("gt", objects=manifest.objects, image_ids=ids, classes=manifest.classes,
+                                       images=trainval)
         return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", image_ids=ids,
                                    classes=manifest.classes, images=trainval)
 

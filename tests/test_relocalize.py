@@ -185,8 +185,9 @@ def test_round_stages_hashes_and_chain(outputs):
     assert d1.stage_dir == RelocalizeDetector(**base, relocalize_min_score=0.3, det_epochs=3,
                                               det_box_source="gt").stage_dir
     assert d1.requires()["pseudo"].task_family == "FusePseudoBoxes"
+    assert "relocalize_det_labels" not in d1.significant_params()  # the default keeps the hash of before
     for other in (dict(relocalize_fold=1), dict(relocalize_det_epochs=3), dict(relocalize_folds=3),
-                  dict(box_symmetry="min"), dict(det_image_min_px=256)):
+                  dict(box_symmetry="min"), dict(det_image_min_px=256), dict(relocalize_det_labels="gt")):
         assert RelocalizeDetector(**base, **other).stage_dir != d1.stage_dir, other
     # round 2's train on round 1's boxes, which do depend on the choice
     d2 = RelocalizeDetector(**base, relocalize_round=2)
@@ -203,10 +204,36 @@ def test_round_stages_hashes_and_chain(outputs):
     assert r1.relocalize_round == 1 and r1.requires()["input"].task_family == "FusePseudoBoxes"
     assert PseudoLabels(**base, relocalize_rounds=1, box_method="mil").requires().requires()["input"].task_family \
         == "MILBoxes"
+    # the ground-truth upper bound: its own detectors, so its own round directory
+    assert RelocalizeBoxes(**base, relocalize_det_labels="gt").stage_dir != RelocalizeBoxes(**base).stage_dir
     with pytest.raises(ValueError, match="faster_rcnn"):
         PseudoLabels(**base, relocalize_rounds=1, proposals="none")
     assert PseudoLabels(**base, relocalize_rounds=1, proposals="none", det_arch="faster_rcnn").requires() \
         .requires()["input"].task_family == "ProposalFreeBoxes"
+
+
+def test_ground_truth_fold_detectors_train_on_the_other_folds_truth_only(outputs):
+    """``--relocalize-det-labels gt`` (the upper bound): each fold's detector gets the ground truth of the images
+    outside its fold, every (not difficult) object of them, and none of its own fold's."""
+    import luigi
+
+    from tasks import PrepareDataset
+    from tasks.relocalize import RelocalizeDetector
+
+    base = dict(synth_trainval=8)
+    assert luigi.build([PrepareDataset(**base)], local_scheduler=True, log_level="WARNING")
+    for fold in (0, 1):
+        det = RelocalizeDetector(**base, relocalize_det_labels="gt", relocalize_fold=fold)
+        manifest = det.manifest()
+        folds = det.image_folds(manifest)
+        boxes = det.training_boxes(manifest)
+        own = set(held_out_image_ids(folds, fold))
+        assert own and not own & set(boxes.image_id)
+        truth = manifest.objects[manifest.objects.image_id.isin(set(training_image_ids(folds, fold)))
+                                 & ~manifest.objects.difficult.astype(bool)]  # as the GT detector: no difficult
+        assert len(boxes) == len(truth) > 0
+        assert sorted(boxes[BOX].round(3).itertuples(index=False)) == sorted(truth[BOX].round(3).itertuples(
+            index=False))
 
 
 #: the tiny chain (tests/harness.py TINY) and a tiny detector schedule: 2 epochs of 2 iterations per fold
