@@ -42,6 +42,9 @@ class Tuned:
     #: initial loss, and seed 003's boxes were nearly all fallbacks (docs/experiments.md, 2026-12-07, "Image-level
     #: networks undertrained")
     classifier_image_epochs: int = 16
+    #: ... except in ``--proposals none``, the fast mode: there its box-CorLoc is the same at 3, 4 and 16 epochs while
+    #: 16 epochs take most of the mode's time and undo its speed-up (docs/results.md, "Proposal-free click mode")
+    proposal_free_image_epochs: int = 3
     classifier_input_px: int = 224
     classifier_max_crops_per_class: int = 50
     #: SGD, lr 0.003 (head x10), frozen BatchNorm statistics (docs/experiments.md, 2026-11-21, "Classifier

@@ -56,9 +56,14 @@ class _WholeImageCams(StageTask):
     report_images = FusePseudoBoxes.report_images
     report_worst = FusePseudoBoxes.report_worst
 
+    def network_epochs(self) -> int:
+        """The network's ``classifier_epochs`` (0: TrainClassifier's default for its mode)."""
+        return self.classifier_epochs
+
     def requires(self):
         mode, pooling = CAM_NETWORKS[self.cam_network]
-        return {"classifier": self.clone(TrainClassifier, classifier_mode=mode, classifier_image_pooling=pooling)}
+        return {"classifier": self.clone(TrainClassifier, classifier_mode=mode, classifier_image_pooling=pooling,
+                                         classifier_epochs=self.network_epochs())}
 
     def network(self):
         return load_classifier(self.input_dir("classifier") / "model.pt", resolve_device(self.device))
@@ -93,6 +98,13 @@ class ProposalFreeBoxes(_WholeImageCams):
     box_score = FusePseudoBoxes.box_score
     box_min_px = FusePseudoBoxes.box_min_px
     box_partition = FusePseudoBoxes.box_partition
+
+    def network_epochs(self) -> int:
+        """The fast mode trains an image-level network for ``TUNED.proposal_free_image_epochs`` unless
+        ``--classifier-epochs`` says otherwise (the crop classifier keeps its own default)."""
+        if self.classifier_epochs or CAM_NETWORKS[self.cam_network][0] != "image_labels":
+            return self.classifier_epochs
+        return TUNED.proposal_free_image_epochs
 
     def run_stage(self, work: Path) -> None:
         params = FusePseudoBoxes.box_params(self)

@@ -110,3 +110,22 @@ def test_click_map_is_shifted_and_a_negative_map_still_gives_a_box():
     res = box_from_cam(cam, 20.0, 12.0, params=BoxParams("fixed", 128.0, symmetry="none"))
     assert res.status == "ok" and res.box == (16.0, 8.0, 24.0, 16.0)
     assert box_from_cam(maps[1].repeat(4, 0).repeat(4, 1), 20.0, 12.0).status == "empty"  # unshifted: no box
+
+
+def test_the_fast_mode_trains_its_image_level_network_briefly(tmp_path):
+    """``--proposals none`` trains its image-level network TUNED.proposal_free_image_epochs unless
+    --classifier-epochs says otherwise; seed 003's boxes without clicks keep the image-level default, and the crop
+    classifier (--cam-network crops) its own."""
+    from tasks.defaults import TUNED
+    from tasks.proposal_free import ImageExtentBoxes, ProposalFreeBoxes
+
+    kw = dict(data_root=str(tmp_path / "data"))
+    assert TUNED.proposal_free_image_epochs < TUNED.classifier_image_epochs
+    for net in ("spam", "gmp", "gap"):
+        assert ProposalFreeBoxes(**kw, cam_network=net).requires()["classifier"].epochs == \
+            TUNED.proposal_free_image_epochs
+        assert ImageExtentBoxes(**kw, cam_network=net).requires()["classifier"].epochs == \
+            TUNED.classifier_image_epochs
+    assert ProposalFreeBoxes(**kw, classifier_epochs=5).requires()["classifier"].epochs == 5
+    crops = ProposalFreeBoxes(**kw, cam_network="crops").requires()["classifier"]
+    assert crops.epochs == TUNED.classifier_epochs and crops.classifier_mode == "crops"
