@@ -25,16 +25,10 @@ from pipeline.export import read_pseudo_labels, with_object_index
 from pipeline.imageio import read_image
 from pipeline.io import atomic_path
 from pipeline.metrics import SIZE_BINS, SIZE_NAMES, object_sizes
+from pipeline.relocalize import paired_iou
 
 BOX = ["x1", "y1", "x2", "y2"]
 COLOURS = {"gt": (40, 90, 255), "default": (230, 30, 30), "masked": (250, 210, 0), "mask": (0, 200, 60)}
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise IoU of two ``(N, 4)`` x1, y1, x2, y2 arrays (continuous coordinates, as pipeline.metrics)."""
-    inter = (np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2])).clip(min=0).prod(1)
-    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
-    return inter / np.maximum(union, 1e-12)
 
 
 def mask_geometry(mask: np.ndarray, gt: np.ndarray, box: np.ndarray) -> dict:
@@ -86,10 +80,10 @@ def click_table(default_dir: Path, masked_dir: Path, bc_dir: Path, manifest, par
             geo = mask_geometry(mask, gt, box)
             rows.append({"click_id": int(cid), "image_id": str(c.image_id), "class": c["class"], "x": float(c.x),
                          "y": float(c.y), "size": float(o["size"]),
-                         "iou_default": float(box_iou(box[None], gt[None])[0]),
-                         "iou_masked": float(box_iou(mbox[None], gt[None])[0]),
+                         "iou_default": float(paired_iou(box[None], gt[None])[0]),
+                         "iou_masked": float(paired_iou(mbox[None], gt[None])[0]),
                          **{k: v for k, v in geo.items() if k != "mask_box"},
-                         "mask_box_iou_gt": float(box_iou(np.asarray(geo["mask_box"])[None], gt[None])[0])
+                         "mask_box_iou_gt": float(paired_iou(np.asarray(geo["mask_box"])[None], gt[None])[0])
                          if geo["mask_px"] else 0.0,
                          **{f"gt_{k}": float(v) for k, v in zip(BOX, gt)},
                          **{f"default_{k}": float(v) for k, v in zip(BOX, box)},

@@ -29,12 +29,6 @@ def test_empty_mask():
     assert g["mask_px"] == 0 and g["mask_over_gt"] == 0.0 and np.isnan(g["mask_in_box"])
 
 
-def test_box_iou_rowwise():
-    a = np.array([[0.0, 0, 10, 10], [0, 0, 10, 10]])
-    b = np.array([[0.0, 0, 10, 10], [5, 0, 15, 10]])
-    assert bc_masks.box_iou(a, b) == pytest.approx([1.0, 50 / 150])
-
-
 def test_summary_by_size_and_over_all():
     t = pd.DataFrame({"size_bin": ["small", "small", "large"], "mask_px": [10, 30, 50],
                       "mask_over_gt": [0.1, 0.3, 0.02], "mask_in_gt": [1.0, 0.5, 1.0], "mask_in_box": [1.0, 1.0, 0.9],
