@@ -144,13 +144,17 @@ class TrainFastRCNN(TrainingSeed, StageTask):
             return load_training_boxes("gt", objects=manifest.objects, **kw)
         return load_training_boxes(self.det_box_source, path=self.det_box_path, **kw)
 
+    def box_source_name(self) -> str:
+        """What the training boxes are, for the log and report.json."""
+        return self.det_box_source
+
     def run_stage(self, work: Path) -> None:
         manifest = self.manifest()
         cfg = self.detector_config()
         device = resolve_device(self.device)
         boxes = self.training_boxes(manifest)
         if boxes.empty:
-            raise ValueError(f"TrainFastRCNN: no training boxes from box source {self.det_box_source!r}")
+            raise ValueError(f"TrainFastRCNN: no training boxes from box source {self.box_source_name()!r}")
         write_csv(boxes, work / "train_boxes.csv")
         trainval = manifest.split("trainval")
         images = trainval[trainval.image_id.isin(set(boxes.image_id))]
@@ -158,7 +162,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
         dataset = DetectionDataset(images, store, manifest.classes, boxes, flip=cfg.flip, seed=cfg.seed)
         model = build_detector(manifest.classes, cfg)
         log.info("TrainFastRCNN: %s %s on %d images / %d %s boxes, %s", cfg.arch, cfg.backbone, len(images),
-                 len(boxes), self.det_box_source, device)
+                 len(boxes), self.box_source_name(), device)
         t0 = time.time()
         if self.det_nproc < 1:
             raise ValueError(f"--det-nproc must be >= 1, got {self.det_nproc}")
@@ -167,7 +171,7 @@ class TrainFastRCNN(TrainingSeed, StageTask):
         strip_checkpoint(work / "model.pth")
         write_csv(train_log, work / "train_log.csv")
         write_json(work / "report.json", {
-            "box_source": self.det_box_source, "box_path": self.det_box_path, "images": int(len(images)),
+            "box_source": self.box_source_name(), "box_path": self.det_box_path, "images": int(len(images)),
             "boxes": int(len(boxes)), "classes": list(manifest.classes), "device": str(device),
             "processes": self.det_nproc, "seconds_this_run": round(time.time() - t0, 2),
             "seconds_training": float(train_log["seconds"].sum()),

@@ -124,6 +124,9 @@ class RelocalizeDetector(BoxSource, TrainFastRCNN):
         reqs["pseudo"] = self.boxes_of_round(self.relocalize_round - 1)
         return reqs
 
+    def box_source_name(self) -> str:
+        return "gt" if self.relocalize_det_labels == "gt" else f"pseudo (round {self.relocalize_round - 1})"
+
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         ids = training_image_ids(self.image_folds(manifest), self.relocalize_fold)

@@ -234,6 +234,8 @@ def test_ground_truth_fold_detectors_train_on_the_other_folds_truth_only(outputs
         assert len(boxes) == len(truth) > 0
         assert sorted(boxes[BOX].round(3).itertuples(index=False)) == sorted(truth[BOX].round(3).itertuples(
             index=False))
+        assert det.box_source_name() == "gt"  # what report.json says it trained on
+    assert RelocalizeDetector(**base).box_source_name() == "pseudo (round 0)"
 
 
 #: the tiny chain (tests/harness.py TINY) and a tiny detector schedule: 2 epochs of 2 iterations per fold
