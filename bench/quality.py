@@ -425,6 +425,8 @@ def main(argv=None) -> int:
         timings[name] = "cached" if cached else f"{time.time() - t:.0f}"
         log.info("%s: %s", name, timings[name])
 
+    if (args.bc_mask_sheet or args.bcct_no_ct) and not args.bcct_only:
+        ap.error("--bc-mask-sheet and --bcct-no-ct go with --bcct-only")
     timed("proposals + selection", [SelectProposals(**data)])
     if args.bcct_only:
         return bcct_only(common, timed, REPO / args.out, ct=not args.bcct_no_ct, sheet=args.bc_mask_sheet)
