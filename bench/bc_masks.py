@@ -17,13 +17,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.bcct import bc_mask
+from pipeline.bcct import bc_mask, grid_png
 from pipeline.boxes import voronoi_cell
 from pipeline.cam_store import CamStore
 from pipeline.clicks import other_clicks
 from pipeline.export import read_pseudo_labels, with_object_index
 from pipeline.imageio import read_image
-from pipeline.io import atomic_path
 from pipeline.metrics import SIZE_BINS, SIZE_NAMES, object_sizes
 from pipeline.relocalize import paired_iou
 
@@ -143,16 +142,4 @@ def sheet(table: pd.DataFrame, bc_dir: Path, manifest, path: Path, delta: float,
             cv2.putText(canvas, label,
                         (2, tile + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
             tiles.append(canvas)
-    cols = min(columns, len(tiles))
-    rows = -(-len(tiles) // cols)
-    th, tw = tiles[0].shape[:2]
-    out = np.full((rows * (th + 4), cols * (tw + 4), 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        rr, cc = divmod(i, cols)
-        out[rr * (th + 4) + 2:rr * (th + 4) + 2 + th, cc * (tw + 4) + 2:cc * (tw + 4) + 2 + tw] = t
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.tobytes())
-    return path
+    return grid_png(tiles, path, columns, pad=4)

@@ -186,12 +186,19 @@ def contact_sheet(crops: pd.DataFrame, path: str | Path, n: int = 48, seed: int 
     take = np.sort(np.random.default_rng([seed, 23]).choice(len(crops), min(n, len(crops)), replace=False))
     tiles = [crop_and_resize(read_image(r.path), (r.x1, r.y1, r.x2, r.y2), tile)
              for r in crops.iloc[take].itertuples(index=False)]
+    return grid_png(tiles, path, columns)
+
+
+def grid_png(tiles: list[np.ndarray], path: str | Path, columns: int = 8, pad: int = 2) -> Path:
+    """Writes RGB tiles of one shape as a PNG grid of ``columns`` columns on white, ``pad`` px between tiles."""
+    th, tw = tiles[0].shape[:2]
     cols = min(columns, len(tiles))
     rows = -(-len(tiles) // cols)
-    sheet = np.full((rows * (tile + 2), cols * (tile + 2), 3), 255, np.uint8)
+    sheet = np.full((rows * (th + pad), cols * (tw + pad), 3), 255, np.uint8)
+    o = pad // 2
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
-        sheet[r * (tile + 2) + 1:r * (tile + 2) + 1 + tile, c * (tile + 2) + 1:c * (tile + 2) + 1 + tile] = t
+        sheet[r * (th + pad) + o:r * (th + pad) + o + th, c * (tw + pad) + o:c * (tw + pad) + o + tw] = t
     ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
