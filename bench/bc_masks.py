@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.bcct import bc_mask, grid_png
-from pipeline.boxes import voronoi_cell
+from pipeline.boxes import click_cell
 from pipeline.cam_store import CamStore
 from pipeline.clicks import other_clicks
 from pipeline.export import read_pseudo_labels, with_object_index
 from pipeline.imageio import read_image
-from pipeline.metrics import SIZE_BINS, SIZE_NAMES, object_sizes
+from pipeline.metrics import IOU_THRESHOLD, SIZE_BINS, SIZE_NAMES, clicked_iou, object_sizes
 from pipeline.relocalize import paired_iou
 
 BOX = ["x1", "y1", "x2", "y2"]
@@ -48,63 +48,66 @@ def mask_geometry(mask: np.ndarray, gt: np.ndarray, box: np.ndarray) -> dict:
             "mask_box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]}
 
 
+def click_mask(store: CamStore, click, by_image: dict, partition: str, delta: float, sigma: float) -> np.ndarray:
+    """The BC mask stage 5 spreads the CAM over for ``click`` (a row with ``click_id, image_id, class, x, y``): the
+    component of its BC map holding the click, inside its Voronoi cell (pipeline.bcct.with_bc_masks)."""
+    gmap = store.load(int(click.click_id))[0]
+    others = other_clicks(by_image.get(str(click.image_id)), int(click.click_id), click["class"], partition)
+    return bc_mask(gmap, delta, sigma, point=(float(click.x), float(click.y)),
+                   region=click_cell(gmap.shape, float(click.x), float(click.y), others))
+
+
 def click_table(default_dir: Path, masked_dir: Path, bc_dir: Path, manifest, partition: str, delta: float,
                 sigma: float) -> pd.DataFrame:
     """One row per click with a BC map: the clicked object's size, the default and masked boxes' IoU with it and
-    :func:`mask_geometry` of the mask stage 5 used (same delta, sigma and Voronoi cell)."""
+    :func:`mask_geometry` of the mask stage 5 used (:func:`click_mask`)."""
     clicks = manifest.clicks
     trainval = manifest.split("trainval")
     sizes = {r.image_id: (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
     objects = manifest.objects[manifest.objects.image_id.isin(set(trainval.image_id))].assign(
         image_id=lambda o: o.image_id.astype(str))
-    objects = objects.assign(size=object_sizes(objects, sizes).to_numpy()).set_index(["image_id", "object_index"])
-    default = with_object_index(read_pseudo_labels(default_dir / "pseudo_labels.csv"), clicks).set_index("click_id")
-    masked = read_pseudo_labels(masked_dir / "pseudo_labels.csv").set_index("click_id")
+    objects = objects.assign(size=object_sizes(objects, sizes).to_numpy())
+    default, masked = (with_object_index(read_pseudo_labels(d / "pseudo_labels.csv"), clicks)
+                       for d in (default_dir, masked_dir))
+    default = default.assign(iou_default=clicked_iou(default, objects).to_numpy())
+    masked = masked.assign(iou_masked=clicked_iou(masked, objects).to_numpy())
+    t = default.merge(masked[["click_id", "iou_masked", *BOX]].rename(columns={k: f"masked_{k}" for k in BOX}),
+                      on="click_id").rename(columns={k: f"default_{k}" for k in BOX})
+    t = t[t.object_index.notna()].astype({"object_index": int})
+    t = t.merge(objects[["image_id", "object_index", "size", *BOX]].rename(columns={k: f"gt_{k}" for k in BOX}),
+                on=["image_id", "object_index"])
+    t = t.merge(clicks[["click_id", "x", "y"]], on="click_id")
     by_image = {str(k): g for k, g in clicks.groupby(clicks.image_id.astype(str), sort=False)}
-    rows = []
+    geos = []
     with CamStore(bc_dir) as store:
-        for cid, d in default.iterrows():
-            if cid not in store or pd.isna(d.object_index) or cid not in masked.index:
-                continue
-            gmap = store.load(cid)[0]
-            c = clicks.loc[clicks.click_id == cid].iloc[0]
-            others = other_clicks(by_image.get(str(c.image_id)), int(cid), c["class"], partition)
-            cell = voronoi_cell(gmap.shape, float(c.x), float(c.y), others) if others is not None and len(others) \
-                else None
-            mask = bc_mask(gmap, delta, sigma, point=(float(c.x), float(c.y)), region=cell)
-            o = objects.loc[(str(c.image_id), int(d.object_index))]
-            gt = o[BOX].to_numpy(float)
-            box = d[BOX].to_numpy(float)
-            mbox = masked.loc[cid, BOX].to_numpy(float)
-            geo = mask_geometry(mask, gt, box)
-            rows.append({"click_id": int(cid), "image_id": str(c.image_id), "class": c["class"], "x": float(c.x),
-                         "y": float(c.y), "size": float(o["size"]),
-                         "iou_default": float(paired_iou(box[None], gt[None])[0]),
-                         "iou_masked": float(paired_iou(mbox[None], gt[None])[0]),
-                         **{k: v for k, v in geo.items() if k != "mask_box"},
-                         "mask_box_iou_gt": float(paired_iou(np.asarray(geo["mask_box"])[None], gt[None])[0])
-                         if geo["mask_px"] else 0.0,
-                         **{f"gt_{k}": float(v) for k, v in zip(BOX, gt)},
-                         **{f"default_{k}": float(v) for k, v in zip(BOX, box)},
-                         **{f"masked_{k}": float(v) for k, v in zip(BOX, mbox)}})
-    t = pd.DataFrame(rows)
+        t = t[[cid in store for cid in t.click_id]].reset_index(drop=True)
+        for _, r in t.iterrows():
+            gt = r[[f"gt_{k}" for k in BOX]].to_numpy(float)
+            geo = mask_geometry(click_mask(store, r, by_image, partition, delta, sigma), gt,
+                                r[[f"default_{k}" for k in BOX]].to_numpy(float))
+            geo["mask_box_iou_gt"] = float(paired_iou(np.asarray(geo.pop("mask_box"))[None], gt[None])[0]) \
+                if geo["mask_px"] else 0.0
+            geos.append(geo)
+    t = pd.concat([t, pd.DataFrame(geos, index=t.index)], axis=1)
     if len(t):
         t["size_bin"] = pd.cut(t["size"], [0.0, *SIZE_BINS, np.inf], right=False, labels=list(SIZE_NAMES))
     return t
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Medians by object size (and over all clicks), in %: mask area / GT box area, share of the mask inside the
-    GT box and inside the default box, IoU of the mask's bounding box with the GT; and the % of default and masked
-    boxes correct (IoU >= 0.5 with the clicked object)."""
+    """By object size (and over all clicks), in %: the median and 90th percentile of mask area / GT box area, the
+    share of masks wholly inside the default box, the median IoU of the mask's bounding box with the GT; the % of
+    default and masked boxes correct (IoU >= 0.5 with the clicked object) and the boxes the mask changed."""
     def row(name, t):
         return {"size": name, "clicks": len(t), "median mask px": float(t.mask_px.median()),
                 "median mask / GT box area %": 100 * float(t.mask_over_gt.median()),
-                "median % of mask in GT box": 100 * float(t.mask_in_gt.median()),
-                "median % of mask in default box": 100 * float(t.mask_in_box.median()),
+                "p90 mask / GT box area %": 100 * float(t.mask_over_gt.quantile(0.9)),
+                "masks wholly in default box %": 100 * float((t.mask_in_box >= 1.0).mean()),
                 "median IoU(mask bbox, GT) %": 100 * float(t.mask_box_iou_gt.median()),
-                "default boxes correct %": 100 * float((t.iou_default >= 0.5).mean()),
-                "masked boxes correct %": 100 * float((t.iou_masked >= 0.5).mean())}
+                "default boxes correct %": 100 * float((t.iou_default >= IOU_THRESHOLD).mean()),
+                "masked boxes correct %": 100 * float((t.iou_masked >= IOU_THRESHOLD).mean()),
+                "boxes changed": int((t[[f"default_{k}" for k in BOX]].to_numpy()
+                                      != t[[f"masked_{k}" for k in BOX]].to_numpy()).any(1).sum())}
     rows = [row(str(name), g) for name, g in table.groupby("size_bin", observed=True)]
     return pd.DataFrame(rows + [row("all", table)])
 
@@ -121,15 +124,12 @@ def sheet(table: pd.DataFrame, bc_dir: Path, manifest, path: Path, delta: float,
     by_image = {str(k): g for k, g in clicks.groupby(clicks.image_id.astype(str), sort=False)}
     tiles = []
     with CamStore(bc_dir) as store:
-        for r in take.itertuples(index=False):
+        for _, r in take.iterrows():
             img = read_image(paths[r.image_id]).copy()
-            gmap = store.load(r.click_id)[0]
-            others = other_clicks(by_image.get(r.image_id), int(r.click_id), r[2], partition)
-            cell = voronoi_cell(gmap.shape, r.x, r.y, others) if others is not None and len(others) else None
-            mask = bc_mask(gmap, delta, sigma, point=(r.x, r.y), region=cell)
+            mask = click_mask(store, r, by_image, partition, delta, sigma)
             img[mask] = (0.45 * img[mask] + 0.55 * np.array(COLOURS["mask"])).astype(np.uint8)
             for key in ("gt", "default", "masked"):
-                x1, y1, x2, y2 = (int(round(getattr(r, f"{key}_{k}"))) for k in BOX)
+                x1, y1, x2, y2 = (int(round(r[f"{key}_{k}"])) for k in BOX)
                 cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), COLOURS[key], {"gt": 3, "default": 5, "masked": 2}[key])
             cv2.circle(img, (int(r.x), int(r.y)), 6, (255, 255, 255), -1)
             cv2.circle(img, (int(r.x), int(r.y)), 6, (0, 0, 0), 1)
@@ -138,7 +138,7 @@ def sheet(table: pd.DataFrame, bc_dir: Path, manifest, path: Path, delta: float,
             small = cv2.resize(img, (max(1, int(w * s)), max(1, int(h * s))), interpolation=cv2.INTER_AREA)
             canvas = np.full((tile + 16, tile, 3), 255, np.uint8)
             canvas[:small.shape[0], :small.shape[1]] = small
-            label = f"{r[2]} IoU {r.iou_default:.2f}->{r.iou_masked:.2f} mask {100 * r.mask_over_gt:.1f}% of GT"
+            label = f"{r['class']} IoU {r.iou_default:.2f}->{r.iou_masked:.2f} mask {100 * r.mask_over_gt:.1f}% of GT"
             cv2.putText(canvas, label,
                         (2, tile + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
             tiles.append(canvas)

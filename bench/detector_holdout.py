@@ -40,9 +40,8 @@ from quality import SAMPLE, build_isolated, subset_root  # noqa: E402 (also: sys
 
 from pipeline.export import read_pseudo_labels, with_object_index, write_coco  # noqa: E402
 from pipeline.io import read_json, write_json  # noqa: E402
-from pipeline.metrics import IOU_THRESHOLD  # noqa: E402
+from pipeline.metrics import IOU_THRESHOLD, clicked_iou  # noqa: E402
 from pipeline.proposals import compute_proposals  # noqa: E402
-from pipeline.relocalize import paired_iou  # noqa: E402
 from tasks.detector import EvaluateVOC07  # noqa: E402
 
 RATIO_TARGET = 0.85  # the paper's 56.8 / 66.9
@@ -64,7 +63,7 @@ def oracle_fixed_boxes(boxes: pd.DataFrame, clicks: pd.DataFrame, objects: pd.Da
     gt = objects.assign(image_id=objects.image_id.astype(str)).set_index(["image_id", "object_index"])[BOX]
     g = gt.loc[list(zip(b.image_id.astype(str), b.object_index.astype(int)))].to_numpy(float)
     p = b[BOX].to_numpy(float)
-    b["iou"] = paired_iou(p, g)
+    b["iou"] = clicked_iou(b, objects)
     b["area_ratio"] = (p[:, 2:] - p[:, :2]).prod(1) / np.maximum((g[:, 2:] - g[:, :2]).prod(1), 1e-12)
     b["fixed"] = b["iou"] < IOU_THRESHOLD
     b.loc[b.fixed, BOX] = g[b.fixed.to_numpy()]

@@ -396,7 +396,7 @@ def with_bc_masks(items, bc_store_dir: str | Path, clicks: pd.DataFrame, partiti
     BC map in the CAM store at ``bc_store_dir`` (``input_gradient`` maps, entry id = click id), inside its Voronoi
     cell against the clicks ``partition`` picks (:func:`pipeline.clicks.other_clicks`). ``stats`` counts ``masked``
     clicks and their mask ``pixels``."""
-    from .boxes import voronoi_cell
+    from .boxes import click_cell
     from .cam_store import CamStore
     from .clicks import other_clicks
 
@@ -407,7 +407,7 @@ def with_bc_masks(items, bc_store_dir: str | Path, clicks: pd.DataFrame, partiti
             if cam is not None and entry_id in store:
                 x, y = float(meta["x"]), float(meta["y"])
                 others = other_clicks(by_image.get(str(meta["image_id"])), int(entry_id), meta["class"], partition)
-                cell = voronoi_cell(cam.shape, x, y, others) if others is not None and len(others) else None
+                cell = click_cell(cam.shape, x, y, others)
                 cam, px = spread_over_mask(cam, store.load(entry_id)[0], x, y, delta, sigma, cell)
                 stats["masked"] += int(px > 0)
                 stats["pixels"] += px

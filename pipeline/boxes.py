@@ -196,6 +196,12 @@ def voronoi_cell(shape: tuple[int, int], x: float, y: float, others: np.ndarray)
     return cell
 
 
+def click_cell(shape: tuple[int, int], x: float, y: float, others: np.ndarray | None) -> np.ndarray | None:
+    """The click's :func:`voronoi_cell` against ``others`` (its partition's other clicks), or None (the whole map)
+    when there are none."""
+    return voronoi_cell(shape, x, y, others) if others is not None and len(others) else None
+
+
 def symmetric_extent(lo: float, hi: float, c: float, mode: str) -> float:
     """Half-extent about ``c`` of an interval ``[lo, hi)``: ``mode`` of the two sides (each at least 0)."""
     a, b = max(c - lo, 0.0), max(hi - c, 0.0)

@@ -130,9 +130,7 @@ class RelocalizeDetector(BoxSource, TrainFastRCNN):
     def training_boxes(self, manifest) -> pd.DataFrame:
         trainval = manifest.split("trainval")
         ids = training_image_ids(self.image_folds(manifest), self.relocalize_fold)
-        if self.relocalize_det_labels == "gt":
-            if manifest.objects is None or manifest.objects.empty:
-                raise ValueError("RelocalizeDetector --relocalize-det-labels gt needs ground truth (--gt / a VOC root)")
+        if self.relocalize_det_labels == "gt":  # no ground truth: TrainFastRCNN's "no training boxes" error
             return load_training_boxes("gt", objects=manifest.objects, image_ids=ids, classes=manifest.classes,
                                        images=trainval)
         return load_training_boxes("pseudo", path=self.input_dir("pseudo") / "pseudo_labels.csv", image_ids=ids,

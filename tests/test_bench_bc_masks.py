@@ -34,9 +34,16 @@ def test_summary_by_size_and_over_all():
                       "mask_over_gt": [0.1, 0.3, 0.02], "mask_in_gt": [1.0, 0.5, 1.0], "mask_in_box": [1.0, 1.0, 0.9],
                       "mask_box_iou_gt": [0.1, 0.2, 0.01], "iou_default": [0.6, 0.4, 0.3],
                       "iou_masked": [0.6, 0.5, 0.3]})
+    for k in bc_masks.BOX:
+        t[f"default_{k}"] = 0.0
+        t[f"masked_{k}"] = 0.0
+    t.loc[1, "masked_x2"] = 5.0  # the second small box changed by its mask
     t["size_bin"] = pd.Categorical(t.size_bin, ["small", "medium", "large"])
     s = bc_masks.summary(t).set_index("size")
     assert list(s.index) == ["small", "large", "all"]  # no medium click: no row
     assert s.at["small", "median mask / GT box area %"] == pytest.approx(20.0)
+    assert s.at["small", "p90 mask / GT box area %"] == pytest.approx(28.0)
+    assert s.at["small", "masks wholly in default box %"] == 100.0 and s.at["large", "masks wholly in default box %"] == 0
     assert s.at["small", "default boxes correct %"] == 50.0 and s.at["small", "masked boxes correct %"] == 100.0
+    assert s.at["small", "boxes changed"] == 1 and s.at["large", "boxes changed"] == 0
     assert s.at["all", "clicks"] == 3 and s.at["all", "median mask px"] == 30.0
