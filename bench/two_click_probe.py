@@ -7,6 +7,7 @@ kept per click by:
 * the default T_cam;
 * ``choose_by_area`` (``--box-area-prior on``: the pair's distance);
 * ``choose_by_extent`` (``--box-area-prior axes``: the pair's x and y differences, self-calibrated);
+* ``choose_by_learned_extent`` (``--box-area-prior learned``: the same, its prior learned from the click pairs);
 * the per-axis model with the click simulator's own constant (k = 0.08, voc07-sample's README) and fixed prior
   spreads (what a perfectly known error law would give);
 * two oracles with the ground truth: the box nearest the clicked object's true area, and the box of best IoU with it.
@@ -33,7 +34,8 @@ import pandas as pd  # noqa: E402
 
 from pipeline.boxes import classes_per_image, pseudo_boxes_and_candidates  # noqa: E402
 from pipeline.cam_store import FusedMaps  # noqa: E402
-from pipeline.clickpairs import AREA_THRESHOLDS, ExtentModel, choose_by_area, choose_by_extent  # noqa: E402
+from pipeline.clickpairs import (AREA_THRESHOLDS, ExtentModel, choose_by_area, choose_by_extent,  # noqa: E402
+                                 choose_by_learned_extent)
 from pipeline.export import with_object_index  # noqa: E402
 from pipeline.io import write_text  # noqa: E402
 from pipeline.markdown import markdown_table  # noqa: E402
@@ -85,6 +87,11 @@ def main(argv=None) -> int:
     ks = [m["k"] for m in report["models"]]
     sigmas = [m["sigma"] for m in report["models"]]
     row(f"per-axis extent, self-calibrated (--box-area-prior axes; k {min(ks):.3f}-{max(ks):.3f}, "
+        f"sigma {min(sigmas):.2f}-{max(sigmas):.2f})", chosen)
+    chosen, report = choose_by_learned_extent(boxes, cand, clicks, image_sizes=sizes)
+    ks = [m["k"] for m in report["models"]]
+    sigmas = [m[s] for m in report["models"] for s in ("sigma_x", "sigma_y")]
+    row(f"per-axis extent, prior learned across images (--box-area-prior learned; k {min(ks):.3f}-{max(ks):.3f}, "
         f"sigma {min(sigmas):.2f}-{max(sigmas):.2f})", chosen)
     # the per-axis model with the simulator's k and fixed prior spreads (lone clicks: the prior alone)
     c = clicks.set_index("click_id").reindex(cand["click_id"])

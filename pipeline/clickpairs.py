@@ -259,7 +259,7 @@ def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.Dat
     best = best.set_index("click_id")
     rows = out["click_id"].isin(best.index).to_numpy()
     cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
-    before = out.loc[rows, "threshold"].to_numpy()
+    before = out.loc[rows, "threshold"].to_numpy(copy=True)
     out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
     report = {"reference": source, "reference_boxes": int(np.isfinite(ref).sum()), "paired": int(np.isfinite(d).sum()),
               "chosen": int(rows.sum()), "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()),
@@ -398,9 +398,187 @@ def choose_by_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.D
                             kind="mergesort").drop_duplicates("click_id").set_index("click_id")
     rows = out["click_id"].isin(best.index).to_numpy()
     cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
-    before = out.loc[rows, "threshold"].to_numpy()
+    before = out.loc[rows, "threshold"].to_numpy(copy=True)
     out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
     report = {"model": "axes", "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
               "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
               "models": [{"k": m.k, "sigma": m.sigma} for m in models]}
+    return out, report
+
+
+# -- the learned extent prior ("--box-area-prior learned") ------------------------------------------------
+#: Gauss-Hermite nodes (probabilists') of the marginal likelihood over a click's unknown log side
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(24)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+#: a class gets its own coefficient when the training folds hold at least this many of its click pairs
+MIN_CLASS_PAIRS = 10
+#: L2 penalty on the prior's coefficients other than the intercept: numerical safety only (collinear features)
+SIDE_PRIOR_L2 = 1e-3
+
+
+def extent_features(boxes: pd.DataFrame, clicks: pd.DataFrame, axis: str, classes: Sequence[str],
+                    image_sizes: dict | None = None) -> np.ndarray:
+    """Per-click features of the learned extent prior along ``axis`` (``"x"``: width, ``"y"``: height), one row per
+    row of ``boxes`` (stage 5's default boxes, ``click_id, image_id, class, x1..y2``): an intercept, the log of the
+    default box's side along the axis and across it (the map's own answer), one indicator per class of ``classes``
+    (the class's typical extent relative to that answer), and the image's crowding: the log number of clicked
+    objects in the image and of its class there, the log distance to the nearest other click of the image (the
+    image's diagonal, from ``image_sizes`` (id -> (w, h)) or the clicks' spread, when it is alone) and whether it
+    is alone. Clicks from ``clicks`` (``click_id, image_id, class, x, y``)."""
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    w0, h0 = (boxes.x2 - boxes.x1).to_numpy(float), (boxes.y2 - boxes.y1).to_numpy(float)
+    own, other = (w0, h0) if axis == "x" else (h0, w0)
+    allc = clicks.assign(image_id=clicks["image_id"].astype(str))
+    n_img = allc.groupby("image_id")["click_id"].count()
+    n_cls = allc.groupby(["image_id", "class"])["click_id"].count()
+    nearest = {}
+    for image_id, g in allc.groupby("image_id", sort=False):
+        p = g[["x", "y"]].to_numpy(float)
+        if len(p) > 1:
+            dist = np.hypot(p[:, None, 0] - p[None, :, 0], p[:, None, 1] - p[None, :, 1])
+            np.fill_diagonal(dist, np.inf)
+            nearest.update(zip(g["click_id"], dist.min(1)))
+        elif image_sizes is not None and image_id in image_sizes:
+            nearest[g["click_id"].iloc[0]] = float(np.hypot(*image_sizes[image_id]))
+    ids = boxes["image_id"].astype(str)
+    n_i = n_img.reindex(ids).to_numpy(float)
+    n_c = n_cls.reindex(pd.MultiIndex.from_arrays([ids, boxes["class"]])).to_numpy(float)
+    near = pd.Series(nearest, dtype=float).reindex(boxes["click_id"]).to_numpy(float)
+    alone = n_i <= 1
+    # an alone click without the image's size: the largest default box side of the data as its "distance"
+    near = np.where(np.isfinite(near), near, np.nanmax(np.concatenate([w0, h0, [1.0]])) * np.sqrt(2))
+    cols = [np.ones(len(boxes)), np.log(np.maximum(own, 1.0)), np.log(np.maximum(other, 1.0))]
+    cols += [(boxes["class"] == c).to_numpy(float) for c in classes]
+    cols += [np.log(np.maximum(n_i, 1.0)), np.log(np.maximum(n_c, 1.0)), np.log(np.maximum(near, 1.0)),
+             alone.astype(float)]
+    return np.column_stack(cols)
+
+
+@dataclass(frozen=True)
+class SidePrior:
+    """A learned prior on the log click-error scale ``log s`` of an object along one axis, ``s = sqrt(2) k side``:
+    ``log s ~ N(features @ beta, sigma^2)``; the two clicks' difference along the axis is ``N(0, s^2)``."""
+
+    beta: np.ndarray
+    sigma: float
+
+    def mean(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(features, float) @ self.beta
+
+
+def fit_side_prior(features: np.ndarray, diff: np.ndarray, l2: float = SIDE_PRIOR_L2) -> SidePrior:
+    """:class:`SidePrior` by maximum marginal likelihood of the click pairs' differences ``diff`` along one axis:
+    ``sum_i log integral N(diff_i; 0, s^2) N(log s; x_i beta, sigma^2) dlog s`` (Gauss-Hermite quadrature), minus
+    ``l2 |beta[1:]|^2``, by L-BFGS with the analytic gradient. No box enters the fit, only the clicks: the pairs'
+    spread is a noisy, unbiased-in-scale measurement of each object's side, and the prior learns across images how
+    that side follows the features (:func:`extent_features`). Rows with a NaN are left out; ``sigma`` is kept within
+    :data:`EXTENT_SIGMA_RANGE`. ValueError with fewer usable pairs than twice the number of features."""
+    from scipy.optimize import minimize
+
+    X, d = np.asarray(features, float), np.asarray(diff, float)
+    ok = np.isfinite(d) & np.isfinite(X).all(1)
+    X, d2 = X[ok], d[ok] ** 2
+    n, p = X.shape
+    if n < max(2 * p, 6):
+        raise ValueError(f"fitting the learned extent prior needs at least {max(2 * p, 6)} click pairs "
+                         f"({p} features), got {n}")
+    penalty = np.full(p, float(l2))
+    penalty[0] = 0.0
+    lo, hi = np.log(EXTENT_SIGMA_RANGE[0]), np.log(EXTENT_SIGMA_RANGE[1])
+
+    def nll(theta):
+        beta, log_sigma = theta[:-1], float(np.clip(theta[-1], lo, hi))
+        sigma = np.exp(log_sigma)
+        logs = (X @ beta)[:, None] + sigma * _GH_NODES[None, :]
+        inv = d2[:, None] * np.exp(-2 * logs)
+        ll = -logs - 0.5 * inv  # log N(d; 0, s^2) up to a constant, at each node
+        top = ll.max(1, keepdims=True)
+        wq = np.exp(ll - top) * _GH_WEIGHTS
+        total = wq.sum(1, keepdims=True)
+        post = wq / total
+        dll = post * (inv - 1.0)  # d ll / d logs, weighted by the nodes' posterior
+        g_beta = X.T @ dll.sum(1)
+        g_ls = sigma * float((dll * _GH_NODES[None, :]).sum()) if lo < theta[-1] < hi else 0.0
+        value = -float((top[:, 0] + np.log(total[:, 0])).sum()) + float(penalty @ beta ** 2)
+        return value, -np.concatenate([g_beta, [g_ls]]) + np.concatenate([2 * penalty * beta, [0.0]])
+
+    beta0 = np.linalg.lstsq(X, 0.5 * np.log(d2 + 1e-6) + 0.635, rcond=None)[0]  # E log|z| = -0.635
+    res = minimize(nll, np.concatenate([beta0, [np.log(0.5)]]), jac=True, method="L-BFGS-B")
+    return SidePrior(res.x[:-1], float(np.exp(np.clip(res.x[-1], lo, hi))))
+
+
+def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
+                             reference: pd.DataFrame | None = None, folds: int = 5,
+                             image_sizes: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Stage 5 with two clicks, per axis, with a prior learned across images: each paired click's box among its
+    ``candidates`` maximising, summed over the two axes,
+
+        log N(d; 0, s^2) + log N(log s; x beta, sigma^2),   s = sqrt(2) k side
+
+    with ``d`` the pair's difference along the axis and ``side`` the candidate's. The prior (:class:`SidePrior`
+    on :func:`extent_features`, one per axis) is fitted on the click pairs of the other folds' images
+    (:func:`image_fold`; cross-fitted like :func:`choose_by_extent`); the clicks fix only ``s``, so the error scale
+    ``k`` (one for both axes) is set so that the prior's mean log side over the training clicks equals that of
+    their default boxes (self-calibrated) or of their ``reference`` sides (``w, h`` by click_id,
+    :func:`reference_boxes`). The map enters through the candidates and the features, not as a fixed-spread prior
+    around the default box as in :func:`choose_by_extent`. A lone click, a fallback box or a click without
+    candidates keeps its box. Arguments and result as :func:`choose_by_extent`'s (the report lists each fold's
+    ``k``, the two ``sigma`` and the number of training pairs)."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    out = boxes.copy()
+    c = clicks.set_index("click_id").reindex(out["click_id"])
+    paired = (c["n_clicks"].to_numpy(float) == 2)
+    diff = {"x": np.where(paired, c["x_a"].to_numpy(float) - c["x_b"].to_numpy(float), np.nan),
+            "y": np.where(paired, c["y_a"].to_numpy(float) - c["y_b"].to_numpy(float), np.nan)}
+    ok = (out["status"] == "ok").to_numpy() & paired
+    side0 = {"x": (out.x2 - out.x1).to_numpy(float), "y": (out.y2 - out.y1).to_numpy(float)}
+    if reference is None:
+        anchor, source = side0, "default boxes (self-calibrated)"
+    else:
+        ref = reference.reindex(out["click_id"])
+        anchor, source = {"x": ref["w"].to_numpy(float), "y": ref["h"].to_numpy(float)}, "reference boxes"
+    fold = np.array([image_fold(i, folds) for i in out["image_id"].astype(str)])
+    row_of = pd.Series(np.arange(len(out)), index=out["click_id"].to_numpy())
+    cand = candidates[candidates["click_id"].isin(out.loc[ok, "click_id"])].copy()
+    cand_rows = row_of.reindex(cand["click_id"]).to_numpy()
+    cand_side = {"x": (cand.x2 - cand.x1).to_numpy(float), "y": (cand.y2 - cand.y1).to_numpy(float)}
+    cand["logp"] = -np.inf
+    models = []
+    for f in range(folds):
+        train = ok & (fold != f)
+        counts = out.loc[train, "class"].value_counts()
+        classes = sorted(str(k) for k, v in counts.items() if v >= MIN_CLASS_PAIRS)[1:]  # the first: baseline
+        priors, means = {}, {}
+        for axis in ("x", "y"):
+            X = extent_features(out, clicks, axis, classes, image_sizes)
+            priors[axis] = fit_side_prior(X[train], diff[axis][train])
+            means[axis] = priors[axis].mean(X)
+        # log(sqrt(2) k): the prior's mean log s minus the mean log side of the anchor, both axes pooled
+        gaps = [means[a][train] - np.log(anchor[a][train]) for a in ("x", "y")]
+        gaps = np.concatenate([g[np.isfinite(g)] for g in gaps])
+        if not len(gaps):
+            raise ValueError(f"fold {f}: no training click pair has a {'default' if reference is None else 'reference'} "
+                             "box to set the click error scale k")
+        log_s_per_side = float(np.mean(gaps))
+        models.append({"k": float(np.exp(log_s_per_side) / np.sqrt(2)), "sigma_x": priors["x"].sigma,
+                       "sigma_y": priors["y"].sigma, "pairs": int(train.sum()), "classes": len(classes) + 1})
+        sel = fold[cand_rows] == f
+        rows = cand_rows[sel]
+        logp = np.zeros(int(sel.sum()))
+        for axis in ("x", "y"):
+            ls = np.log(np.maximum(cand_side[axis][sel], 1e-6)) + log_s_per_side
+            logp += -ls - diff[axis][rows] ** 2 / (2 * np.exp(2 * ls)) \
+                - (ls - means[axis][rows]) ** 2 / (2 * priors[axis].sigma ** 2)
+        cand.loc[sel, "logp"] = logp
+    best = cand.sort_values(["click_id", "logp", "threshold"], ascending=[True, False, True],
+                            kind="mergesort").drop_duplicates("click_id").set_index("click_id")
+    rows = out["click_id"].isin(best.index).to_numpy()
+    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
+    before = out.loc[rows, "threshold"].to_numpy(copy=True)
+    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    report = {"model": "learned", "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
+              "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
+              "models": models}
     return out, report

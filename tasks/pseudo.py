@@ -21,7 +21,8 @@ from pipeline.bcct import with_bc_masks
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
-from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, choose_by_extent, reference_areas, reference_boxes
+from pipeline.clickpairs import (AREA_THRESHOLDS, choose_by_area, choose_by_extent, choose_by_learned_extent,
+                                 reference_areas, reference_boxes)
 from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
@@ -67,13 +68,15 @@ class FusePseudoBoxes(StageTask):
                                                            "its own classifier and CAMs, and a click's fused maps, "
                                                            "each scaled to max 1, are averaged before the threshold "
                                                            "(measured: docs/experiments.md)")
-    box_area_prior = luigi.ChoiceParameter(choices=["off", "on", "axes"], default="off",
+    box_area_prior = luigi.ChoiceParameter(choices=["off", "on", "axes", "learned"], default="off",
                                            description="with --clicks-per-object 2: T_cam per click. on: the box "
                                                        "whose area best matches the click pair's distance, weighed "
                                                        "against the default box; axes: the box most probable "
                                                        "given the pair's x and y differences (click error "
                                                        "proportional to the object's side along each axis) and "
-                                                       "the default box (docs/method.md, two clicks)")
+                                                       "the default box; learned: as axes, with a prior on each "
+                                                       "side learned across images from the click pairs (default "
+                                                       "box, class, crowding) (docs/method.md, two clicks)")
     box_area_map_sigma = luigi.FloatParameter(default=0.5, description="log-area spread trusted to the default "
                                                                        "box against the pair's estimate")
     box_area_calibration = luigi.Parameter(default="", description="ground truth of a few images (VOC "
@@ -195,8 +198,9 @@ class FusePseudoBoxes(StageTask):
 
     def area_choice(self, boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
                     trainval: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-        """``--box-area-prior on`` / ``axes``: each paired click's T_cam by :func:`pipeline.clickpairs.choose_by_area`
-        / :func:`pipeline.clickpairs.choose_by_extent`, the model fitted on ``--box-area-calibration``'s boxes or
+        """``--box-area-prior on`` / ``axes`` / ``learned``: each paired click's T_cam by
+        :func:`pipeline.clickpairs.choose_by_area` / :func:`~pipeline.clickpairs.choose_by_extent` /
+        :func:`~pipeline.clickpairs.choose_by_learned_extent`, the model fitted on ``--box-area-calibration``'s boxes or
         self-calibrated; else ``boxes`` as they are."""
         if self.box_area_prior == "off":
             return boxes, {}
@@ -208,6 +212,15 @@ class FusePseudoBoxes(StageTask):
             log.info("FusePseudoBoxes: extent model on %d paired clicks (%s; k %s, sigma %s), %d changed T_cam",
                      report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
                      [round(m["sigma"], 2) for m in report["models"]], report["changed"])
+            return chosen, {"area_prior": report}
+        if self.box_area_prior == "learned":
+            sizes = {str(r.image_id): (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+            chosen, report = choose_by_learned_extent(boxes, candidates, clicks,
+                                                      None if truth is None else reference_boxes(clicks, truth),
+                                                      image_sizes=sizes)
+            log.info("FusePseudoBoxes: learned extent prior on %d paired clicks (%s; k %s), %d changed T_cam",
+                     report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
+                     report["changed"])
             return chosen, {"area_prior": report}
         reference = None if truth is None else reference_areas(clicks, truth)
         chosen, report = choose_by_area(boxes, candidates, clicks, self.box_area_map_sigma, reference)
