@@ -93,6 +93,13 @@ def main(argv=None) -> int:
     sigmas = [m[s] for m in report["models"] for s in ("sigma_x", "sigma_y")]
     row(f"per-axis extent, prior learned across images (--box-area-prior learned; k {min(ks):.3f}-{max(ks):.3f}, "
         f"sigma {min(sigmas):.2f}-{max(sigmas):.2f})", chosen)
+    # its ablations: feature groups, and an L2 penalty on the prior's coefficients (the default's is 1e-3)
+    for groups, name in ((("class",), "without the crowding features"), ((), "the default box's sides only")):
+        row(f"learned prior, {name}", choose_by_learned_extent(boxes, cand, clicks, image_sizes=sizes,
+                                                               groups=groups)[0])
+    for l2 in (0.1, 1.0, 10.0):
+        row(f"learned prior, L2 penalty {l2:g}", choose_by_learned_extent(boxes, cand, clicks, image_sizes=sizes,
+                                                                          l2=l2)[0])
     # the per-axis model with the simulator's k and fixed prior spreads (lone clicks: the prior alone)
     c = clicks.set_index("click_id").reindex(cand["click_id"])
     b0 = boxes.set_index("click_id").reindex(cand["click_id"])

@@ -433,14 +433,16 @@ def extent_features(boxes: pd.DataFrame, clicks: pd.DataFrame, axis: str, classe
     n_img = allc.groupby("image_id")["click_id"].count()
     n_cls = allc.groupby(["image_id", "class"])["click_id"].count()
     nearest = {}
-    for image_id, g in allc.groupby("image_id", sort=False):
+    for _, g in allc[allc["image_id"].map(n_img) > 1].groupby("image_id", sort=False):
         p = g[["x", "y"]].to_numpy(float)
-        if len(p) > 1:
-            dist = np.hypot(p[:, None, 0] - p[None, :, 0], p[:, None, 1] - p[None, :, 1])
-            np.fill_diagonal(dist, np.inf)
-            nearest.update(zip(g["click_id"], dist.min(1)))
-        elif image_sizes is not None and image_id in image_sizes:
-            nearest[g["click_id"].iloc[0]] = float(np.hypot(*image_sizes[image_id]))
+        dist = np.hypot(p[:, None, 0] - p[None, :, 0], p[:, None, 1] - p[None, :, 1])
+        np.fill_diagonal(dist, np.inf)
+        nearest.update(zip(g["click_id"], dist.min(1)))
+    if image_sizes is not None:
+        alone_ids = allc[allc["image_id"].map(n_img) == 1]
+        nearest.update({cid: float(np.hypot(*image_sizes[i])) for cid, i in zip(alone_ids["click_id"],
+                                                                              alone_ids["image_id"])
+                        if i in image_sizes})
     ids = boxes["image_id"].astype(str)
     n_i = n_img.reindex(ids).to_numpy(float)
     n_c = n_cls.reindex(pd.MultiIndex.from_arrays([ids, boxes["class"]])).to_numpy(float)
@@ -508,9 +510,14 @@ def fit_side_prior(features: np.ndarray, diff: np.ndarray, l2: float = SIDE_PRIO
     return SidePrior(res.x[:-1], float(np.exp(np.clip(res.x[-1], lo, hi))))
 
 
+#: feature groups of :func:`extent_features` beyond the intercept and the default box's sides
+EXTENT_FEATURE_GROUPS = ("class", "crowding")
+
+
 def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
                              reference: pd.DataFrame | None = None, folds: int = 5,
-                             image_sizes: dict | None = None) -> tuple[pd.DataFrame, dict]:
+                             image_sizes: dict | None = None, groups: Sequence[str] = EXTENT_FEATURE_GROUPS,
+                             l2: float = SIDE_PRIOR_L2) -> tuple[pd.DataFrame, dict]:
     """Stage 5 with two clicks, per axis, with a prior learned across images: each paired click's box among its
     ``candidates`` maximising, summed over the two axes,
 
@@ -523,10 +530,15 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
     their default boxes (self-calibrated) or of their ``reference`` sides (``w, h`` by click_id,
     :func:`reference_boxes`). The map enters through the candidates and the features, not as a fixed-spread prior
     around the default box as in :func:`choose_by_extent`. A lone click, a fallback box or a click without
-    candidates keeps its box. Arguments and result as :func:`choose_by_extent`'s (the report lists each fold's
-    ``k``, the two ``sigma`` and the number of training pairs)."""
+    candidates keeps its box. ``groups`` (a subset of :data:`EXTENT_FEATURE_GROUPS`) and ``l2``
+    (:func:`fit_side_prior`) are there for ablations (bench/two_click_probe.py). Arguments and result as
+    :func:`choose_by_extent`'s (the report lists each fold's ``k``, the two ``sigma`` and the number of training
+    pairs)."""
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if set(groups) - set(EXTENT_FEATURE_GROUPS):
+        raise ValueError(f"unknown feature groups {sorted(set(groups) - set(EXTENT_FEATURE_GROUPS))}; "
+                         f"known: {list(EXTENT_FEATURE_GROUPS)}")
     out = boxes.copy()
     c = clicks.set_index("click_id").reindex(out["click_id"])
     paired = (c["n_clicks"].to_numpy(float) == 2)
@@ -545,15 +557,23 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
     cand_rows = row_of.reindex(cand["click_id"]).to_numpy()
     cand_side = {"x": (cand.x2 - cand.x1).to_numpy(float), "y": (cand.y2 - cand.y1).to_numpy(float)}
     cand["logp"] = -np.inf
+    all_classes = sorted(out["class"].astype(str).unique())
+    features = {a: extent_features(out, clicks, a, all_classes, image_sizes) for a in ("x", "y")}
     models = []
     for f in range(folds):
         train = ok & (fold != f)
-        counts = out.loc[train, "class"].value_counts()
-        classes = sorted(str(k) for k, v in counts.items() if v >= MIN_CLASS_PAIRS)[1:]  # the first: baseline
+        counts = out.loc[train, "class"].astype(str).value_counts()
+        kept = [c for c in all_classes if counts.get(c, 0) >= MIN_CLASS_PAIRS][1:] if "class" in groups else []
+        columns = ([0, 1, 2] + [3 + all_classes.index(c) for c in kept]  # intercept, sides, the kept classes
+                   + (list(range(3 + len(all_classes), features["x"].shape[1])) if "crowding" in groups else []))
         priors, means = {}, {}
         for axis in ("x", "y"):
-            X = extent_features(out, clicks, axis, classes, image_sizes)
-            priors[axis] = fit_side_prior(X[train], diff[axis][train])
+            X = features[axis][:, columns]
+            try:
+                priors[axis] = fit_side_prior(X[train], diff[axis][train], l2)
+            except ValueError as e:
+                raise ValueError(f"fold {f} of {folds}: {e}; the default-box prior (choose_by_extent, --box-area-prior "
+                                 "axes) needs fewer") from e
             means[axis] = priors[axis].mean(X)
         # log(sqrt(2) k): the prior's mean log s minus the mean log side of the anchor, both axes pooled
         gaps = [means[a][train] - np.log(anchor[a][train]) for a in ("x", "y")]
@@ -563,7 +583,7 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
                              "box to set the click error scale k")
         log_s_per_side = float(np.mean(gaps))
         models.append({"k": float(np.exp(log_s_per_side) / np.sqrt(2)), "sigma_x": priors["x"].sigma,
-                       "sigma_y": priors["y"].sigma, "pairs": int(train.sum()), "classes": len(classes) + 1})
+                       "sigma_y": priors["y"].sigma, "pairs": int(train.sum()), "classes": len(kept) + 1})
         sel = fold[cand_rows] == f
         rows = cand_rows[sel]
         logp = np.zeros(int(sel.sum()))
@@ -578,7 +598,7 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
     cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
     before = out.loc[rows, "threshold"].to_numpy(copy=True)
     out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
-    report = {"model": "learned", "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
+    report = {"model": "learned", "groups": list(groups), "l2": l2, "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
               "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
               "models": models}
     return out, report

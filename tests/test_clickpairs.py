@@ -250,6 +250,100 @@ def test_choose_by_extent_follows_each_axis_and_is_cross_fitted():
     moved = clicks.copy()
     moved.loc[f0, "x_b"] = 200.0 + 10 * dx[f0]
     moved.loc[f0, "y_b"] = 200.0 + 10 * dy[f0]
+    assert report["changed"] == int((out.threshold != default.threshold).sum()) > 0
     _, report2 = choose_by_extent(default, cands, moved)
     assert report2["models"][0] == report["models"][0]
     assert report2["models"][1] != report["models"][1]
+
+
+def test_side_prior_recovers_a_known_prior_from_the_click_differences_alone():
+    """Objects whose log click-error scale follows a feature (slope 0.8) with spread 0.3; only the pairs'
+    differences are given: the marginal-likelihood fit recovers the coefficients and the spread."""
+    from pipeline.clickpairs import fit_side_prior
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    feat = rng.uniform(2, 6, n)
+    X = np.column_stack([np.ones(n), feat])
+    log_s = X @ np.array([-1.0, 0.8]) + rng.normal(0, 0.3, n)
+    d = rng.normal(0, np.exp(log_s))
+    prior = fit_side_prior(X, d)
+    assert prior.beta == pytest.approx([-1.0, 0.8], abs=0.08) and prior.sigma == pytest.approx(0.3, abs=0.06)
+    with pytest.raises(ValueError, match="at least 6 click pairs"):
+        fit_side_prior(X[:5], d[:5])
+
+
+def test_extent_features_hand_values():
+    from pipeline.clickpairs import extent_features
+
+    boxes = pd.DataFrame({"click_id": [0, 1, 2], "image_id": ["a", "a", "b"], "class": ["dog", "cat", "dog"],
+                          "x1": [0.0, 0, 0], "y1": [0.0, 0, 0], "x2": [40.0, 10, 100], "y2": [20.0, 10, 50]})
+    clicks = pd.DataFrame({"click_id": [0, 1, 2], "image_id": ["a", "a", "b"], "class": ["dog", "cat", "dog"],
+                           "x": [10.0, 13, 5], "y": [10.0, 14, 5]})
+    X = extent_features(boxes, clicks, "x", ["dog"], image_sizes={"b": (30, 40)})
+    # intercept, log own side, log other side, is-dog, log n in image, log n of class, log nearest, alone
+    assert X[0] == pytest.approx([1, np.log(40), np.log(20), 1, np.log(2), 0, np.log(5), 0])
+    assert X[1] == pytest.approx([1, np.log(10), np.log(10), 0, np.log(2), 0, np.log(5), 0])
+    assert X[2] == pytest.approx([1, np.log(100), np.log(50), 1, 0, 0, np.log(50), 1])  # alone: the diagonal
+    assert extent_features(boxes, clicks, "y", ["dog"])[0][1:3] == pytest.approx([np.log(20), np.log(40)])
+
+
+def _learned_case(seed=4, n=1600):
+    """Two classes with the same default boxes but true sides 2x apart (big: 2x the default box's, small: 1x):
+    a prior around the default box cannot tell them apart, a prior learned with the class can."""
+    rng = np.random.default_rng(seed)
+    sides = np.array([20.0, 28.0, 40.0, 56.0, 80.0, 113.0, 160.0, 226.0, 320.0])
+    cls = np.where(rng.random(n) < 0.5, "big", "small")
+    base = rng.choice(sides[1:5], n)  # the default box's side (both axes)
+    true = np.where(cls == "big", 2 * base / 1.414, base / 1.414)  # mean log side = the default box's
+    dx, dy = rng.normal(0, np.sqrt(2) * 0.08 * true), rng.normal(0, np.sqrt(2) * 0.08 * true)
+    ids = [f"i{k}" for k in range(n)]
+    clicks = pd.DataFrame({"click_id": range(n), "image_id": ids, "class": cls, "n_clicks": 2, "x": 400.0,
+                           "y": 400.0, "x_a": 400.0, "y_a": 400.0, "x_b": 400.0 + dx, "y_b": 400.0 + dy})
+    rows = [(k, float(10 + 10 * j), 400 - s / 2, 400 - s / 2, 400 + s / 2, 400 + s / 2, 0.5)
+            for k in range(n) for j, s in enumerate(sides)]
+    cands = pd.DataFrame(rows, columns=["click_id", "threshold", "x1", "y1", "x2", "y2", "score"])
+    default = pd.DataFrame({"click_id": range(n), "image_id": ids, "class": cls, "x1": 400 - base / 2,
+                            "y1": 400 - base / 2, "x2": 400 + base / 2, "y2": 400 + base / 2, "score": 0.5,
+                            "threshold": 50.0, "status": "ok"})
+    return clicks, cands, default, true, sides
+
+
+def test_choose_by_learned_extent_learns_the_class_and_is_cross_fitted():
+    """The learned prior gets each class's scale from the click pairs (no box): its boxes match the true sides
+    more often than the default-box prior's (choose_by_extent). Lone clicks and fallbacks keep their box; the
+    report counts the changed thresholds; cross-fitting: changing fold 0's clicks leaves fold 0's model as it was
+    (the test fails if a click's own pair entered its model); reference sides set k."""
+    from pipeline.clickpairs import choose_by_extent, choose_by_learned_extent, image_fold
+
+    clicks, cands, default, true, sides = _learned_case()
+    clicks.loc[0, ["n_clicks", "x_b", "y_b"]] = [1, np.nan, np.nan]
+    default.loc[1, "status"] = "fallback"
+    out, report = choose_by_learned_extent(default, cands, clicks)
+    got = (out.x2 - out.x1).to_numpy()
+    assert got[0] == pytest.approx(default.x2[0] - default.x1[0]) and got[1] == pytest.approx(default.x2[1] - default.x1[1])
+    nearest = sides[np.abs(np.log(sides)[None] - np.log(true)[:, None]).argmin(1)]
+    axes = choose_by_extent(default, cands, clicks)[0]
+    hit = (got[2:] == nearest[2:]).mean()
+    hit_axes = ((axes.x2 - axes.x1).to_numpy()[2:] == nearest[2:]).mean()
+    assert hit > hit_axes + 0.1
+    big = (clicks["class"] == "big").to_numpy()[2:]
+    assert np.median(got[2:][big] / (default.x2 - default.x1).to_numpy()[2:][big]) > 1.2  # the big class's scale
+    assert report["chosen"] == len(clicks) - 2 and report["changed"] == int((out.threshold != default.threshold).sum())
+    assert report["changed"] > 0 and len(report["models"]) == 5
+    assert all(m["k"] == pytest.approx(0.08, rel=0.15) for m in report["models"])
+    f0 = np.array([image_fold(i, 5) == 0 for i in clicks.image_id])
+    moved = clicks.copy()
+    moved.loc[f0, "x_b"] = 400.0 + 10 * (clicks.x_b[f0] - 400.0)
+    _, report2 = choose_by_learned_extent(default, cands, moved)
+    assert report2["models"][0] == report["models"][0] and report2["models"][1] != report["models"][1]
+    # reference sides twice the truth: k halves (the anchor follows the reference, not the default boxes)
+    ref = pd.DataFrame({"w": 2 * true, "h": 2 * true}, index=pd.Index(clicks.click_id, name="click_id"))
+    _, report3 = choose_by_learned_extent(default, cands, clicks, reference=ref)
+    assert report3["reference"] == "reference boxes"
+    assert report3["models"][0]["k"] == pytest.approx(report["models"][0]["k"] / 2, rel=0.1)
+    with pytest.raises(ValueError, match="unknown feature groups"):
+        choose_by_learned_extent(default, cands, clicks, groups=("colour",))
+    few = clicks.click_id < 10
+    with pytest.raises(ValueError, match="needs at least 14 click pairs.*axes"):
+        choose_by_learned_extent(default[few], cands[cands.click_id < 10], clicks[few])
