@@ -598,7 +598,8 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
     cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
     before = out.loc[rows, "threshold"].to_numpy(copy=True)
     out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
-    report = {"model": "learned", "groups": list(groups), "l2": l2, "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
+    report = {"model": "learned", "groups": list(groups), "l2": l2, "reference": source,
+              "paired": int(paired.sum()), "chosen": int(rows.sum()),
               "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
               "models": models}
     return out, report

@@ -15,7 +15,7 @@ from pipeline.markdown import markdown_table
 from .base import StageTask, inherits
 from .mil import MILBoxes
 from .proposal_free import ProposalFreeBoxes
-from .pseudo import FusePseudoBoxes
+from .pseudo import FusePseudoBoxes, resolved_area_prior
 from .relocalize import BOX_STAGES, PROPOSALS, BoxSource, RelocalizeBoxes  # noqa: F401 (the first two: re-exported)
 
 
@@ -39,8 +39,10 @@ class PseudoLabels(BoxSource, StageTask):
         super().__init__(*args, **kwargs)
         if self.proposals == "none" and self.box_method != "cam":
             raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
-        unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""),
-                                                            ("box_area_prior", "off")) if getattr(self, k) != off]
+        unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""))
+                  if getattr(self, k) != off]
+        if resolved_area_prior(self.box_area_prior, self.clicks_per_object) != "off":
+            unused.append("--box-area-prior")
         if self.proposals == "none" and unused:
             raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "
                              f"{', '.join(unused)} belong to the crop CAM stages and do not apply")

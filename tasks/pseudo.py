@@ -35,6 +35,13 @@ from .proposals import SelectProposals
 log = logging.getLogger("clickscale")
 
 
+def resolved_area_prior(box_area_prior: str, clicks_per_object: str) -> str:
+    """``--box-area-prior`` as it acts: ``auto`` is ``learned`` with two clicks per object, ``off`` with one."""
+    if box_area_prior == "auto":
+        return "learned" if str(clicks_per_object) == "2" else "off"
+    return box_area_prior
+
+
 @inherits(GenerateCAMs, BCMaps)
 class FusePseudoBoxes(StageTask):
     """One pseudo box per click from its fused CAM (pipeline/boxes.py), rank-1 proposal as counted fallback.
@@ -68,8 +75,9 @@ class FusePseudoBoxes(StageTask):
                                                            "its own classifier and CAMs, and a click's fused maps, "
                                                            "each scaled to max 1, are averaged before the threshold "
                                                            "(measured: docs/experiments.md)")
-    box_area_prior = luigi.ChoiceParameter(choices=["off", "on", "axes", "learned"], default="off",
-                                           description="with --clicks-per-object 2: T_cam per click. on: the box "
+    box_area_prior = luigi.ChoiceParameter(choices=["auto", "off", "on", "axes", "learned"], default="auto",
+                                           description="with --clicks-per-object 2: T_cam per click (auto: learned "
+                                                       "with two clicks, off with one). on: the box "
                                                        "whose area best matches the click pair's distance, weighed "
                                                        "against the default box; axes: the box most probable "
                                                        "given the pair's x and y differences (click error "
@@ -107,9 +115,17 @@ class FusePseudoBoxes(StageTask):
         self.fused_layers(self.classifier_backbone)
         if self.box_bc_mask == "on" and self.image_label_mode():
             raise ValueError("--box-bc-mask on acts on click maps; it does not apply to classifier_mode=image_labels")
-        if self.box_area_prior != "off" and self.clicks_per_object != "2":
+        if self.box_area_prior not in ("auto", "off") and self.clicks_per_object != "2":
             raise ValueError(f"--box-area-prior {self.box_area_prior} needs two clicks per object "
                              "(--clicks-per-object 2)")
+
+    def area_prior(self) -> str:
+        """``--box-area-prior`` resolved: ``auto`` is ``learned`` with two clicks per object, ``off`` with one."""
+        return resolved_area_prior(self.box_area_prior, self.clicks_per_object)
+
+    def significant_params(self) -> dict:
+        """The area prior enters the hash as resolved (``auto`` with one click is the earlier ``off``)."""
+        return {**super().significant_params(), "box_area_prior": self.area_prior()}
 
     def fused_layers(self, backbone: str) -> list[str]:
         """The CAM layers whose maps are averaged for ``backbone``: ``--cam-layers`` (comma-separated), or the
@@ -202,26 +218,36 @@ class FusePseudoBoxes(StageTask):
         :func:`pipeline.clickpairs.choose_by_area` / :func:`~pipeline.clickpairs.choose_by_extent` /
         :func:`~pipeline.clickpairs.choose_by_learned_extent`, the model fitted on ``--box-area-calibration``'s boxes or
         self-calibrated; else ``boxes`` as they are."""
-        if self.box_area_prior == "off":
+        prior = self.area_prior()
+        if prior == "off":
             return boxes, {}
         truth = (read_ground_truth(self.box_area_calibration, trainval, partial=True)
                  if self.box_area_calibration else None)
-        if self.box_area_prior == "axes":
+        fallback = {}
+        if prior == "learned":
+            sizes = {str(r.image_id): (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
+            try:
+                chosen, report = choose_by_learned_extent(boxes, candidates, clicks,
+                                                          None if truth is None else reference_boxes(clicks, truth),
+                                                          image_sizes=sizes)
+            except ValueError as e:
+                if self.box_area_prior != "auto" or "click pairs" not in str(e):
+                    raise
+                # the default on data too small for the learned prior: the default-box prior, said and counted
+                log.warning("FusePseudoBoxes: %s; falling back to --box-area-prior axes", e)
+                prior, fallback = "axes", {"fallback_from": "learned", "why": str(e)}
+            else:
+                log.info("FusePseudoBoxes: learned extent prior on %d paired clicks (%s; k %s), %d changed T_cam",
+                         report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
+                         report["changed"])
+                return chosen, {"area_prior": report}
+        if prior == "axes":
             chosen, report = choose_by_extent(boxes, candidates, clicks,
                                               None if truth is None else reference_boxes(clicks, truth))
             log.info("FusePseudoBoxes: extent model on %d paired clicks (%s; k %s, sigma %s), %d changed T_cam",
                      report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
                      [round(m["sigma"], 2) for m in report["models"]], report["changed"])
-            return chosen, {"area_prior": report}
-        if self.box_area_prior == "learned":
-            sizes = {str(r.image_id): (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
-            chosen, report = choose_by_learned_extent(boxes, candidates, clicks,
-                                                      None if truth is None else reference_boxes(clicks, truth),
-                                                      image_sizes=sizes)
-            log.info("FusePseudoBoxes: learned extent prior on %d paired clicks (%s; k %s), %d changed T_cam",
-                     report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
-                     report["changed"])
-            return chosen, {"area_prior": report}
+            return chosen, {"area_prior": {**report, **fallback}}
         reference = None if truth is None else reference_areas(clicks, truth)
         chosen, report = choose_by_area(boxes, candidates, clicks, self.box_area_map_sigma, reference)
         log.info("FusePseudoBoxes: area prior on %d paired clicks (%s, %d boxes), %d changed T_cam", report["paired"],
@@ -241,7 +267,7 @@ class FusePseudoBoxes(StageTask):
             boxes, candidates = pseudo_boxes_and_candidates(
                 tqdm(self.bc_masked(items, clicks, bc), total=total, desc="pseudo boxes", leave=False), fallback,
                 classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks,
-                candidate_thresholds=AREA_THRESHOLDS if self.box_area_prior != "off" else ())
+                candidate_thresholds=AREA_THRESHOLDS if self.area_prior() != "off" else ())
             boxes, area = self.area_choice(boxes, candidates, clicks, trainval)
             if bc:
                 area["bc_mask"] = {**bc, "delta": self.box_bc_delta, "sigma": self.box_bc_sigma}

@@ -387,22 +387,24 @@ def test_cam_ensemble_rejects_bad_backbones(tmp_path, value, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prior", ["on", "learned"])
-def test_fuse_pseudo_boxes_area_prior_with_two_clicks(outputs, tmp_path, prior):
+@pytest.mark.parametrize("prior,images", [("on", 24), ("learned", 24), ("auto", 6)])
+def test_fuse_pseudo_boxes_area_prior_with_two_clicks(outputs, tmp_path, prior, images):
     """--clicks-per-object 2 --box-area-prior on / learned: the stage's boxes are clickpairs.choose_by_area's /
     choose_by_learned_extent's choice among the candidates of the pipeline functions (stand-in CAM stores as above);
-    without two clicks the option is an error at creation."""
+    without two clicks the option is an error at creation. The default (auto = learned) on 6 images, too few pairs
+    for the learned prior: choose_by_extent's boxes, the fallback said in metrics.json."""
     import luigi
 
     from pipeline.boxes import BoxParams, classes_per_image, ensemble_map, pseudo_boxes_and_candidates, rank1_proposals
     from pipeline.cam import CamStore, click_entries, write_cam_store
-    from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, choose_by_learned_extent
+    from pipeline.clickpairs import AREA_THRESHOLDS, choose_by_area, choose_by_extent, choose_by_learned_extent
     from pipeline.io import read_json
     from tasks.pseudo import FusePseudoBoxes
 
-    with pytest.raises(ValueError, match="needs two clicks per object"):
-        FusePseudoBoxes(data_root=str(tmp_path / "data"), box_area_prior=prior)
-    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=24, synth_test=1, synth_image_px=96,
+    if prior != "auto":
+        with pytest.raises(ValueError, match="needs two clicks per object"):
+            FusePseudoBoxes(data_root=str(tmp_path / "data"), box_area_prior=prior)
+    task = FusePseudoBoxes(data_root=str(tmp_path / "data"), synth_trainval=images, synth_test=1, synth_image_px=96,
                            ss_image_max_px=64, ss_box_min_px=4, ss_shards=1, classifier_weights="random", device="cpu",
                            clicks_per_object="2", box_area_prior=prior, report_images=0, report_worst=0)
     reqs = task.requires()
@@ -427,9 +429,14 @@ def test_fuse_pseudo_boxes_area_prior_with_two_clicks(outputs, tmp_path, prior):
     if prior == "on":
         expected, report = choose_by_area(boxes, cands, clicks, map_sigma=0.5)
         expected = expected.drop(columns=["area_mu", "area_sigma"])
-    else:
+    elif prior == "learned":
         sizes = {str(r.image_id): (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
         expected, report = choose_by_learned_extent(boxes, cands, clicks, image_sizes=sizes)
+    else:
+        expected, report = choose_by_extent(boxes, cands, clicks)
     pd.testing.assert_frame_equal(labels, expected, check_dtype=False)
     got = read_json(task.stage_dir / "metrics.json")["params"]["area_prior"]
     assert got["paired"] == len(clicks) and got["changed"] == report["changed"]
+    assert got.get("model") == ("axes" if prior == "auto" else report.get("model"))
+    if prior == "auto":
+        assert got["fallback_from"] == "learned" and "click pairs" in got["why"]

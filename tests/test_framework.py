@@ -104,6 +104,14 @@ def test_parameters_added_later_are_hashed_only_when_set():
     assert image.train_config().epochs == image.epochs
     assert tasks.TrainClassifier(**image_level, classifier_epochs=3).stage_dir != image.stage_dir
     assert tasks.TrainClassifier(**image_level, classifier_epochs=image.epochs).stage_dir == image.stage_dir
+    # --box-area-prior auto resolves by the clicks per object and is hashed as resolved: one click keeps the
+    # directory of the earlier default "off", two clicks hash as "learned"
+    one, two = tasks.FusePseudoBoxes(), tasks.FusePseudoBoxes(clicks_per_object="2")
+    assert one.significant_params()["box_area_prior"] == "off" and one.area_prior() == "off"
+    assert one.stage_dir == tasks.FusePseudoBoxes(box_area_prior="off").stage_dir
+    assert two.area_prior() == "learned"
+    assert two.stage_dir == tasks.FusePseudoBoxes(clicks_per_object="2", box_area_prior="learned").stage_dir
+    assert two.stage_dir != tasks.FusePseudoBoxes(clicks_per_object="2", box_area_prior="off").stage_dir
 
 
 def test_reuse_and_params_json(outputs, tmp_path, monkeypatch):
