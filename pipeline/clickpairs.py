@@ -217,6 +217,19 @@ def log_area(boxes) -> np.ndarray:
 AREA_THRESHOLDS = tuple(float(t) for t in range(10, 250, 10))
 
 
+def _keep_best(out: pd.DataFrame, cand: pd.DataFrame, key: str, largest: bool) -> tuple[int, int]:
+    """Replace, in place, each click's box in ``out`` by its candidate of the largest (or smallest) ``key``, ties
+    to the lower threshold; returns ``(chosen, changed)``: the clicks given a candidate and those whose threshold
+    changed."""
+    best = cand.sort_values(["click_id", key, "threshold"], ascending=[True, not largest, True],
+                            kind="mergesort").drop_duplicates("click_id").set_index("click_id")
+    rows = out["click_id"].isin(best.index).to_numpy()
+    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
+    before = out.loc[rows, "threshold"].to_numpy(copy=True)
+    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    return int(rows.sum()), int((out.loc[rows, "threshold"].to_numpy() != before).sum())
+
+
 def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame, map_sigma: float | None,
                    reference_area: pd.Series | None = None, folds: int = 5) -> tuple[pd.DataFrame, dict]:
     """Stage 5 with two clicks: each paired click's box among its ``candidates`` (its map thresholded at
@@ -255,14 +268,9 @@ def choose_by_area(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.Dat
     cand = candidates[candidates["click_id"].isin(out.loc[use, "click_id"])].copy()
     cand["gap"] = np.abs(log_area(cand[["x1", "y1", "x2", "y2"]]) - pd.Series(target, index=out["click_id"])
                          .reindex(cand["click_id"]).to_numpy())
-    best = cand.sort_values(["click_id", "gap", "threshold"], kind="mergesort").drop_duplicates("click_id")
-    best = best.set_index("click_id")
-    rows = out["click_id"].isin(best.index).to_numpy()
-    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
-    before = out.loc[rows, "threshold"].to_numpy(copy=True)
-    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    chosen, changed = _keep_best(out, cand, "gap", largest=False)
     report = {"reference": source, "reference_boxes": int(np.isfinite(ref).sum()), "paired": int(np.isfinite(d).sum()),
-              "chosen": int(rows.sum()), "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()),
+              "chosen": chosen, "changed": changed,
               "map_sigma": map_sigma, "folds": folds,
               "models": [{"intercept": m.intercept, "slope": m.slope, "sigma": m.sigma} for m in models]}
     return out, report
@@ -394,14 +402,9 @@ def choose_by_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.D
         rows = row_of.reindex(cand.loc[sel, "click_id"]).to_numpy()
         cand.loc[sel, "logp"] = model.log_posterior(dx[rows], dy[rows], (cand.x2 - cand.x1)[sel].to_numpy(float),
                                                     (cand.y2 - cand.y1)[sel].to_numpy(float), w0[rows], h0[rows])
-    best = cand.sort_values(["click_id", "logp", "threshold"], ascending=[True, False, True],
-                            kind="mergesort").drop_duplicates("click_id").set_index("click_id")
-    rows = out["click_id"].isin(best.index).to_numpy()
-    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
-    before = out.loc[rows, "threshold"].to_numpy(copy=True)
-    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
-    report = {"model": "axes", "reference": source, "paired": int(paired.sum()), "chosen": int(rows.sum()),
-              "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
+    chosen, changed = _keep_best(out, cand, "logp", largest=True)
+    report = {"model": "axes", "reference": source, "paired": int(paired.sum()), "chosen": chosen,
+              "changed": changed, "folds": folds,
               "models": [{"k": m.k, "sigma": m.sigma} for m in models]}
     return out, report
 
@@ -592,14 +595,7 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
             logp += -ls - diff[axis][rows] ** 2 / (2 * np.exp(2 * ls)) \
                 - (ls - means[axis][rows]) ** 2 / (2 * priors[axis].sigma ** 2)
         cand.loc[sel, "logp"] = logp
-    best = cand.sort_values(["click_id", "logp", "threshold"], ascending=[True, False, True],
-                            kind="mergesort").drop_duplicates("click_id").set_index("click_id")
-    rows = out["click_id"].isin(best.index).to_numpy()
-    cols = ["x1", "y1", "x2", "y2", "score", "threshold"]
-    before = out.loc[rows, "threshold"].to_numpy(copy=True)
-    out.loc[rows, cols] = best.loc[out.loc[rows, "click_id"], cols].to_numpy()
+    chosen, changed = _keep_best(out, cand, "logp", largest=True)
     report = {"model": "learned", "groups": list(groups), "l2": l2, "reference": source,
-              "paired": int(paired.sum()), "chosen": int(rows.sum()),
-              "changed": int((out.loc[rows, "threshold"].to_numpy() != before).sum()), "folds": folds,
-              "models": models}
+              "paired": int(paired.sum()), "chosen": chosen, "changed": changed, "folds": folds, "models": models}
     return out, report
