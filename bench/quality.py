@@ -2,7 +2,8 @@
 last conv layer where Grad-CAM is usually taken, and at the default layers) and SA-CAM with clicks (the default:
 the maps of stage5_expand and stage6 averaged), SA-CAM at each ablation layer alone, and the effect of the symmetry
 rule, of T_cam and of the same-class partition of stage 5 (``--box-partition``); SA-CAM with two clicks per object
-(paper 001: the pair's mean as the click, and with the area score choosing T_cam); click-supervised MIL (paper 001's
+(paper 001: the pair's mean as the click, and with the area score, the per-axis extent model or its prior learned
+across images choosing T_cam); click-supervised MIL (paper 001's
 method, ``--box-method mil``) with one click and with two clicks per object (``--clicks-per-object 2``, annotators
 1 and 2), the seed's baseline; seeds 003 / 004 (image-level GAP / GMP / SPAM networks with boxes from one forward
 pass, no clicks; ``--proposals none``, the proposal-free click mode, with the SPAM network and with the click
