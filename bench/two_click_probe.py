@@ -7,7 +7,8 @@ kept per click by:
 * the default T_cam;
 * ``choose_by_area`` (``--box-area-prior on``: the pair's distance);
 * ``choose_by_extent`` (``--box-area-prior axes``: the pair's x and y differences, self-calibrated);
-* ``choose_by_learned_extent`` (``--box-area-prior learned``: the same, its prior learned from the click pairs);
+* ``choose_by_learned_extent`` (``--box-area-prior learned``: the same, its prior learned from the click pairs),
+  its ablations, and both on pairs with annotator slips (``--outlier-pairs``);
 * the per-axis model with the click simulator's own constant (k = 0.08, voc07-sample's README) and fixed prior
   spreads (what a perfectly known error law would give);
 * two oracles with the ground truth: the box nearest the clicked object's true area, and the box of best IoU with it.
@@ -59,6 +60,10 @@ def pick(boxes: pd.DataFrame, cand: pd.DataFrame, key: str, ascending: bool) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cam-paste", default="grid", choices=["grid", "resize"])
+    ap.add_argument("--outlier-pairs", default="0.05,0.1",
+                    help="comma-separated shares of pairs whose second click is moved to a uniform point within "
+                         "+-half the default box of the first (the means kept): axes and learned on them, a "
+                         "robustness check against annotator slips (the simulated clicks have none); empty: none")
     args = ap.parse_args(argv)
     task = FusePseudoBoxes(voc_root=str(SAMPLE / "VOC2007"), clicks=str(SAMPLE / "clicks_trainval.csv"),
                            annotator=1, cam_method="sacam", clicks_per_object="2", annotators="1,2",
@@ -100,6 +105,19 @@ def main(argv=None) -> int:
     for l2 in (0.1, 1.0, 10.0):
         row(f"learned prior, L2 penalty {l2:g}", choose_by_learned_extent(boxes, cand, clicks, image_sizes=sizes,
                                                                           l2=l2)[0])
+    # annotator slips: a share of the pairs' second clicks moved (seeded), only the size cue affected
+    rng = np.random.default_rng(0)
+    b_by_click = boxes.set_index("click_id").reindex(clicks["click_id"])
+    half_w = ((b_by_click.x2 - b_by_click.x1) / 2).to_numpy()
+    half_h = ((b_by_click.y2 - b_by_click.y1) / 2).to_numpy()
+    for share in [float(x) for x in args.outlier_pairs.split(",") if x.strip()]:
+        slipped = clicks.copy()
+        moved = (rng.random(len(clicks)) < share) & (clicks["n_clicks"] == 2).to_numpy()
+        slipped.loc[moved, "x_b"] = slipped.x_a[moved] + rng.uniform(-1, 1, moved.sum()) * half_w[moved]
+        slipped.loc[moved, "y_b"] = slipped.y_a[moved] + rng.uniform(-1, 1, moved.sum()) * half_h[moved]
+        row(f"{share:.0%} of pairs slipped: per-axis extent (axes)", choose_by_extent(boxes, cand, slipped)[0])
+        row(f"{share:.0%} of pairs slipped: learned prior", choose_by_learned_extent(boxes, cand, slipped,
+                                                                                  image_sizes=sizes)[0])
     # the per-axis model with the simulator's k and fixed prior spreads (lone clicks: the prior alone)
     c = clicks.set_index("click_id").reindex(cand["click_id"])
     b0 = boxes.set_index("click_id").reindex(cand["click_id"])
