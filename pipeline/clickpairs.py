@@ -425,9 +425,9 @@ def extent_features(boxes: pd.DataFrame, clicks: pd.DataFrame, axis: str, classe
     row of ``boxes`` (stage 5's default boxes, ``click_id, image_id, class, x1..y2``): an intercept, the log of the
     default box's side along the axis and across it (the map's own answer), one indicator per class of ``classes``
     (the class's typical extent relative to that answer), and the image's crowding: the log number of clicked
-    objects in the image and of its class there, the log distance to the nearest other click of the image (the
-    image's diagonal, from ``image_sizes`` (id -> (w, h)) or the clicks' spread, when it is alone) and whether it
-    is alone. Clicks from ``clicks`` (``click_id, image_id, class, x, y``)."""
+    objects in the image and of its class there, the log distance to the nearest other click of the image (when it
+    is alone: the image's diagonal, from ``image_sizes`` (id -> (w, h)), else the largest default box's side times
+    sqrt(2)) and whether it is alone. Clicks from ``clicks`` (``click_id, image_id, class, x, y``)."""
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
     w0, h0 = (boxes.x2 - boxes.x1).to_numpy(float), (boxes.y2 - boxes.y1).to_numpy(float)

@@ -15,7 +15,7 @@ from pipeline.markdown import markdown_table
 from .base import StageTask, inherits
 from .mil import MILBoxes
 from .proposal_free import ProposalFreeBoxes
-from .pseudo import FusePseudoBoxes, resolved_area_prior
+from .pseudo import FusePseudoBoxes
 from .relocalize import BOX_STAGES, PROPOSALS, BoxSource, RelocalizeBoxes  # noqa: F401 (the first two: re-exported)
 
 
@@ -41,7 +41,7 @@ class PseudoLabels(BoxSource, StageTask):
             raise ValueError("--proposals none takes the boxes from CAMs: it needs --box-method cam")
         unused = [f"--{k.replace('_', '-')}" for k, off in (("cam_ensemble", ""), ("cam_layers", ""))
                   if getattr(self, k) != off]
-        if resolved_area_prior(self.box_area_prior, self.clicks_per_object) != "off":
+        if self.box_area_prior not in ("auto", "off"):  # auto: the proposal-free stage has no threshold to choose
             unused.append("--box-area-prior")
         if self.proposals == "none" and unused:
             raise ValueError(f"--proposals none reads one network's whole-image maps (--cam-network); "

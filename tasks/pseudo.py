@@ -242,8 +242,14 @@ class FusePseudoBoxes(StageTask):
                          report["changed"])
                 return chosen, {"area_prior": report}
         if prior == "axes":
-            chosen, report = choose_by_extent(boxes, candidates, clicks,
-                                              None if truth is None else reference_boxes(clicks, truth))
+            try:
+                chosen, report = choose_by_extent(boxes, candidates, clicks,
+                                                  None if truth is None else reference_boxes(clicks, truth))
+            except ValueError as e:
+                if not fallback or "click pairs" not in str(e):
+                    raise
+                log.warning("FusePseudoBoxes: %s; the default threshold for every click", e)
+                return boxes, {"area_prior": {"model": "off", **fallback, "why_not_axes": str(e)}}
             log.info("FusePseudoBoxes: extent model on %d paired clicks (%s; k %s, sigma %s), %d changed T_cam",
                      report["paired"], report["reference"], [round(m["k"], 3) for m in report["models"]],
                      [round(m["sigma"], 2) for m in report["models"]], report["changed"])

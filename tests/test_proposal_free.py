@@ -87,6 +87,9 @@ def test_image_pooling_parameter_checks_and_hash(tmp_path):
         PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", box_method="mil")
     with pytest.raises(ValueError, match="--cam-ensemble belong to the crop CAM stages"):
         PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", cam_ensemble="efficientnet_lite1")
+    with pytest.raises(ValueError, match="--box-area-prior belong to the crop CAM stages"):
+        PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", clicks_per_object="2", box_area_prior="axes")
+    PseudoLabels(data_root=str(tmp_path / "data"), proposals="none", clicks_per_object="2")  # auto: no error
     default = PseudoLabels(data_root=str(tmp_path / "data"))
     assert "proposals" not in default.significant_params()
     assert PseudoLabels(data_root=str(tmp_path / "data"), proposals="none").requires().task_family == \
