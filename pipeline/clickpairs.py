@@ -26,6 +26,10 @@ from scipy.optimize import linear_sum_assignment
 PAIR_COLUMNS = ["n_clicks", "x_a", "y_a", "x_b", "y_b"]
 
 
+class TooFewPairs(ValueError):
+    """A size model cannot be fitted: too few click pairs (with a box) in a fold's training images."""
+
+
 def pair_clicks(clicks: pd.DataFrame, annotators: Sequence[int] = (1, 2)) -> tuple[pd.DataFrame, dict]:
     """One row per object from the clicks of two annotators.
 
@@ -154,7 +158,7 @@ def fit_area_model(distance, area, slope: float | None = None) -> AreaModel:
     d, a = np.asarray(distance, dtype=float), np.asarray(area, dtype=float)
     ok = np.isfinite(d) & np.isfinite(a) & (a > 0)
     if ok.sum() < 3:
-        raise ValueError(f"fitting the area model needs at least 3 click pairs with a reference box, got {ok.sum()}")
+        raise TooFewPairs(f"fitting the area model needs at least 3 click pairs with a reference box, got {ok.sum()}")
     x, y = np.log(np.maximum(d[ok], MIN_DISTANCE_PX)), np.log(a[ok])
     if slope is None:
         vx = float(np.var(x))
@@ -351,7 +355,7 @@ def fit_extent_model(dx, dy, w0, h0, ref_w=None, ref_h=None) -> ExtentModel:
     scale = side0 if ref is None else ref
     ok = np.isfinite(d) & (d > 0) & np.isfinite(scale) & (scale > 0) & np.isfinite(side0) & (side0 > 0)
     if ok.sum() < 6:  # 3 pairs, 2 axes
-        raise ValueError(f"fitting the extent model needs at least 3 click pairs with a box, got {ok.sum() // 2}")
+        raise TooFewPairs(f"fitting the extent model needs at least 3 click pairs with a box, got {ok.sum() // 2}")
     r = (d[ok] / scale[ok]) ** 2
     k = float(np.sqrt(np.median(r) / (2 * CHI2_1_MEDIAN)))
     if ref is None:
@@ -478,7 +482,7 @@ def fit_side_prior(features: np.ndarray, diff: np.ndarray, l2: float = SIDE_PRIO
     ``l2 |beta[1:]|^2``, by L-BFGS with the analytic gradient. No box enters the fit, only the clicks: the pairs'
     spread is a noisy, unbiased-in-scale measurement of each object's side, and the prior learns across images how
     that side follows the features (:func:`extent_features`). Rows with a NaN are left out; ``sigma`` is kept within
-    :data:`EXTENT_SIGMA_RANGE`. ValueError with fewer usable pairs than twice the number of features."""
+    :data:`EXTENT_SIGMA_RANGE`. :class:`TooFewPairs` with fewer usable pairs than twice the number of features."""
     from scipy.optimize import minimize
 
     X, d = np.asarray(features, float), np.asarray(diff, float)
@@ -486,7 +490,7 @@ def fit_side_prior(features: np.ndarray, diff: np.ndarray, l2: float = SIDE_PRIO
     X, d2 = X[ok], d[ok] ** 2
     n, p = X.shape
     if n < max(2 * p, 6):
-        raise ValueError(f"fitting the learned extent prior needs at least {max(2 * p, 6)} click pairs "
+        raise TooFewPairs(f"fitting the learned extent prior needs at least {max(2 * p, 6)} click pairs "
                          f"({p} features), got {n}")
     penalty = np.full(p, float(l2))
     penalty[0] = 0.0
@@ -566,17 +570,17 @@ def choose_by_learned_extent(boxes: pd.DataFrame, candidates: pd.DataFrame, clic
     for f in range(folds):
         train = ok & (fold != f)
         counts = out.loc[train, "class"].astype(str).value_counts()
-        kept = [c for c in all_classes if counts.get(c, 0) >= MIN_CLASS_PAIRS][1:] if "class" in groups else []
-        columns = ([0, 1, 2] + [3 + all_classes.index(c) for c in kept]  # intercept, sides, the kept classes
+        kept = [k for k in all_classes if counts.get(k, 0) >= MIN_CLASS_PAIRS][1:] if "class" in groups else []
+        columns = ([0, 1, 2] + [3 + all_classes.index(k) for k in kept]  # intercept, sides, the kept classes
                    + (list(range(3 + len(all_classes), features["x"].shape[1])) if "crowding" in groups else []))
         priors, means = {}, {}
         for axis in ("x", "y"):
             X = features[axis][:, columns]
             try:
                 priors[axis] = fit_side_prior(X[train], diff[axis][train], l2)
-            except ValueError as e:
-                raise ValueError(f"fold {f} of {folds}: {e}; the default-box prior (choose_by_extent, --box-area-prior "
-                                 "axes) needs fewer") from e
+            except TooFewPairs as e:
+                raise TooFewPairs(f"fold {f} of {folds}: {e}; the default-box prior (choose_by_extent, "
+                                  "--box-area-prior axes) needs fewer") from e
             means[axis] = priors[axis].mean(X)
         # log(sqrt(2) k): the prior's mean log s minus the mean log side of the anchor, both axes pooled
         gaps = [means[a][train] - np.log(anchor[a][train]) for a in ("x", "y")]

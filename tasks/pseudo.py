@@ -21,8 +21,8 @@ from pipeline.bcct import with_bc_masks
 from pipeline.boxes import (PARTITION_MODES, SCORE_MODES, SYMMETRY_MODES, THRESHOLD_RULES, BoxParams,
                             classes_per_image, pseudo_boxes_and_candidates, rank1_proposals)
 from pipeline.cam import CamStore, FusedMaps
-from pipeline.clickpairs import (AREA_THRESHOLDS, choose_by_area, choose_by_extent, choose_by_learned_extent,
-                                 reference_areas, reference_boxes)
+from pipeline.clickpairs import (AREA_THRESHOLDS, TooFewPairs, choose_by_area, choose_by_extent,
+                                 choose_by_learned_extent, reference_areas, reference_boxes)
 from pipeline.dataset import read_ground_truth
 from pipeline.export import export_pseudo_labels
 
@@ -33,13 +33,6 @@ from .defaults import TUNED
 from .proposals import SelectProposals
 
 log = logging.getLogger("clickscale")
-
-
-def resolved_area_prior(box_area_prior: str, clicks_per_object: str) -> str:
-    """``--box-area-prior`` as it acts: ``auto`` is ``learned`` with two clicks per object, ``off`` with one."""
-    if box_area_prior == "auto":
-        return "learned" if str(clicks_per_object) == "2" else "off"
-    return box_area_prior
 
 
 @inherits(GenerateCAMs, BCMaps)
@@ -121,7 +114,9 @@ class FusePseudoBoxes(StageTask):
 
     def area_prior(self) -> str:
         """``--box-area-prior`` resolved: ``auto`` is ``learned`` with two clicks per object, ``off`` with one."""
-        return resolved_area_prior(self.box_area_prior, self.clicks_per_object)
+        if self.box_area_prior == "auto":
+            return "learned" if self.clicks_per_object == "2" else "off"
+        return self.box_area_prior
 
     def significant_params(self) -> dict:
         """The area prior enters the hash as resolved (``auto`` with one click is the earlier ``off``)."""
@@ -213,25 +208,23 @@ class FusePseudoBoxes(StageTask):
                 **({"stores_partial": partial} if n_maps > 1 else {})}
 
     def area_choice(self, boxes: pd.DataFrame, candidates: pd.DataFrame, clicks: pd.DataFrame,
-                    trainval: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+                    trainval: pd.DataFrame, sizes: dict) -> tuple[pd.DataFrame, dict]:
         """``--box-area-prior on`` / ``axes`` / ``learned``: each paired click's T_cam by
         :func:`pipeline.clickpairs.choose_by_area` / :func:`~pipeline.clickpairs.choose_by_extent` /
         :func:`~pipeline.clickpairs.choose_by_learned_extent`, the model fitted on ``--box-area-calibration``'s boxes or
-        self-calibrated; else ``boxes`` as they are."""
+        self-calibrated; else ``boxes`` as they are. ``sizes``: image id -> (width, height)."""
         prior = self.area_prior()
         if prior == "off":
             return boxes, {}
         truth = (read_ground_truth(self.box_area_calibration, trainval, partial=True)
                  if self.box_area_calibration else None)
+        sides = None if truth is None or prior == "on" else reference_boxes(clicks, truth)
         fallback = {}
         if prior == "learned":
-            sizes = {str(r.image_id): (int(r.width), int(r.height)) for r in trainval.itertuples(index=False)}
             try:
-                chosen, report = choose_by_learned_extent(boxes, candidates, clicks,
-                                                          None if truth is None else reference_boxes(clicks, truth),
-                                                          image_sizes=sizes)
-            except ValueError as e:
-                if self.box_area_prior != "auto" or "click pairs" not in str(e):
+                chosen, report = choose_by_learned_extent(boxes, candidates, clicks, sides, image_sizes=sizes)
+            except TooFewPairs as e:
+                if self.box_area_prior != "auto":
                     raise
                 # the default on data too small for the learned prior: the default-box prior, said and counted
                 log.warning("FusePseudoBoxes: %s; falling back to --box-area-prior axes", e)
@@ -243,10 +236,9 @@ class FusePseudoBoxes(StageTask):
                 return chosen, {"area_prior": report}
         if prior == "axes":
             try:
-                chosen, report = choose_by_extent(boxes, candidates, clicks,
-                                                  None if truth is None else reference_boxes(clicks, truth))
-            except ValueError as e:
-                if not fallback or "click pairs" not in str(e):
+                chosen, report = choose_by_extent(boxes, candidates, clicks, sides)
+            except TooFewPairs as e:
+                if not fallback:
                     raise
                 log.warning("FusePseudoBoxes: %s; the default threshold for every click", e)
                 return boxes, {"area_prior": {"model": "off", **fallback, "why_not_axes": str(e)}}
@@ -274,7 +266,7 @@ class FusePseudoBoxes(StageTask):
                 tqdm(self.bc_masked(items, clicks, bc), total=total, desc="pseudo boxes", leave=False), fallback,
                 classes_per_image(clicks), params, image_sizes=sizes, clicks=clicks,
                 candidate_thresholds=AREA_THRESHOLDS if self.area_prior() != "off" else ())
-            boxes, area = self.area_choice(boxes, candidates, clicks, trainval)
+            boxes, area = self.area_choice(boxes, candidates, clicks, trainval, sizes)
             if bc:
                 area["bc_mask"] = {**bc, "delta": self.box_bc_delta, "sigma": self.box_bc_sigma}
             result = export_pseudo_labels(

@@ -179,7 +179,7 @@ def test_reference_areas_by_object_index_else_smallest_containing_box():
 def test_extent_model_recovers_the_click_noise_and_the_maps_spread():
     """Self-calibration on simulated pairs: clicks with per-axis error k * side, default boxes whose log sides are
     off by N(0, sigma^2): the fit recovers both from the pairs and the default boxes alone."""
-    from pipeline.clickpairs import fit_extent_model
+    from pipeline.clickpairs import TooFewPairs, fit_extent_model
 
     rng = np.random.default_rng(0)
     n, k, sigma = 20000, 0.08, 0.4
@@ -190,7 +190,7 @@ def test_extent_model_recovers_the_click_noise_and_the_maps_spread():
     assert m.k == pytest.approx(k, rel=0.06) and m.sigma == pytest.approx(sigma, rel=0.1)
     ref = fit_extent_model(dx, dy, w0, h0, ref_w=w, ref_h=h)  # reference boxes: k from them, sigma directly
     assert ref.k == pytest.approx(k, rel=0.03) and ref.sigma == pytest.approx(sigma, rel=0.03)
-    with pytest.raises(ValueError, match="at least 3 click pairs"):
+    with pytest.raises(TooFewPairs, match="at least 3 click pairs"):
         fit_extent_model([1.0, np.nan], [1.0, 2.0], [10.0, 10.0], [10.0, 10.0])
 
 
@@ -259,7 +259,7 @@ def test_choose_by_extent_follows_each_axis_and_is_cross_fitted():
 def test_side_prior_recovers_a_known_prior_from_the_click_differences_alone():
     """Objects whose log click-error scale follows a feature (slope 0.8) with spread 0.3; only the pairs'
     differences are given: the marginal-likelihood fit recovers the coefficients and the spread."""
-    from pipeline.clickpairs import fit_side_prior
+    from pipeline.clickpairs import TooFewPairs, fit_side_prior
 
     rng = np.random.default_rng(3)
     n = 6000
@@ -269,7 +269,7 @@ def test_side_prior_recovers_a_known_prior_from_the_click_differences_alone():
     d = rng.normal(0, np.exp(log_s))
     prior = fit_side_prior(X, d)
     assert prior.beta == pytest.approx([-1.0, 0.8], abs=0.08) and prior.sigma == pytest.approx(0.3, abs=0.06)
-    with pytest.raises(ValueError, match="at least 6 click pairs"):
+    with pytest.raises(TooFewPairs, match="at least 6 click pairs"):
         fit_side_prior(X[:5], d[:5])
 
 
@@ -314,7 +314,7 @@ def test_choose_by_learned_extent_learns_the_class_and_is_cross_fitted():
     more often than the default-box prior's (choose_by_extent). Lone clicks and fallbacks keep their box; the
     report counts the changed thresholds; cross-fitting: changing fold 0's clicks leaves fold 0's model as it was
     (the test fails if a click's own pair entered its model); reference sides set k."""
-    from pipeline.clickpairs import choose_by_extent, choose_by_learned_extent, image_fold
+    from pipeline.clickpairs import TooFewPairs, choose_by_extent, choose_by_learned_extent, image_fold
 
     clicks, cands, default, true, sides = _learned_case()
     clicks.loc[0, ["n_clicks", "x_b", "y_b"]] = [1, np.nan, np.nan]
@@ -345,5 +345,5 @@ def test_choose_by_learned_extent_learns_the_class_and_is_cross_fitted():
     with pytest.raises(ValueError, match="unknown feature groups"):
         choose_by_learned_extent(default, cands, clicks, groups=("colour",))
     few = clicks.click_id < 10
-    with pytest.raises(ValueError, match="needs at least 14 click pairs.*axes"):
+    with pytest.raises(TooFewPairs, match="needs at least 14 click pairs.*axes"):
         choose_by_learned_extent(default[few], cands[cands.click_id < 10], clicks[few])
